@@ -1,0 +1,169 @@
+"""SyntheticDataset: synthetic calibration images plus the metadata that made them.
+
+Saved files are plain ``torch.save`` dictionaries of tensors, strings and numbers, written
+atomically (temporary file in the same folder, then ``os.replace``) and read back with
+``torch.load(weights_only=True)``. Each file records a fingerprint of the model's weights;
+loading it for another model raises :class:`~zq_plugin.errors.DataMismatchError` unless
+``allow_mismatch=True``.
+
+Example:
+    >>> import torch
+    >>> data = SyntheticDataset(torch.zeros(8, 1, 4, 4), method="noise", seed=0)
+    >>> [tuple(b.shape) for b in data.loader(batch_size=5)]
+    [(5, 1, 4, 4), (3, 1, 4, 4)]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from zq_plugin.errors import ConfigError, DataMismatchError, DatasetCorruptError, DatasetNotFoundError
+
+FORMAT = "zq_plugin.SyntheticDataset"
+FORMAT_VERSION = 1
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short SHA-256 over the model's state_dict (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class SyntheticDataset(Dataset[torch.Tensor]):
+    """Images ``[N, C, H, W]`` in the model's input space, with how they were made.
+
+    Args:
+        images: float32 ``[N, C, H, W]``.
+        method: name of the synthesis method (``"zeroq"``, ``"noise"``, ...; ``"real"`` for real data).
+        options: the method's options, as plain values.
+        seed: the seed given to :func:`zq_plugin.synthesize`.
+        model_fingerprint: :func:`model_fingerprint` of the model the data were made from ("" if none).
+        labels: optional int64 ``[N]`` (class-targeted methods).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        *,
+        method: str,
+        options: dict[str, Any] | None = None,
+        seed: int | None = None,
+        model_fingerprint: str = "",
+        labels: torch.Tensor | None = None,
+    ) -> None:
+        if images.dim() < 2 or images.shape[0] == 0:
+            raise ConfigError(f"images must be a non-empty [N, C, H, W] tensor, got shape {tuple(images.shape)}.")
+        self.images = images.detach().to(torch.float32)
+        self.labels = labels
+        self.method = method
+        self.options = dict(options or {})
+        self.seed = seed
+        self.model_fingerprint = model_fingerprint
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+    def __repr__(self) -> str:
+        return (
+            f"SyntheticDataset(n={len(self)}, shape={tuple(self.images.shape[1:])}, method={self.method!r}, "
+            f"seed={self.seed}, model={self.model_fingerprint or '?'})"
+        )
+
+    def loader(self, batch_size: int = 64, *, shuffle: bool = False, seed: int = 0) -> DataLoader[torch.Tensor]:
+        """A DataLoader yielding image batches ``[B, C, H, W]`` (shuffled reproducibly if asked)."""
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size} must be >= 1.")
+        gen = torch.Generator().manual_seed(seed) if shuffle else None
+        return DataLoader(self, batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write images and metadata to ``path`` atomically."""
+        atomic_torch_save(
+            {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "images": self.images,
+                "labels": self.labels,
+                "method": self.method,
+                "options": self.options,
+                "seed": self.seed,
+                "model_fingerprint": self.model_fingerprint,
+            },
+            path,
+        )
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], model: nn.Module | None = None, *, allow_mismatch: bool = False
+    ) -> SyntheticDataset:
+        """Read a file written by :meth:`save`.
+
+        Args:
+            path: the file.
+            model: if given, the file must have been made for a model with the same weights.
+            allow_mismatch: load even if the fingerprints differ.
+
+        Raises:
+            DatasetNotFoundError: no such file.
+            DatasetCorruptError: not a SyntheticDataset file.
+            DataMismatchError: made for another model (and ``allow_mismatch`` is False).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise DatasetNotFoundError(f"no synthetic dataset at {path}; create one with zq_plugin.synthesize(...).save(path).")
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DatasetCorruptError(f"{path} is not a readable torch file ({exc}).") from exc
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+            raise DatasetCorruptError(f"{path} is not a {FORMAT} file (written by SyntheticDataset.save).")
+        data = cls(
+            blob["images"],
+            method=blob["method"],
+            options=blob["options"],
+            seed=blob["seed"],
+            model_fingerprint=blob["model_fingerprint"],
+            labels=blob["labels"],
+        )
+        if model is not None and not allow_mismatch:
+            expected = model_fingerprint(model)
+            if data.model_fingerprint != expected:
+                raise DataMismatchError(
+                    f"{path} was synthesized for a model with fingerprint {data.model_fingerprint!r}, but this "
+                    f"model's weights give {expected!r}. Synthesize new data for this model, or pass "
+                    "allow_mismatch=True to use it anyway."
+                )
+        return data

@@ -1,0 +1,28 @@
+"""Accuracy measurement shared by the demo, the CLI and the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in percent; runs in eval/no-grad mode and restores the model's modes.
+
+    Example:
+        >>> import torch
+        >>> accuracy(torch.nn.Identity(), torch.eye(3), torch.tensor([0, 1, 0]))
+        66.66666666666667
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    correct = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(images), batch_size):
+                pred = model(images[i : i + batch_size]).argmax(1)
+                correct += int((pred == labels[i : i + batch_size]).sum())
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return 100.0 * correct / len(images)

@@ -1,0 +1,12 @@
+"""Data-free calibration data: BN-statistics hooks, losses, and one module per method.
+
+Importing this package registers every built-in method in :data:`METHODS`.
+"""
+
+from zq_plugin.synth import noise, zeroq  # noqa: F401  (registers the methods)
+from zq_plugin.synth.api import synthesize
+from zq_plugin.synth.noise import NoiseConfig
+from zq_plugin.synth.registry import METHODS, get_method, register
+from zq_plugin.synth.zeroq import ZeroQConfig
+
+__all__ = ["METHODS", "NoiseConfig", "ZeroQConfig", "get_method", "register", "synthesize"]

@@ -1,0 +1,153 @@
+"""``synthesize``: the one entry point of data-free calibration data."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from zq_plugin.data import SyntheticDataset, model_fingerprint
+from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.synth.hooks import frozen, require_batchnorm
+from zq_plugin.synth.registry import BatchContext, get_method
+
+logger = logging.getLogger(__name__)
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """Seed of batch ``index``: a hash of ``(seed, index)``, so batches never share a random stream."""
+    digest = hashlib.sha256(f"zq_plugin:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _check_input_shape(input_shape: object) -> tuple[int, ...]:
+    if (
+        not isinstance(input_shape, tuple | list)
+        or len(input_shape) < 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape)
+    ):
+        raise ConfigError(
+            f"input_shape={input_shape!r} must be the shape of one image without the batch dimension, "
+            "e.g. (1, 28, 28) or (3, 224, 224): a tuple of positive ints, channels first."
+        )
+    return tuple(input_shape)
+
+
+def resolve_input_range(
+    model: nn.Module, input_range: tuple[float, float] | Literal["auto"] | None
+) -> tuple[float, float] | None:
+    """The valid input box: given, or ``model.input_range`` when ``"auto"``, or ``None`` (no box)."""
+    if input_range == "auto":
+        found = getattr(model, "input_range", None)
+        if found is None:
+            logger.info(
+                "%s has no input_range attribute: synthetic images are not clamped. Pass "
+                "input_range=(lo, hi), the image of valid pixels under the model's normalization.",
+                type(model).__name__,
+            )
+            return None
+        input_range = found
+    if input_range is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in input_range)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"input_range={input_range!r} must be (lo, hi), 'auto' or None.") from exc
+    if not lo < hi:
+        raise ConfigError(f"input_range=({lo}, {hi}) needs lo < hi.")
+    return (lo, hi)
+
+
+def _check_model_output(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    probe = torch.zeros(2, *input_shape)
+    try:
+        with torch.no_grad():
+            out = model(probe)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"the model cannot run on input_shape={input_shape} (a batch of shape {tuple(probe.shape)} failed: "
+            f"{exc}). Pass the shape of one input image, channels first."
+        ) from exc
+    outs = out if isinstance(out, tuple | list) else [out]
+    for o in outs:
+        if isinstance(o, torch.Tensor) and not torch.isfinite(o).all():
+            raise ModelError(
+                f"{type(model).__name__} returns NaN/Inf for an all-zero input of shape {input_shape}: "
+                "its weights or BN buffers hold non-finite values. Fix or reload the checkpoint."
+            )
+
+
+def synthesize(
+    model: nn.Module,
+    method: str = "zeroq",
+    *,
+    num_samples: int = 256,
+    input_shape: tuple[int, ...] = (3, 224, 224),
+    seed: int = 0,
+    batch_size: int = 64,
+    input_range: tuple[float, float] | Literal["auto"] | None = "auto",
+    progress: bool = True,
+    **options: Any,
+) -> SyntheticDataset:
+    """Make ``num_samples`` calibration images from ``model`` alone.
+
+    The model is never changed: it runs in eval mode with frozen parameters, and its modes,
+    ``requires_grad`` flags and hooks are restored afterwards, also if synthesis raises or is
+    interrupted. Batch ``b`` is generated with its own seed ``hash(seed, b)``.
+
+    Args:
+        model: the trained float model (read its BN statistics before any prepare/fusion).
+        method: a registered method: ``"zeroq"``, ``"noise"`` (see :data:`zq_plugin.synth.METHODS`).
+        num_samples: number of images, >= 1.
+        input_shape: one image's shape, channels first, e.g. ``(1, 28, 28)``.
+        seed: the same seed (and options) gives the same images.
+        batch_size: images optimized together.
+        input_range: ``(lo, hi)`` box of valid inputs in the model's input space; ``"auto"`` reads
+            ``model.input_range`` (set on zoo models); ``None`` disables the clamp.
+        progress: show a tqdm bar per batch.
+        **options: the method's own options (e.g. ``steps=200`` for ZeroQ); unknown names raise.
+
+    Returns:
+        A :class:`~zq_plugin.data.SyntheticDataset`; ``.images`` is float32 ``[N, *input_shape]``.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+        >>> data = synthesize(net, "zeroq", num_samples=4, input_shape=(1, 8, 8), steps=5, progress=False)
+        >>> data.images.shape
+        torch.Size([4, 1, 8, 8])
+    """
+    spec = get_method(method)
+    config = spec.config(options)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ConfigError(f"num_samples={num_samples!r} must be a positive int (e.g. 256).")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be a positive int (e.g. 64).")
+    shape = _check_input_shape(input_shape)
+    box = resolve_input_range(model, input_range)
+    if spec.needs_batchnorm:
+        require_batchnorm(model, method)
+    num_batches = math.ceil(num_samples / batch_size)
+    batches = []
+    with frozen(model):
+        _check_model_output(model, shape)
+        for b in range(num_batches):
+            n = min(batch_size, num_samples - b * batch_size)
+            ctx = BatchContext(
+                batch_size=n,
+                input_shape=shape,
+                input_range=box,
+                generator=torch.Generator().manual_seed(batch_seed(seed, b)),
+                progress=progress,
+                desc=f"{method} batch {b + 1}/{num_batches}",
+            )
+            batches.append(spec.make_batch(model, config, ctx).detach())
+    record = {**dataclasses.asdict(config), "batch_size": batch_size, "input_range": box, "input_shape": list(shape)}
+    return SyntheticDataset(
+        torch.cat(batches), method=method, options=record, seed=seed, model_fingerprint=model_fingerprint(model)
+    )

@@ -1,0 +1,88 @@
+"""The one registry of synthesis methods, keyed by name.
+
+A method is a frozen keyword-only config dataclass plus a function that makes one batch::
+
+    make_batch(model, config, ctx) -> Tensor[n, C, H, W]
+
+where ``ctx`` (:class:`BatchContext`) carries the batch size, input shape, valid input box and
+a seeded generator. Registering is one decorator::
+
+    @register("noise", NoiseConfig)
+    def make_noise(model, config, ctx): ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from zq_plugin.errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchContext:
+    """What a method needs to make one batch (built by :func:`zq_plugin.synthesize`)."""
+
+    batch_size: int
+    input_shape: tuple[int, ...]
+    input_range: tuple[float, float] | None
+    generator: torch.Generator
+    progress: bool = False
+    desc: str = ""
+
+    def clamp_(self, x: torch.Tensor) -> torch.Tensor:
+        """Project ``x`` in place onto the valid input box (no-op without one)."""
+        if self.input_range is not None:
+            x.clamp_(*self.input_range)
+        return x
+
+
+MakeBatch = Callable[[nn.Module, Any, BatchContext], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered synthesis method."""
+
+    name: str
+    config_cls: type
+    make_batch: MakeBatch
+    needs_batchnorm: bool
+
+    def config(self, options: dict[str, Any]) -> Any:
+        """Build the method's config from keyword options, rejecting unknown names."""
+        known = {f.name for f in dataclasses.fields(self.config_cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(
+                f"method {self.name!r} has no option(s) {unknown}; its options are {sorted(known)}."
+            )
+        try:
+            return self.config_cls(**options)
+        except TypeError as exc:  # pragma: no cover - dataclass signature errors
+            raise ConfigError(f"bad options for method {self.name!r}: {exc}") from exc
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, config_cls: type, *, needs_batchnorm: bool = False) -> Callable[[MakeBatch], MakeBatch]:
+    """Decorator: add a batch-making function to :data:`METHODS` under ``name``."""
+
+    def wrap(fn: MakeBatch) -> MakeBatch:
+        METHODS[name] = Method(name, config_cls, fn, needs_batchnorm)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    """Look up a method by name; an unknown name raises :class:`ConfigError` listing the known ones."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown synthesis method {name!r}; known methods: {sorted(METHODS)}.")
+    return METHODS[name]

@@ -1,0 +1,105 @@
+"""ZeroQ: optimize the pixels so every BatchNorm sees its running statistics (Cai et al., CVPR 2020).
+
+Objective (paper Eq. 3, with layer 0 the input image, target mean 0 and std 1 per channel)::
+
+    min_x  sum_{l=0..L}  ||mu~_l(x) - mu_l||^2 + ||sigma~_l(x) - sigma_l||^2
+
+with statistics taken on each BN layer's input (see :mod:`zq_plugin.synth.losses` for the
+per-sample and batch variants). Adam on the pixels, ReduceLROnPlateau on the loss, and after
+every step a projection onto the valid input box (findings §2: images that leave it inflate
+activation ranges).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.synth.hooks import batchnorm_layers, bn_targets, capture_inputs
+from zq_plugin.synth.losses import Statistics, bn_statistics_loss, stats_loss
+from zq_plugin.synth.registry import BatchContext, register
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZeroQConfig:
+    """Options of ``method="zeroq"``.
+
+    Attributes:
+        steps: Adam steps per batch. ZeroQ's code: 500.
+        lr: Adam learning rate on the pixels. ZeroQ's code: 0.5.
+        statistics: ``"per_sample"`` (ZeroQ's code) or ``"batch"`` (Genie/GDFQ); the default is
+            chosen by measurement on the zoo, see docs/results.md.
+        init: ``"uniform"``, ZeroQ's code (integers 0..254 shifted by 127.5 and divided by
+            5418.75, so within +-0.0235), or ``"gaussian"``, N(0, 1) as the paper says.
+        patience: ReduceLROnPlateau patience in steps. ZeroQ's code: 100.
+        factor: ReduceLROnPlateau factor. torch default (ZeroQ's code keeps it): 0.1.
+        min_lr: ReduceLROnPlateau floor. ZeroQ's code: 1e-4.
+        input_weight: weight of the input-image term (layer 0). ZeroQ: 1.
+    """
+
+    steps: int = 500
+    lr: float = 0.5
+    statistics: Statistics = "per_sample"
+    init: Literal["uniform", "gaussian"] = "uniform"
+    patience: int = 100
+    factor: float = 0.1
+    min_lr: float = 1e-4
+    input_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps={self.steps} must be >= 1 (ZeroQ uses 500).")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr} must be > 0 (ZeroQ uses 0.5).")
+        if self.statistics not in ("per_sample", "batch"):
+            raise ConfigError(f"statistics={self.statistics!r}: use 'per_sample' or 'batch'.")
+        if self.init not in ("uniform", "gaussian"):
+            raise ConfigError(f"init={self.init!r}: use 'uniform' (ZeroQ's code) or 'gaussian'.")
+
+
+def init_pixels(init: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Initial pixels ``shape``: ZeroQ's tiny uniform grid or a standard Gaussian."""
+    if init == "uniform":
+        return (torch.randint(0, 255, shape, generator=gen).float() - 127.5) / 5418.75
+    return torch.randn(shape, generator=gen)
+
+
+@register("zeroq", ZeroQConfig, needs_batchnorm=True)
+def make_zeroq(model: nn.Module, config: ZeroQConfig, ctx: BatchContext) -> torch.Tensor:
+    """Distill one batch ``[n, *input_shape]`` from ``model`` (frozen, eval) by BN-statistics matching."""
+    bns = batchnorm_layers(model)
+    targets = bn_targets(bns)
+    x = ctx.clamp_(init_pixels(config.init, (ctx.batch_size, *ctx.input_shape), ctx.generator))
+    x.requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=config.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, factor=config.factor, patience=config.patience, min_lr=config.min_lr
+    )
+    channels = ctx.input_shape[0]
+    zeros, ones = torch.zeros(channels), torch.ones(channels)
+    bar = tqdm(range(config.steps), desc=ctx.desc, disable=not ctx.progress, leave=False)
+    with capture_inputs(dict(bns)) as feats:
+        for step in bar:
+            opt.zero_grad(set_to_none=True)
+            model(x)
+            loss = bn_statistics_loss(feats, targets, config.statistics)
+            loss = loss + config.input_weight * stats_loss(x, zeros, ones, config.statistics)
+            value = float(loss.detach())
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ModelError(
+                    f"the ZeroQ loss became {value} at step {step}: the model produces non-finite features "
+                    "(check its weights and BN buffers for NaN/Inf) or lr={config.lr} is too high."
+                )
+            loss.backward()
+            opt.step()
+            sched.step(value)
+            with torch.no_grad():
+                ctx.clamp_(x)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+    return x.detach()
