@@ -1,0 +1,53 @@
+"""zq_plugin: zero-shot (data-free) quantization for the PyTorch quantization flows.
+
+Synthesize calibration data from a trained model alone, then calibrate torch.ao FX (and,
+later, Brevitas and torchao PT2E) quantized models with it.
+
+Example:
+    >>> import zq_plugin
+    >>> sorted(zq_plugin.METHODS)
+    ['noise', 'zeroq']
+"""
+
+from zq_plugin.backends.fx import calibrate, convert_int8_fx, qconfig, quantize_fx, uniform_qconfig_mapping
+from zq_plugin.data import SyntheticDataset, model_fingerprint
+from zq_plugin.errors import (
+    ConfigError,
+    DataMismatchError,
+    DatasetCorruptError,
+    DatasetNotFoundError,
+    MissingDependencyError,
+    ModelError,
+    NotCalibratedError,
+    ZQError,
+)
+from zq_plugin.evaluation import accuracy
+from zq_plugin.fake_quant import FastFakeQuantize
+from zq_plugin.synth import METHODS, NoiseConfig, ZeroQConfig, synthesize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "ConfigError",
+    "DataMismatchError",
+    "DatasetCorruptError",
+    "DatasetNotFoundError",
+    "FastFakeQuantize",
+    "MissingDependencyError",
+    "ModelError",
+    "NoiseConfig",
+    "NotCalibratedError",
+    "SyntheticDataset",
+    "ZQError",
+    "ZeroQConfig",
+    "__version__",
+    "accuracy",
+    "calibrate",
+    "convert_int8_fx",
+    "model_fingerprint",
+    "qconfig",
+    "quantize_fx",
+    "synthesize",
+    "uniform_qconfig_mapping",
+]

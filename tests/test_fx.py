@@ -1,0 +1,151 @@
+import copy
+
+import pytest
+import torch
+from conftest import assert_unchanged, snapshot
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.ao.quantization import FakeQuantize, MinMaxObserver, PerChannelMinMaxObserver, QConfigMapping
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
+
+import zq_plugin
+from zq_plugin import qparams
+from zq_plugin.backends import fx
+from zq_plugin.errors import ConfigError
+from zq_plugin.fake_quant import FastFakeQuantize
+
+SHAPE = (1, 12, 12)
+
+
+@pytest.fixture
+def calib():
+    return torch.randn(64, *SHAPE, generator=torch.Generator().manual_seed(1))
+
+
+def activation_fqs(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantize) and "weight_fake_quant" not in n}
+
+
+def test_calibrator_in_users_own_prepare_fx_flow(tiny_bn_net, calib):
+    mapping = QConfigMapping().set_global(torch.ao.quantization.get_default_qconfig("x86"))
+    prepared = prepare_fx(copy.deepcopy(tiny_bn_net), mapping, (calib[:1],))
+    prepared.train()  # the calibrator must run in eval mode and give the mode back
+    data = zq_plugin.synthesize(tiny_bn_net, "zeroq", num_samples=16, input_shape=SHAPE, steps=5, progress=False)
+    assert zq_plugin.calibrate(prepared, data, batch_size=8) is prepared
+    assert prepared.training
+    observers = [m for m in prepared.modules() if isinstance(m, torch.ao.quantization.ObserverBase)]
+    assert observers and all(torch.isfinite(o.min_val).all() and torch.isfinite(o.max_val).all() for o in observers)
+    q = convert_fx(prepared.eval())
+    torch.testing.assert_close(q(calib), tiny_bn_net(calib), atol=0.3, rtol=0.1)
+
+
+def test_calibrator_keeps_bn_statistics_of_qat_model(tiny_bn_net, calib):
+    qc = zq_plugin.qconfig(8, 8)
+    prepared = prepare_qat_fx(copy.deepcopy(tiny_bn_net).train(), QConfigMapping().set_global(qc), (calib[:1],))
+    before = {k: v.clone() for k, v in prepared.state_dict().items() if "running" in k}
+    zq_plugin.calibrate(prepared, calib, batch_size=16)
+    assert prepared.training
+    after = prepared.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_calibrate_accepts_pairs_and_rejects_bad_data(tiny_bn_net, calib):
+    prepared = fx.quantize_fx(tiny_bn_net, calib)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(calib, torch.zeros(64)), batch_size=16)
+    zq_plugin.calibrate(prepared, loader)
+    with pytest.raises(ConfigError, match="no batch"):
+        zq_plugin.calibrate(prepared, [])
+    with pytest.raises(ConfigError, match="NaN"):
+        zq_plugin.calibrate(prepared, torch.full((2, *SHAPE), float("nan")))
+
+
+@pytest.mark.parametrize("a_bits", [2, 4, 8])
+def test_simulation_clamps_activations(tiny_bn_net, calib, a_bits):
+    sim = fx.quantize_fx(tiny_bn_net, calib, w_bits=4, a_bits=a_bits, first_last_bits=None)
+    levels = 2**a_bits
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (m, o))) for n, m in activation_fqs(sim).items()]
+    with torch.no_grad():
+        sim(calib * 3)  # far outside the calibrated ranges
+    for h in hooks:
+        h.remove()
+    assert seen
+    for name, (m, out) in seen.items():
+        assert m.quant_max - m.quant_min + 1 == levels, name
+        assert torch.unique(out).numel() <= levels, name
+        lo = float((m.quant_min - m.zero_point) * m.scale)
+        hi = float((m.quant_max - m.zero_point) * m.scale)
+        assert out.min() >= lo - 1e-6 and out.max() <= hi + 1e-6, name
+
+
+def test_simulation_quantizes_weights_on_narrow_grid(tiny_bn_net, calib):
+    sim = fx.quantize_fx(tiny_bn_net, calib, w_bits=4, a_bits=8, first_last_bits=None)
+    wfq = [m for n, m in sim.named_modules() if n.endswith("weight_fake_quant")]
+    assert wfq and all((m.quant_min, m.quant_max) == (-7, 7) for m in wfq)
+    assert all(int(m.observer_enabled[0]) == 0 and int(m.fake_quant_enabled[0]) == 1 for m in sim.modules() if isinstance(m, FakeQuantize))
+
+
+def test_first_and_last_layers_stay_8bit(tiny_bn_net, calib):
+    assert fx.weight_layer_names(tiny_bn_net) == ["conv1", "conv2", "short", "dw", "fc"]
+    sim = fx.quantize_fx(tiny_bn_net, calib, w_bits=4, a_bits=4)
+    wq = {n.removesuffix(".weight_fake_quant"): m.quant_max for n, m in sim.named_modules() if n.endswith("weight_fake_quant")}
+    assert wq["conv1"] == 127 and wq["fc"] == 127 and wq["conv2"] == 7 and wq["dw"] == 7
+
+
+def test_source_model_unchanged(tiny_bn_net, calib):
+    tiny_bn_net.train()
+    before = snapshot(tiny_bn_net)
+    fx.quantize_fx(tiny_bn_net, calib, w_bits=4, a_bits=4)
+    assert_unchanged(tiny_bn_net, before)
+
+
+def test_eight_bit_simulation_is_close_to_float(tiny_bn_net, calib):
+    sim = fx.quantize_fx(tiny_bn_net, calib)
+    ref = tiny_bn_net(calib)
+    sqnr = 10 * torch.log10(ref.pow(2).mean() / (sim(calib) - ref).pow(2).mean())
+    assert sqnr > 25
+
+
+def test_int8_model_matches_simulation(tiny_bn_net, calib):
+    int8 = fx.convert_int8_fx(tiny_bn_net, calib)
+    assert any("quantized" in type(m).__module__ for m in int8.modules())
+    sim = fx.quantize_fx(tiny_bn_net, calib, first_last_bits=None)
+    torch.testing.assert_close(int8(calib), sim(calib), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0])
+def test_bad_bits(tiny_bn_net, calib, bits):
+    with pytest.raises(ConfigError, match="2 to 8"):
+        fx.quantize_fx(tiny_bn_net, calib, w_bits=bits)
+    with pytest.raises(ConfigError, match="a_bits"):
+        zq_plugin.qconfig(8, bits)
+
+
+@given(
+    bits=st.integers(2, 8),
+    per_channel=st.booleans(),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.floats(0.01, 100),
+)
+def test_fast_fake_quantize_equals_torch(bits, per_channel, symmetric, seed, scale):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 3, 5, generator=gen) * scale
+    if per_channel:
+        qmin, qmax = qparams.quant_range(bits, signed=True, narrow=True)
+        kw = dict(observer=PerChannelMinMaxObserver, dtype=torch.qint8, ch_axis=0,
+                  qscheme=torch.per_channel_symmetric if symmetric else torch.per_channel_affine)  # fmt: skip
+    else:
+        qmin, qmax = qparams.quant_range(bits, signed=False)
+        kw = dict(observer=MinMaxObserver, dtype=torch.quint8,
+                  qscheme=torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine)  # fmt: skip
+    ref, fast = FakeQuantize(quant_min=qmin, quant_max=qmax, **kw), FastFakeQuantize(quant_min=qmin, quant_max=qmax, **kw)
+    ref(x), fast(x)
+    ref.disable_observer(), fast.disable_observer()
+    y = torch.randn(4, 3, 5, generator=gen) * scale * 1.5
+    with torch.no_grad():
+        assert torch.equal(fast(y), ref(y))
+    # with a gradient the torch path (straight-through estimator) is used
+    y.requires_grad_(True)
+    fast(y).sum().backward()
+    assert y.grad is not None

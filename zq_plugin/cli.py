@@ -1,0 +1,283 @@
+"""The ``zq`` command: ``zq demo``, ``zq synthesize``, ``zq quantize``.
+
+Run ``zq <command> --help`` for the options of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from zq_plugin import datasets, zoo
+from zq_plugin.backends.fx import convert_int8_fx, quantize_fx
+from zq_plugin.data import SyntheticDataset, model_fingerprint
+from zq_plugin.errors import ConfigError, ZQError
+from zq_plugin.evaluation import accuracy
+from zq_plugin.synth import synthesize
+
+logger = logging.getLogger("zq_plugin.cli")
+
+DEMO_BITS = ((8, 8), (4, 8), (4, 4))
+DEMO_SOURCES = ("real", "noise", "zeroq")
+
+
+# --------------------------------------------------------------------------- helpers
+def load_model(name: str | None, arch: str | None, checkpoint: str | None) -> nn.Module:
+    """A zoo model by name, or ``arch`` ("package.module:Class") with a state_dict ``checkpoint``."""
+    if name:
+        return zoo.load(name)
+    if not arch or not checkpoint:
+        raise ConfigError("give --model NAME (a zoo model) or both --arch package.module:Class and --checkpoint FILE.")
+    module_name, _, cls_name = arch.partition(":")
+    if not cls_name:
+        raise ConfigError(f"--arch {arch!r} must look like package.module:ClassName.")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot import {arch!r}: {exc}. Check the module path and class name.") from exc
+    model = cls()
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"checkpoint {checkpoint} does not exist.") from exc
+    model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    return model.eval()
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,28,28"`` -> ``(1, 28, 28)``."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"--input-shape {text!r} must be comma-separated ints, e.g. 1,28,28.") from exc
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["steps=200", "statistics=batch"]`` -> ``{"steps": 200, "statistics": "batch"}`` (JSON values, else strings)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--option {item!r} must look like name=value.")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def real_subset(num_samples: int, seed: int = 0) -> torch.Tensor:
+    """``num_samples`` Fashion-MNIST training images ``[n, 1, 28, 28]``, picked by a seeded permutation."""
+    images, _ = datasets.load_fashion_mnist("train")
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:num_samples]
+    return images[idx]
+
+
+def cached_synthesize(
+    model: nn.Module, method: str, cache_dir: Path | None, *, num_samples: int, seed: int, **options: Any
+) -> SyntheticDataset:
+    """:func:`synthesize` with a file cache keyed by the model's weights, the method and its options."""
+    key_src = json.dumps({"m": method, "n": num_samples, "seed": seed, **options}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
+    path = cache_dir / f"{method}-{model_fingerprint(model)}-{key}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        logger.info("using cached %s data %s", method, path)
+        return SyntheticDataset.load(path, model)
+    data = synthesize(model, method, num_samples=num_samples, input_shape=zoo.INPUT_SHAPE, seed=seed, **options)
+    if path is not None:
+        data.save(path)
+    return data
+
+
+# --------------------------------------------------------------------------- demo
+def run_demo(
+    out: Path,
+    models: list[str],
+    num_samples: int,
+    steps: int,
+    seed: int,
+    use_cache: bool,
+) -> dict[str, Any]:
+    """FP32 and W8A8/W4A8/W4A4 top-1 with real, noise and ZeroQ calibration; returns the results dict."""
+    x_test, y_test = datasets.load_fashion_mnist("test")
+    real = real_subset(num_samples, seed)
+    cache = out / "cache" if use_cache else None
+    results: dict[str, Any] = {
+        "num_samples": num_samples,
+        "zeroq_steps": steps,
+        "seed": seed,
+        "test_images": len(x_test),
+        "models": {},
+    }
+    for name in models:
+        t0 = time.perf_counter()
+        model = zoo.load(name)
+        entry: dict[str, Any] = {"fp32": accuracy(model, x_test, y_test), "rows": {}}
+        sources = {
+            "real": real,
+            "noise": cached_synthesize(model, "noise", None, num_samples=num_samples, seed=seed, progress=False),
+            "zeroq": cached_synthesize(model, "zeroq", cache, num_samples=num_samples, seed=seed, steps=steps),
+        }
+        entry["synthesis_seconds"] = round(time.perf_counter() - t0, 1)
+        for w_bits, a_bits in DEMO_BITS:
+            row = {}
+            for src, data in sources.items():
+                sim = quantize_fx(model, data, w_bits=w_bits, a_bits=a_bits)
+                row[src] = accuracy(sim, x_test, y_test)
+            entry["rows"][f"W{w_bits}A{a_bits}"] = row
+            logger.info("%s W%dA%d %s", name, w_bits, a_bits, {k: round(v, 2) for k, v in row.items()})
+        entry["seconds"] = round(time.perf_counter() - t0, 1)
+        results["models"][name] = entry
+    return results
+
+
+def demo_markdown(results: dict[str, Any]) -> str:
+    """The demo's results as a Markdown table."""
+    lines = [
+        f"Top-1 (%) on the {results['test_images']} Fashion-MNIST test images; "
+        f"{results['num_samples']} calibration images per source, ZeroQ {results['zeroq_steps']} steps, "
+        "clamping FX simulation (prepare_qat_fx + FakeQuantize), MinMax activations, per-channel weights, "
+        "first/last layer 8-bit.",
+        "",
+        "| model | FP32 | bits | real data | Gaussian noise | ZeroQ synthetic |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, entry in results["models"].items():
+        for bits, row in entry["rows"].items():
+            lines.append(
+                f"| {name} | {entry['fp32']:.2f} | {bits} | {row['real']:.2f} | {row['noise']:.2f} | {row['zeroq']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``zq demo``."""
+    models = args.models or [n for n in zoo.available() if zoo.has_batchnorm(n)]
+    start = time.perf_counter()
+    results = run_demo(args.out, models, args.num_samples, args.steps, args.seed, not args.no_cache)
+    results["total_seconds"] = round(time.perf_counter() - start, 1)
+    table = demo_markdown(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "demo.md").write_text(table)
+    (args.out / "demo.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(table)
+    print(f"total {results['total_seconds']} s; wrote {args.out / 'demo.md'} and {args.out / 'demo.json'}")
+    return 0
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    """``zq synthesize``."""
+    model = load_model(args.model, args.arch, args.checkpoint)
+    shape = parse_shape(args.input_shape) if args.input_shape else zoo.INPUT_SHAPE
+    data = synthesize(
+        model,
+        args.method,
+        num_samples=args.num_samples,
+        input_shape=shape,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        **parse_options(args.option),
+    )
+    data.save(args.out)
+    print(f"wrote {data} to {args.out}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """``zq quantize``."""
+    model = load_model(args.model, args.arch, args.checkpoint)
+    if args.data == "real":
+        data: Any = real_subset(args.num_samples, args.seed)
+    elif args.data == "noise":
+        shape = parse_shape(args.input_shape) if args.input_shape else zoo.INPUT_SHAPE
+        data = synthesize(model, "noise", num_samples=args.num_samples, input_shape=shape, seed=args.seed)
+    else:
+        data = SyntheticDataset.load(args.data, model, allow_mismatch=args.allow_mismatch)
+    report: dict[str, Any] = {"w_bits": args.w_bits, "a_bits": args.a_bits, "data": args.data}
+    sim = quantize_fx(model, data, w_bits=args.w_bits, a_bits=args.a_bits, first_last_bits=args.first_last_bits)
+    if args.evaluate:
+        x_test, y_test = datasets.load_fashion_mnist("test")
+        report["fp32_top1"] = accuracy(model, x_test, y_test)
+        report["quantized_top1"] = accuracy(sim, x_test, y_test)
+    if args.int8_out:
+        if (args.w_bits, args.a_bits) != (8, 8):
+            raise ConfigError("--int8-out needs --w-bits 8 --a-bits 8: torch's int8 kernels do not clamp to fewer bits.")
+        int8 = convert_int8_fx(model, data)
+        example = next(iter(data.loader(1))) if isinstance(data, SyntheticDataset) else data[:1]
+        torch.jit.save(torch.jit.trace(int8, example), args.int8_out)
+        report["int8_out"] = str(args.int8_out)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``zq``."""
+    parser = argparse.ArgumentParser(prog="zq", description="Zero-shot quantization for PyTorch CNNs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="zero-shot vs real-data calibration on the zoo models with BatchNorm")
+    demo.add_argument("--out", type=Path, default=Path("zq_out"), help="output folder (tables, cache)")
+    demo.add_argument("--models", nargs="*", help=f"zoo models (default: those with BN among {zoo.available()})")
+    demo.add_argument("--num-samples", type=int, default=256)
+    demo.add_argument("--steps", type=int, default=DEMO_STEPS, help="ZeroQ Adam steps per batch")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-cache", action="store_true", help="re-synthesize even if cached data exist")
+    demo.set_defaults(func=cmd_demo)
+
+    def add_model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", choices=zoo.available(), help="a zoo model")
+        p.add_argument("--arch", help="your model class, package.module:Class (constructed without arguments)")
+        p.add_argument("--checkpoint", help="state_dict file for --arch (loaded with weights_only=True)")
+        p.add_argument("--input-shape", help="one input's shape, e.g. 1,28,28 (default: the zoo's)")
+        p.add_argument("--num-samples", type=int, default=256)
+        p.add_argument("--seed", type=int, default=0)
+
+    syn = sub.add_parser("synthesize", help="write a synthetic calibration dataset file")
+    add_model_args(syn)
+    syn.add_argument("--method", default="zeroq")
+    syn.add_argument("--batch-size", type=int, default=64)
+    syn.add_argument("--option", action="append", default=[], help="method option name=value (repeatable)")
+    syn.add_argument("--out", type=Path, required=True)
+    syn.set_defaults(func=cmd_synthesize)
+
+    qua = sub.add_parser("quantize", help="calibrate an FX simulation (and optionally an int8 model)")
+    add_model_args(qua)
+    qua.add_argument("--data", required=True, help="a dataset file from 'zq synthesize', or 'real' or 'noise'")
+    qua.add_argument("--allow-mismatch", action="store_true", help="use a dataset file made for other weights")
+    qua.add_argument("--w-bits", type=int, default=8)
+    qua.add_argument("--a-bits", type=int, default=8)
+    qua.add_argument("--first-last-bits", type=int, default=8)
+    qua.add_argument("--evaluate", action="store_true", help="report top-1 on the Fashion-MNIST test set")
+    qua.add_argument("--int8-out", type=Path, help="also write a TorchScript int8 model (W8A8 only)")
+    qua.set_defaults(func=cmd_quantize)
+    return parser
+
+
+DEMO_STEPS = 200
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``zq`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args))
+    except ZQError as exc:
+        print(f"zq: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
