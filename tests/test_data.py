@@ -19,7 +19,11 @@ def test_round_trip(tmp_path, data, tiny_bn_net):
     back = SyntheticDataset.load(path, tiny_bn_net)
     assert torch.equal(back.images, data.images)
     assert (back.method, back.seed, back.options, back.model_fingerprint) == (
-        data.method, data.seed, data.options, data.model_fingerprint)  # fmt: skip
+        data.method,
+        data.seed,
+        data.options,
+        data.model_fingerprint,
+    )
     assert [p.name for p in path.parent.iterdir()] == ["data.pt"]  # no temporary file left
 
 

@@ -64,7 +64,10 @@ def test_simulation_clamps_activations(tiny_bn_net, calib, a_bits):
     sim = fx.quantize_fx(tiny_bn_net, calib, w_bits=4, a_bits=a_bits, first_last_bits=None)
     levels = 2**a_bits
     seen = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (m, o))) for n, m in activation_fqs(sim).items()]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (m, o)))
+        for n, m in activation_fqs(sim).items()
+    ]
     with torch.no_grad():
         sim(calib * 3)  # far outside the calibrated ranges
     for h in hooks:
@@ -82,13 +85,21 @@ def test_simulation_quantizes_weights_on_narrow_grid(tiny_bn_net, calib):
     sim = fx.quantize_fx(tiny_bn_net, calib, w_bits=4, a_bits=8, first_last_bits=None)
     wfq = [m for n, m in sim.named_modules() if n.endswith("weight_fake_quant")]
     assert wfq and all((m.quant_min, m.quant_max) == (-7, 7) for m in wfq)
-    assert all(int(m.observer_enabled[0]) == 0 and int(m.fake_quant_enabled[0]) == 1 for m in sim.modules() if isinstance(m, FakeQuantize))
+    assert all(
+        int(m.observer_enabled[0]) == 0 and int(m.fake_quant_enabled[0]) == 1
+        for m in sim.modules()
+        if isinstance(m, FakeQuantize)
+    )
 
 
 def test_first_and_last_layers_stay_8bit(tiny_bn_net, calib):
     assert fx.weight_layer_names(tiny_bn_net) == ["conv1", "conv2", "short", "dw", "fc"]
     sim = fx.quantize_fx(tiny_bn_net, calib, w_bits=4, a_bits=4)
-    wq = {n.removesuffix(".weight_fake_quant"): m.quant_max for n, m in sim.named_modules() if n.endswith("weight_fake_quant")}
+    wq = {
+        n.removesuffix(".weight_fake_quant"): m.quant_max
+        for n, m in sim.named_modules()
+        if n.endswith("weight_fake_quant")
+    }
     assert wq["conv1"] == 127 and wq["fc"] == 127 and wq["conv2"] == 7 and wq["dw"] == 7
 
 
@@ -133,13 +144,23 @@ def test_fast_fake_quantize_equals_torch(bits, per_channel, symmetric, seed, sca
     x = torch.randn(4, 3, 5, generator=gen) * scale
     if per_channel:
         qmin, qmax = qparams.quant_range(bits, signed=True, narrow=True)
-        kw = dict(observer=PerChannelMinMaxObserver, dtype=torch.qint8, ch_axis=0,
-                  qscheme=torch.per_channel_symmetric if symmetric else torch.per_channel_affine)  # fmt: skip
+        kw = {
+            "observer": PerChannelMinMaxObserver,
+            "dtype": torch.qint8,
+            "ch_axis": 0,
+            "qscheme": torch.per_channel_symmetric if symmetric else torch.per_channel_affine,
+        }
     else:
         qmin, qmax = qparams.quant_range(bits, signed=False)
-        kw = dict(observer=MinMaxObserver, dtype=torch.quint8,
-                  qscheme=torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine)  # fmt: skip
-    ref, fast = FakeQuantize(quant_min=qmin, quant_max=qmax, **kw), FastFakeQuantize(quant_min=qmin, quant_max=qmax, **kw)
+        kw = {
+            "observer": MinMaxObserver,
+            "dtype": torch.quint8,
+            "qscheme": torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine,
+        }
+    ref, fast = (
+        FakeQuantize(quant_min=qmin, quant_max=qmax, **kw),
+        FastFakeQuantize(quant_min=qmin, quant_max=qmax, **kw),
+    )
     ref(x), fast(x)
     ref.disable_observer(), fast.disable_observer()
     y = torch.randn(4, 3, 5, generator=gen) * scale * 1.5

@@ -44,8 +44,8 @@ def test_same_seed_same_images_other_seed_other(tiny_bn_net):
 @pytest.mark.parametrize("statistics", ["per_sample", "batch"])
 @pytest.mark.parametrize("init", ["uniform", "gaussian"])
 def test_loss_decreases(tiny_bn_net, statistics, init):
-    from zq_plugin.synth.zeroq import init_pixels
     from zq_plugin.synth.api import batch_seed
+    from zq_plugin.synth.zeroq import init_pixels
 
     data = zeroq(tiny_bn_net, num_samples=8, batch_size=8, steps=60, statistics=statistics, init=init, input_range=None)
     x0 = init_pixels(init, (8, *SHAPE), torch.Generator().manual_seed(batch_seed(0, 0)))
@@ -134,7 +134,7 @@ def test_bad_arguments(tiny_bn_net, kwargs, match):
 
 
 def test_unknown_method_and_option(tiny_bn_net):
-    with pytest.raises(ConfigError, match="known methods: .*zeroq"):
+    with pytest.raises(ConfigError, match=r"known methods: .*zeroq"):
         zq_plugin.synthesize(tiny_bn_net, "zeroqq", input_shape=SHAPE)
     with pytest.raises(ConfigError, match=r"no option\(s\) \['stepz'\].*'steps'"):
         zq_plugin.synthesize(tiny_bn_net, "zeroq", input_shape=SHAPE, stepz=3)

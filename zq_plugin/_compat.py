@@ -58,7 +58,9 @@ def _quiet(fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
 
-def prepare_fx(model: torch.nn.Module, mapping: QConfigMapping, example_inputs: tuple[Any, ...]) -> torch.fx.GraphModule:
+def prepare_fx(
+    model: torch.nn.Module, mapping: QConfigMapping, example_inputs: tuple[Any, ...]
+) -> torch.fx.GraphModule:
     """``torch.ao.quantization.quantize_fx.prepare_fx`` without its deprecation warning."""
     return _quiet(_quantize_fx.prepare_fx, model, mapping, example_inputs)
 

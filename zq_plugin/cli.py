@@ -29,6 +29,7 @@ logger = logging.getLogger("zq_plugin.cli")
 
 DEMO_BITS = ((8, 8), (4, 8), (4, 4))
 DEMO_SOURCES = ("real", "noise", "zeroq")
+DEMO_STEPS = 200
 
 
 # --------------------------------------------------------------------------- helpers
@@ -63,7 +64,10 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["steps=200", "statistics=batch"]`` -> ``{"steps": 200, "statistics": "batch"}`` (JSON values, else strings)."""
+    """``["steps=200", "statistics=batch"]`` -> ``{"steps": 200, "statistics": "batch"}``.
+
+    Values are parsed as JSON when they can be, else kept as strings.
+    """
     options: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -123,7 +127,7 @@ def run_demo(
         t0 = time.perf_counter()
         model = zoo.load(name)
         entry: dict[str, Any] = {"fp32": accuracy(model, x_test, y_test), "rows": {}}
-        sources = {
+        sources: dict[str, torch.Tensor | SyntheticDataset] = {
             "real": real,
             "noise": cached_synthesize(model, "noise", None, num_samples=num_samples, seed=seed, progress=False),
             "zeroq": cached_synthesize(model, "zeroq", cache, num_samples=num_samples, seed=seed, steps=steps),
@@ -154,9 +158,8 @@ def demo_markdown(results: dict[str, Any]) -> str:
     ]
     for name, entry in results["models"].items():
         for bits, row in entry["rows"].items():
-            lines.append(
-                f"| {name} | {entry['fp32']:.2f} | {bits} | {row['real']:.2f} | {row['noise']:.2f} | {row['zeroq']:.2f} |"
-            )
+            cells = " | ".join(f"{row[src]:.2f}" for src in DEMO_SOURCES)
+            lines.append(f"| {name} | {entry['fp32']:.2f} | {bits} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -212,7 +215,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         report["quantized_top1"] = accuracy(sim, x_test, y_test)
     if args.int8_out:
         if (args.w_bits, args.a_bits) != (8, 8):
-            raise ConfigError("--int8-out needs --w-bits 8 --a-bits 8: torch's int8 kernels do not clamp to fewer bits.")
+            raise ConfigError(
+                "--int8-out needs --w-bits 8 --a-bits 8: torch's int8 kernels do not clamp to fewer bits."
+            )
         int8 = convert_int8_fx(model, data)
         example = next(iter(data.loader(1))) if isinstance(data, SyntheticDataset) else data[:1]
         torch.jit.save(torch.jit.trace(int8, example), args.int8_out)
@@ -263,9 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
     qua.add_argument("--int8-out", type=Path, help="also write a TorchScript int8 model (W8A8 only)")
     qua.set_defaults(func=cmd_quantize)
     return parser
-
-
-DEMO_STEPS = 200
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,7 +143,9 @@ class SyntheticDataset(Dataset[torch.Tensor]):
         """
         path = Path(path)
         if not path.is_file():
-            raise DatasetNotFoundError(f"no synthetic dataset at {path}; create one with zq_plugin.synthesize(...).save(path).")
+            raise DatasetNotFoundError(
+                f"no synthetic dataset at {path}; create one with zq_plugin.synthesize(...).save(path)."
+            )
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:

@@ -84,8 +84,7 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     expected = int(np.prod(shape))
     if len(raw) - header != expected:
         raise DatasetCorruptError(
-            f"{path} holds {len(raw) - header} data bytes, but its header {shape} says {expected}. "
-            f"{_hint(path.parent)}"
+            f"{path} holds {len(raw) - header} data bytes, but its header {shape} says {expected}. {_hint(path.parent)}"
         )
     return np.frombuffer(raw, dtype=_IDX_DTYPE[raw[2]], offset=header).reshape(shape)
 

@@ -28,7 +28,7 @@ from zq_plugin.qparams import fake_quantize
 class FastFakeQuantize(FakeQuantize):
     """Drop-in ``FakeQuantize`` (same constructor) with an in-place no-grad path."""
 
-    def forward(self, X: torch.Tensor) -> torch.Tensor:  # noqa: N803 - torch's argument name
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
         """Observe and/or fake-quantize ``X`` exactly like ``FakeQuantize.forward``."""
         if (
             (torch.is_grad_enabled() and X.requires_grad)

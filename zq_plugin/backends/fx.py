@@ -56,13 +56,16 @@ def iter_batches(data: CalibrationData, batch_size: int = 64) -> Iterator[torch.
 
     From a loader of ``(x, y)`` pairs only ``x`` is used.
     """
+    batches: Iterable[Any]
     if isinstance(data, SyntheticDataset):
-        data = data.loader(batch_size)
+        batches = data.loader(batch_size)
     elif isinstance(data, torch.Tensor):
         if data.dim() == 0 or data.shape[0] == 0:
             raise ConfigError(f"calibration tensor of shape {tuple(data.shape)} holds no samples.")
-        data = data.split(batch_size)
-    for batch in data:
+        batches = data.split(batch_size)
+    else:
+        batches = data
+    for batch in batches:
         x = batch[0] if isinstance(batch, tuple | list) else batch
         if not isinstance(x, torch.Tensor):
             raise ConfigError(f"calibration batches must be tensors (or (x, y) pairs), got {type(x).__name__}.")
@@ -158,8 +161,12 @@ def weight_layer_names(model: nn.Module) -> list[str]:
     modules = dict(model.named_modules())
     try:
         graph = torch.fx.symbolic_trace(model).graph
-        names = [str(n.target) for n in graph.nodes if n.op == "call_module" and isinstance(modules.get(str(n.target)), WEIGHT_LAYERS)]
-    except Exception:  # noqa: BLE001 - any tracing failure falls back to declaration order
+        names = [
+            str(n.target)
+            for n in graph.nodes
+            if n.op == "call_module" and isinstance(modules.get(str(n.target)), WEIGHT_LAYERS)
+        ]
+    except Exception:
         names = []
     return list(dict.fromkeys(names)) or [n for n, m in modules.items() if isinstance(m, WEIGHT_LAYERS)]
 
@@ -250,7 +257,8 @@ def quantize_fx(
     prepared.apply(_compat.enable_observer)
     prepared.apply(_compat.disable_fake_quant)
     calibrate(prepared, data, batch_size=batch_size)
-    return freeze(prepared)
+    freeze(prepared)
+    return prepared
 
 
 def convert_int8_fx(

@@ -15,7 +15,6 @@ from torch import nn
 
 from zq_plugin.errors import ModelError
 
-BN_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
 
 
 def batchnorm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -23,7 +22,7 @@ def batchnorm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchN
     return {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, BN_TYPES) and m.track_running_stats and m.running_mean is not None
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
     }
 
 
@@ -42,7 +41,7 @@ def require_batchnorm(model: nn.Module, method: str) -> dict[str, nn.modules.bat
 def bn_targets(layers: dict[str, nn.modules.batchnorm._BatchNorm]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Running ``(mean, std)`` per BN layer, ``std = sqrt(running_var + 1e-6)`` as in ZeroQ; each ``[C]``."""
     return {
-        name: (bn.running_mean.detach().clone(), torch.sqrt(bn.running_var.detach() + 1e-6))  # type: ignore[union-attr,operator]
+        name: (bn.running_mean.detach().clone(), torch.sqrt(bn.running_var.detach() + 1e-6))  # type: ignore[union-attr]
         for name, bn in layers.items()
     }
 

@@ -36,9 +36,7 @@ def feature_stats(feat: torch.Tensor, statistics: Statistics) -> tuple[torch.Ten
     return mean, torch.sqrt(var + _VAR_EPS)
 
 
-def stats_loss(
-    feat: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, statistics: Statistics
-) -> torch.Tensor:
+def stats_loss(feat: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, statistics: Statistics) -> torch.Tensor:
     """Squared distance of ``feat``'s statistics to the target ``(mean, std)`` (``[C]`` each); a scalar.
 
     Per-sample distances are summed over samples and channels and divided by ``N``; batch

@@ -59,9 +59,7 @@ class Method:
         known = {f.name for f in dataclasses.fields(self.config_cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ConfigError(
-                f"method {self.name!r} has no option(s) {unknown}; its options are {sorted(known)}."
-            )
+            raise ConfigError(f"method {self.name!r} has no option(s) {unknown}; its options are {sorted(known)}.")
         try:
             return self.config_cls(**options)
         except TypeError as exc:  # pragma: no cover - dataclass signature errors

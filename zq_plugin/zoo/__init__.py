@@ -37,7 +37,17 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 }
 INPUT_SHAPE = (1, 28, 28)
 
-__all__ = ["ARCHITECTURES", "INPUT_RANGE", "INPUT_SHAPE", "MEAN", "STD", "available", "has_batchnorm", "load", "metrics"]
+__all__ = [
+    "ARCHITECTURES",
+    "INPUT_RANGE",
+    "INPUT_SHAPE",
+    "MEAN",
+    "STD",
+    "available",
+    "has_batchnorm",
+    "load",
+    "metrics",
+]
 
 
 def available() -> list[str]:
@@ -62,7 +72,9 @@ def load(name: str, *, pretrained: bool = True) -> nn.Module:
     if pretrained:
         path = CHECKPOINT_DIR / f"{name}.pt"
         if not path.is_file():
-            raise ZQError(f"checkpoint {path.name} is missing from the package; retrain it: python -m zq_plugin.zoo.train {name}")
+            raise ZQError(
+                f"checkpoint {path.name} is missing from the package; retrain it: python -m zq_plugin.zoo.train {name}"
+            )
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
 

@@ -49,6 +49,7 @@ class BasicBlock(nn.Module):
         self.relu2 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, cin, H, W]`` -> ``[N, cout, H / stride, W / stride]``."""
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu2(out + self.shortcut(x))
@@ -68,6 +69,7 @@ class ResNetS(_ZooNet):
         self.fc = nn.Linear(w3, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized images ``[N, 1, 28, 28]`` -> logits ``[N, num_classes]``."""
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))  # [N, w3, 7, 7]
         return self.fc(torch.flatten(self.pool(x), 1))
 
@@ -86,6 +88,7 @@ class InvertedResidual(nn.Module):
         self.use_residual = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, cin, H, W]`` -> ``[N, cout, H / stride, W / stride]``."""
         out = self.block(x)
         return x + out if self.use_residual else out
 
@@ -112,6 +115,7 @@ class MobileNetV2S(_ZooNet):
         self.classifier = nn.Linear(last_channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized images ``[N, 1, 28, 28]`` -> logits ``[N, num_classes]``."""
         x = self.features(x)  # [N, last_channels, 4, 4]
         return self.classifier(torch.flatten(self.pool(x), 1))
 
@@ -132,4 +136,5 @@ class PlainCNN(_ZooNet):
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 64), nn.ReLU(), nn.Linear(64, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        """Normalized images ``[N, 1, 28, 28]`` -> logits ``[N, num_classes]``."""
+        return self.classifier(self.features(x))  # features: [N, 64, 7, 7]

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+
+from zq_plugin import cli, zoo
+from zq_plugin.data import SyntheticDataset
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "resnet_s.pt"
+    rc = cli.main(
+        [
+            "synthesize",
+            "--model",
+            "resnet_s",
+            "--num-samples",
+            "8",
+            "--batch-size",
+            "4",
+            "--option",
+            "steps=2",
+            "--option",
+            "statistics=batch",
+            "--out",
+            str(path),
+        ]
+    )
+    assert rc == 0
+    return path
+
+
+def test_synthesize_writes_dataset_for_the_model(data_file):
+    data = SyntheticDataset.load(data_file, zoo.load("resnet_s"))
+    assert data.images.shape == (8, 1, 28, 28)
+    assert data.options["steps"] == 2 and data.options["statistics"] == "batch"
+
+
+def test_quantize_reports_accuracy_and_writes_int8(data_file, tmp_path, capsys):
+    out = tmp_path / "int8.pt"
+    rc = cli.main(["quantize", "--model", "resnet_s", "--data", str(data_file), "--evaluate", "--int8-out", str(out)])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fp32_top1"] > 90 and report["quantized_top1"] > 85
+    scripted = torch.jit.load(out)
+    assert scripted(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_user_checkpoint_and_arch(tmp_path, capsys):
+    ckpt = tmp_path / "w.pt"
+    torch.save(zoo.load("plain_cnn").state_dict(), ckpt)
+    rc = cli.main(
+        [
+            "quantize",
+            "--arch",
+            "zq_plugin.zoo.models:PlainCNN",
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            "noise",
+            "--num-samples",
+            "16",
+            "--w-bits",
+            "4",
+            "--a-bits",
+            "8",
+        ]
+    )
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["w_bits"] == 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["quantize", "--model", "resnet_s", "--data", "noise", "--w-bits", "9"], "2 to 8"),
+        (["quantize", "--model", "resnet_s", "--data", "missing.pt"], "no synthetic dataset"),
+        (["synthesize", "--model", "plain_cnn", "--out", "x.pt"], "no BatchNorm"),
+        (["synthesize", "--model", "resnet_s", "--num-samples", "0", "--out", "x.pt"], "num_samples"),
+        (["synthesize", "--arch", "nowhere:Net", "--checkpoint", "c.pt", "--out", "x.pt"], "cannot import"),
+        (["quantize", "--model", "resnet_s", "--data", "noise", "--w-bits", "4", "--int8-out", "q.pt"], "8"),
+    ],
+)
+def test_bad_input_exits_2_with_message(argv, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_dataset_for_other_model_is_refused(data_file, capsys):
+    assert cli.main(["quantize", "--model", "mobilenetv2_s", "--data", str(data_file)]) == 2
+    assert "allow_mismatch" in capsys.readouterr().err

@@ -1,0 +1,22 @@
+"""End-to-end: the demo's claims on the zoo (slow: synthesis + 18 evaluations on the full test set)."""
+
+import json
+
+import pytest
+
+from zq_plugin import cli
+
+
+@pytest.mark.slow
+def test_demo_zero_shot_matches_real_data_at_8_bits_and_beats_noise_at_4(tmp_path, capsys):
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "demo.json").read_text())
+    assert (tmp_path / "demo.md").read_text().count("| W4A4 |") == len(results["models"]) == 2
+    for name, entry in results["models"].items():
+        rows = entry["rows"]
+        assert abs(rows["W8A8"]["zeroq"] - rows["W8A8"]["real"]) <= 0.3, name
+        assert rows["W4A4"]["zeroq"] >= rows["W4A4"]["noise"], name
+    assert results["total_seconds"] < 300
+    # a rerun uses the cache
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "demo.json").read_text())["models"] == results["models"]
