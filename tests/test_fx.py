@@ -55,6 +55,8 @@ def test_calibrate_accepts_pairs_and_rejects_bad_data(tiny_bn_net, calib):
     zq_plugin.calibrate(prepared, loader)
     with pytest.raises(ConfigError, match="no batch"):
         zq_plugin.calibrate(prepared, [])
+    with pytest.raises(ConfigError, match="one-shot iterator"):
+        fx.quantize_fx(tiny_bn_net, iter([calib]))
     with pytest.raises(ConfigError, match="NaN"):
         zq_plugin.calibrate(prepared, torch.full((2, *SHAPE), float("nan")))
 

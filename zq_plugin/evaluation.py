@@ -6,8 +6,11 @@ import torch
 from torch import nn
 
 
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in percent; runs in eval/no-grad mode and restores the model's modes.
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250) -> float:
+    """Top-1 accuracy in percent; runs in eval/inference mode and restores the model's modes.
+
+    The default batch of 250 keeps activations small enough for the allocator to reuse memory;
+    batches of 1000 spent more time in page faults than in compute on the zoo models.
 
     Example:
         >>> import torch
@@ -18,7 +21,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     correct = 0
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.inference_mode():
             for i in range(0, len(images), batch_size):
                 pred = model(images[i : i + batch_size]).argmax(1)
                 correct += int((pred == labels[i : i + batch_size]).sum())

@@ -199,11 +199,79 @@ def uniform_qconfig_mapping(
 
 
 def _example_inputs(data: CalibrationData, batch_size: int) -> tuple[torch.Tensor]:
+    if isinstance(data, Iterator):
+        raise ConfigError(
+            "the calibration data is a one-shot iterator, but it is read twice (an example input for tracing, "
+            "then calibration); pass a list, a tensor, a DataLoader or a SyntheticDataset."
+        )
     try:
         first = next(iter(iter_batches(data, batch_size)))
     except StopIteration:
         raise ConfigError("the calibration data yielded no batch; pass at least one sample.") from None
     return (first[:1],)
+
+
+def _folded_float_module(qat: nn.Module) -> nn.Module | None:
+    """A float Conv/Linear (+ReLU) equal to an eval-mode QAT module, with its fake-quantized weight baked in.
+
+    For a ConvBn QAT module in eval mode torch computes ``bn(conv(x, fq(w * f)) / f + b)`` with
+    ``f = gamma / sqrt(running_var + eps)``, which equals ``conv(x, fq(w * f)) + (b - mean) * f + beta``:
+    a plain conv with the fake-quantized folded weight and the folded bias. Returns None for
+    modules of another kind.
+    """
+    wfq = getattr(qat, "weight_fake_quant", None)
+    weight = getattr(qat, "weight", None)
+    if wfq is None or not isinstance(weight, torch.Tensor):
+        return None
+    bias = qat.bias if isinstance(getattr(qat, "bias", None), torch.Tensor) else None
+    bn = getattr(qat, "bn", None)
+    with torch.no_grad():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # type: ignore[operator]  # [C_out]
+            shape = [-1] + [1] * (weight.dim() - 1)
+            weight = wfq(weight * factor.reshape(shape))
+            base = bias if bias is not None else torch.zeros_like(factor)
+            bias = (base - bn.running_mean) * factor + bn.bias  # type: ignore[operator]
+        else:
+            weight = wfq(weight)
+    if isinstance(qat, nn.Linear):
+        plain: nn.Module = nn.Linear(qat.in_features, qat.out_features, bias=bias is not None)
+    elif isinstance(qat, nn.modules.conv._ConvNd):
+        conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(qat.kernel_size)]
+        plain = conv_cls(
+            qat.in_channels,
+            qat.out_channels,
+            qat.kernel_size,  # type: ignore[arg-type]
+            stride=qat.stride,  # type: ignore[arg-type]
+            padding=qat.padding,  # type: ignore[arg-type]
+            dilation=qat.dilation,  # type: ignore[arg-type]
+            groups=qat.groups,
+            bias=bias is not None,
+            padding_mode=qat.padding_mode,
+        )
+    else:
+        return None
+    plain.weight.data.copy_(weight)  # type: ignore[operator]
+    if bias is not None:
+        plain.bias.data.copy_(bias)  # type: ignore[union-attr]
+    if "ReLU" in type(qat).__name__:
+        return nn.Sequential(plain, nn.ReLU())
+    return plain
+
+
+def fold_weights(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Replace each QAT Conv/Linear (BN folded or not) by a float module holding its fake-quantized weight.
+
+    Outputs are unchanged up to float rounding; inference is faster (no per-pass weight fake
+    quantization, BN, or unscaling). Activation FakeQuantize modules stay. Not for fine-tuning.
+    """
+    for name, module in list(model.named_modules()):
+        plain = _folded_float_module(module)
+        if plain is not None:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    model.recompile()
+    return model
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -224,6 +292,7 @@ def quantize_fx(
     weight_observer: Any = None,
     mapping: Any = None,
     batch_size: int = 64,
+    fold: bool = True,
 ) -> torch.fx.GraphModule:
     """Quantize a copy of ``model`` at W``w_bits``A``a_bits`` in a clamping FX simulation.
 
@@ -242,6 +311,9 @@ def quantize_fx(
         weight_observer: weight observer class (default ``PerChannelMinMaxObserver``).
         mapping: a ready ``QConfigMapping`` of FakeQuantize qconfigs, overriding the bit arguments.
         batch_size: calibration batch size for tensor data.
+        fold: after calibration, replace the QAT Conv/Linear modules by float ones holding the
+            BN-folded, fake-quantized weights (:func:`fold_weights`: same outputs up to float
+            rounding, faster). ``False`` keeps the QAT modules, e.g. to fine-tune.
     """
     if mapping is None:
         mapping = uniform_qconfig_mapping(
@@ -258,7 +330,7 @@ def quantize_fx(
     prepared.apply(_compat.disable_fake_quant)
     calibrate(prepared, data, batch_size=batch_size)
     freeze(prepared)
-    return prepared
+    return fold_weights(prepared) if fold else prepared
 
 
 def convert_int8_fx(

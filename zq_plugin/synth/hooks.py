@@ -16,7 +16,6 @@ from torch import nn
 from zq_plugin.errors import ModelError
 
 
-
 def batchnorm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     """All BatchNorm layers (1d/2d/3d/Sync) of ``model`` that track running statistics, by name."""
     return {
