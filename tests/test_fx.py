@@ -172,3 +172,12 @@ def test_fast_fake_quantize_equals_torch(bits, per_channel, symmetric, seed, sca
     y.requires_grad_(True)
     fast(y).sum().backward()
     assert y.grad is not None
+
+
+def test_folded_simulation_equals_qat_modules(tiny_bn_net, calib):
+    qat = fx.quantize_fx(tiny_bn_net, calib, w_bits=4, a_bits=4, fold=False)
+    folded = fx.quantize_fx(tiny_bn_net, calib, w_bits=4, a_bits=4)
+    assert any(n.endswith("weight_fake_quant") for n, _ in qat.named_modules())
+    assert not any(n.endswith("weight_fake_quant") for n, _ in folded.named_modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(calib * 2), qat(calib * 2), atol=1e-5, rtol=1e-5)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -223,19 +223,22 @@ def _folded_float_module(qat: nn.Module) -> nn.Module | None:
     weight = getattr(qat, "weight", None)
     if wfq is None or not isinstance(weight, torch.Tensor):
         return None
-    bias = qat.bias if isinstance(getattr(qat, "bias", None), torch.Tensor) else None
+    raw_bias = getattr(qat, "bias", None)
+    bias: torch.Tensor | None = raw_bias if isinstance(raw_bias, torch.Tensor) else None
     bn = getattr(qat, "bn", None)
     with torch.no_grad():
         if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # type: ignore[operator]  # [C_out]
+            mean, var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
+            factor = bn.weight / torch.sqrt(var + bn.eps)  # [C_out]
             shape = [-1] + [1] * (weight.dim() - 1)
-            weight = wfq(weight * factor.reshape(shape))
+            weight = cast(torch.Tensor, wfq(weight * factor.reshape(shape)))
             base = bias if bias is not None else torch.zeros_like(factor)
-            bias = (base - bn.running_mean) * factor + bn.bias  # type: ignore[operator]
+            bias = (base - mean) * factor + bn.bias
         else:
-            weight = wfq(weight)
+            weight = cast(torch.Tensor, wfq(weight))
+    plain: nn.Linear | nn.modules.conv._ConvNd
     if isinstance(qat, nn.Linear):
-        plain: nn.Module = nn.Linear(qat.in_features, qat.out_features, bias=bias is not None)
+        plain = nn.Linear(qat.in_features, qat.out_features, bias=bias is not None)
     elif isinstance(qat, nn.modules.conv._ConvNd):
         conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(qat.kernel_size)]
         plain = conv_cls(
@@ -251,9 +254,10 @@ def _folded_float_module(qat: nn.Module) -> nn.Module | None:
         )
     else:
         return None
-    plain.weight.data.copy_(weight)  # type: ignore[operator]
-    if bias is not None:
-        plain.bias.data.copy_(bias)  # type: ignore[union-attr]
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if bias is not None and plain.bias is not None:
+            plain.bias.copy_(bias)
     if "ReLU" in type(qat).__name__:
         return nn.Sequential(plain, nn.ReLU())
     return plain
