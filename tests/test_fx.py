@@ -84,7 +84,7 @@ def test_simulation_clamps_activations(tiny_bn_net, calib, a_bits):
 
 
 def test_simulation_quantizes_weights_on_narrow_grid(tiny_bn_net, calib):
-    sim = fx.quantize_fx(tiny_bn_net, calib, w_bits=4, a_bits=8, first_last_bits=None)
+    sim = fx.quantize_fx(tiny_bn_net, calib, w_bits=4, a_bits=8, first_last_bits=None, fold=False)
     wfq = [m for n, m in sim.named_modules() if n.endswith("weight_fake_quant")]
     assert wfq and all((m.quant_min, m.quant_max) == (-7, 7) for m in wfq)
     assert all(
@@ -96,7 +96,7 @@ def test_simulation_quantizes_weights_on_narrow_grid(tiny_bn_net, calib):
 
 def test_first_and_last_layers_stay_8bit(tiny_bn_net, calib):
     assert fx.weight_layer_names(tiny_bn_net) == ["conv1", "conv2", "short", "dw", "fc"]
-    sim = fx.quantize_fx(tiny_bn_net, calib, w_bits=4, a_bits=4)
+    sim = fx.quantize_fx(tiny_bn_net, calib, w_bits=4, a_bits=4, fold=False)
     wq = {
         n.removesuffix(".weight_fake_quant"): m.quant_max
         for n, m in sim.named_modules()
@@ -172,6 +172,14 @@ def test_fast_fake_quantize_equals_torch(bits, per_channel, symmetric, seed, sca
     y.requires_grad_(True)
     fast(y).sum().backward()
     assert y.grad is not None
+
+
+def test_folded_weights_lie_on_the_grid(tiny_bn_net, calib):
+    folded = fx.quantize_fx(tiny_bn_net, calib, w_bits=4, a_bits=4)
+    for name in ("conv2", "dw"):  # 4-bit layers: at most 15 levels per output channel
+        w = folded.get_submodule(name)
+        w = (w[0] if isinstance(w, torch.nn.Sequential) else w).weight
+        assert all(torch.unique(w[c]).numel() <= 15 for c in range(w.shape[0])), name
 
 
 def test_folded_simulation_equals_qat_modules(tiny_bn_net, calib):

@@ -57,7 +57,8 @@ def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Te
         >>> bn = torch.nn.BatchNorm2d(3)
         >>> with capture_inputs({"bn": bn}) as feats:
         ...     _ = bn(torch.zeros(2, 3, 4, 4))
-        >>> feats["bn"].shape, len(bn._forward_pre_hooks)
+        ...     shape = feats["bn"].shape
+        >>> shape, len(bn._forward_pre_hooks)
         (torch.Size([2, 3, 4, 4]), 0)
     """
     feats: dict[str, torch.Tensor] = {}
