@@ -27,12 +27,12 @@ _VAR_EPS = 1e-6
 
 def feature_stats(feat: torch.Tensor, statistics: Statistics) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of ``feat`` ``[N, C, *S]``: ``[N, C]`` each (per-sample) or ``[C]`` each (batch)."""
-    if statistics == "per_sample" and feat.dim() > 2:
-        flat = feat.flatten(2)  # [N, C, S]
-        var, mean = torch.var_mean(flat, dim=2)  # [N, C] each
+    spatial = tuple(range(2, feat.dim()))
+    if statistics == "per_sample" and spatial:
+        var, mean = torch.var_mean(feat, dim=spatial)  # [N, C] each
     else:
-        flat = feat.transpose(0, 1).flatten(1)  # [C, N*S]
-        var, mean = torch.var_mean(flat, dim=1)  # [C] each
+        # reduce over (N, *S) directly: no transposed copy of the feature map
+        var, mean = torch.var_mean(feat, dim=(0, *spatial))  # [C] each
     return mean, torch.sqrt(var + _VAR_EPS)
 
 
