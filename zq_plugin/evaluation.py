@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zq_plugin._utils import eval_mode
+
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250) -> float:
     """Top-1 accuracy in percent; runs in eval/inference mode and restores the model's modes.
@@ -17,15 +19,9 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
         >>> accuracy(torch.nn.Identity(), torch.eye(3), torch.tensor([0, 1, 0]))
         66.66666666666667
     """
-    modes = [(m, m.training) for m in model.modules()]
     correct = 0
-    try:
-        model.eval()
-        with torch.inference_mode():
-            for i in range(0, len(images), batch_size):
-                pred = model(images[i : i + batch_size]).argmax(1)
-                correct += int((pred == labels[i : i + batch_size]).sum())
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(model), torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            pred = model(images[i : i + batch_size]).argmax(1)
+            correct += int((pred == labels[i : i + batch_size]).sum())
     return 100.0 * correct / len(images)

@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from zq_plugin import _compat
+from zq_plugin._utils import eval_mode
 from zq_plugin.data import SyntheticDataset
 from zq_plugin.errors import ConfigError
 from zq_plugin.fake_quant import FastFakeQuantize
@@ -93,21 +94,15 @@ def calibrate(
     Raises:
         ConfigError: no batches, or a batch with NaN/Inf.
     """
-    modes = [(m, m.training) for m in prepared.modules()]
     seen = 0
-    try:
-        prepared.eval()
-        with torch.no_grad():
-            for x in iter_batches(data, batch_size):
-                if max_batches is not None and seen >= max_batches:
-                    break
-                if not torch.isfinite(x).all():
-                    raise ConfigError(f"calibration batch {seen} contains NaN or Inf; clean the data first.")
-                prepared(x)
-                seen += 1
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with eval_mode(prepared), torch.no_grad():
+        for x in iter_batches(data, batch_size):
+            if max_batches is not None and seen >= max_batches:
+                break
+            if not torch.isfinite(x).all():
+                raise ConfigError(f"calibration batch {seen} contains NaN or Inf; clean the data first.")
+            prepared(x)
+            seen += 1
     if seen == 0:
         raise ConfigError("the calibration data yielded no batch; pass at least one sample.")
     logger.debug("calibrated on %d batches", seen)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from zq_plugin._utils import eval_mode
 from zq_plugin.errors import ModelError
 
 
@@ -85,15 +86,12 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
     also when the body raises or is interrupted (KeyboardInterrupt). Weights and buffers are
     not written: eval-mode BatchNorm does not update its running statistics.
     """
-    modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in grads:
-            p.requires_grad_(False)
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
-        for p, flag in grads:
-            p.requires_grad_(flag)
+    with eval_mode(model):
+        try:
+            for p, _ in grads:
+                p.requires_grad_(False)
+            yield model
+        finally:
+            for p, flag in grads:
+                p.requires_grad_(flag)
