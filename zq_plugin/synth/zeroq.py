@@ -33,12 +33,13 @@ class ZeroQConfig:
         steps: Adam steps per batch. ZeroQ's code: 500.
         lr: Adam learning rate on the pixels. ZeroQ's code: 0.5.
         statistics: ``"batch"`` (Genie/GDFQ) or ``"per_sample"`` (ZeroQ's code). Default
-            ``"batch"`` by measurement: with per-sample matching W8A8 top-1 fell 15-47 points
-            on both zoo BN models, with batch statistics it stayed within 0.1 of FP32
+            ``"batch"`` by measurement: with per-sample matching W8A8 top-1 fell 11-47 points
+            on the zoo BN models; batch statistics with the input clamp stayed within 0.3 of FP32
             (docs/results.md, "ZeroQ defaults").
         init: ``"uniform"``, ZeroQ's code (integers 0..254 shifted by 127.5 and divided by
             5418.75, so within +-0.0235), or ``"gaussian"``, N(0, 1) as the paper says.
-            Default ``"uniform"``: at W4A4 it was ahead on both zoo BN models.
+            Default ``"uniform"``: the measured difference was within the spread between
+            seeds, so ZeroQ's choice is kept.
         patience: ReduceLROnPlateau patience in steps. ZeroQ's code: 100.
         factor: ReduceLROnPlateau factor. torch default (ZeroQ's code keeps it): 0.1.
         min_lr: ReduceLROnPlateau floor. ZeroQ's code: 1e-4.
