@@ -1,7 +1,7 @@
 """FastFakeQuantize: torch.ao's FakeQuantize with a faster inference path, same numbers.
 
-torch's fused CPU kernel (``fake_quantize_per_tensor_affine_cachemask``) is memory-bound and
-about 3x slower than a few in-place elementwise ops on these small CNNs; in a clamping FX
+torch's fused CPU kernel (``fake_quantize_per_tensor_affine_cachemask``) is 4-7x slower than
+a few in-place elementwise ops on activation-sized tensors (benchmarks/fake_quant.py); in a clamping FX
 simulation it dominates evaluation time. When no gradient is needed, the observer is off and
 fake quantization is on, this class computes ``qparams.fake_quantize`` instead: the same
 formula, ``(clamp(round(x * (1/s)) + zp, qmin, qmax) - zp) * s``, with results equal to
