@@ -21,6 +21,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.zq-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev,plot]'
+  .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev,plot,pt2e]'
   touch "$stamp"
 fi

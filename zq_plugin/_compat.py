@@ -26,6 +26,9 @@ from torch.ao.quantization import (
     enable_observer,
 )
 from torch.ao.quantization import quantize_fx as _quantize_fx
+from torch.ao.quantization.observer import UniformQuantizationObserverBase
+
+from zq_plugin.errors import MissingDependencyError
 
 __all__ = [
     "FakeQuantize",
@@ -35,6 +38,7 @@ __all__ = [
     "PerChannelMinMaxObserver",
     "QConfig",
     "QConfigMapping",
+    "UniformQuantizationObserverBase",
     "convert_fx",
     "disable_fake_quant",
     "disable_observer",
@@ -42,6 +46,7 @@ __all__ = [
     "enable_observer",
     "prepare_fx",
     "prepare_qat_fx",
+    "torchao_pt2e",
 ]
 
 _QUIET = (
@@ -75,3 +80,67 @@ def prepare_qat_fx(
 def convert_fx(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """``torch.ao.quantization.quantize_fx.convert_fx`` (real int8 kernels) without its warnings."""
     return _quiet(_quantize_fx.convert_fx, model)
+
+
+def torchao_pt2e() -> Any:
+    """The torchao PT2E namespace (observer bases, prepare/convert, quantizer specs), imported on first use.
+
+    Returns a ``types.SimpleNamespace`` with ``ObserverBase``, ``UniformQuantizationObserverBase``,
+    ``MinMaxObserver``, ``PerChannelMinMaxObserver``, ``HistogramObserver``, ``PartialWrapper``,
+    ``prepare_pt2e``, ``convert_pt2e``, ``move_exported_model_to_eval``, ``QuantizationSpec``, ``QuantizationConfig``,
+    ``QuantizationAnnotation``, ``Quantizer``, ``X86InductorQuantizer``.
+
+    Raises:
+        MissingDependencyError: torchao is not installed.
+    """
+    global _TORCHAO
+    if _TORCHAO is None:
+        try:
+            import torchao.quantization.pt2e as pt2e
+            from torchao.quantization.pt2e import observer as ao_observer
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+            from torchao.quantization.pt2e.quantizer import (
+                QuantizationAnnotation,
+                QuantizationSpec,
+                Quantizer,
+            )
+            from torchao.quantization.pt2e.quantizer.utils import QuantizationConfig
+            from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
+        except ImportError as err:
+            raise MissingDependencyError(
+                f"the PT2E observers need torchao ({err}); install the extra: pip install 'zq-plugin[pt2e]' "
+                "(torchao does not pull another torch)."
+            ) from err
+        import types
+
+        _TORCHAO = types.SimpleNamespace(
+            ObserverBase=pt2e.ObserverBase,
+            UniformQuantizationObserverBase=pt2e.UniformQuantizationObserverBase,
+            MinMaxObserver=pt2e.MinMaxObserver,
+            PerChannelMinMaxObserver=pt2e.PerChannelMinMaxObserver,
+            HistogramObserver=pt2e.HistogramObserver,
+            PartialWrapper=ao_observer.PartialWrapper,
+            prepare_pt2e=prepare_pt2e,
+            convert_pt2e=convert_pt2e,
+            move_exported_model_to_eval=pt2e.move_exported_model_to_eval
+            if hasattr(pt2e, "move_exported_model_to_eval")
+            else None,
+            QuantizationSpec=QuantizationSpec,
+            QuantizationConfig=QuantizationConfig,
+            QuantizationAnnotation=QuantizationAnnotation,
+            Quantizer=Quantizer,
+            X86InductorQuantizer=X86InductorQuantizer,
+        )
+    return _TORCHAO
+
+
+def has_torchao() -> bool:
+    """True if torchao's PT2E flow can be imported."""
+    try:
+        torchao_pt2e()
+    except MissingDependencyError:
+        return False
+    return True
+
+
+_TORCHAO: Any = None

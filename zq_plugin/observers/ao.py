@@ -1,0 +1,87 @@
+"""Range-search observers for torch.ao.quantization (FX ``QConfig`` / eager), one class per statistic.
+
+Each is a ``UniformQuantizationObserverBase`` with torch's keywords (``dtype``, ``qscheme``,
+``quant_min``, ``quant_max``, ``ch_axis``, ``eps``, ``factory_kwargs``, ``reduce_range``,
+``is_dynamic``), an identity ``forward`` that merges the tensor into an exact streaming histogram
+(:mod:`zq_plugin.observers.histogram`), and a ``calculate_qparams`` that runs the statistic once per
+new data (cached until the next forward). Per-tensor classes accept ``per_tensor_affine`` /
+``per_tensor_symmetric``; the ``PerChannel`` ones ``per_channel_affine`` / ``per_channel_symmetric``
+(default ``ch_axis=0``, the output channel of Conv/Linear weights).
+
+For torchao's PT2E flow use the same names from :mod:`zq_plugin.observers.pt2e`: torch.ao
+observers are silently ignored by ``prepare_pt2e``.
+
+Example:
+    >>> import torch
+    >>> from zq_plugin._compat import QConfig
+    >>> act = MSEObserver.with_args(dtype=torch.quint8, quant_min=0, quant_max=15)
+    >>> wt = PerChannelMSEObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+    ...                                      quant_min=-7, quant_max=7)
+    >>> qconfig = QConfig(activation=act, weight=wt)
+    >>> obs = act()
+    >>> _ = obs(torch.cat([torch.rand(10000), torch.tensor([20.0])]))
+    >>> scale, zero_point = obs.calculate_qparams()
+    >>> float(scale) < 20 / 15, int(zero_point)
+    (True, 0)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zq_plugin import _compat
+from zq_plugin.observers._core import ACIQStatistic, EntropyStatistic, MSEStatistic, PercentileStatistic
+from zq_plugin.observers._family import family_base
+
+__all__ = [
+    "ACIQObserver",
+    "EntropyObserver",
+    "MSEObserver",
+    "PerChannelACIQObserver",
+    "PerChannelEntropyObserver",
+    "PerChannelMSEObserver",
+    "PerChannelPercentileObserver",
+    "PercentileObserver",
+]
+
+_Base: Any = family_base(_compat.UniformQuantizationObserverBase, "RangeObserver")
+
+
+class _PerTensor(_Base):
+    per_channel = False
+
+
+class _PerChannel(_Base):
+    per_channel = True
+
+
+class MSEObserver(MSEStatistic, _PerTensor):
+    """Lp-error clipping search, per tensor. Options: ``p=2.0`` (2.4: BRECQ/Genie), ``coarse``, ``fine``, ``bins``."""
+
+
+class PerChannelMSEObserver(MSEStatistic, _PerChannel):
+    """Lp-error clipping search, one range per channel of ``ch_axis``. Options as :class:`MSEObserver`."""
+
+
+class PercentileObserver(PercentileStatistic, _PerTensor):
+    """Percentile of the pooled data, per tensor. Options: ``percentile=99.99`` (100 = MinMax), ``bins=2048``."""
+
+
+class PerChannelPercentileObserver(PercentileStatistic, _PerChannel):
+    """Percentile of the pooled data, per channel. Options as :class:`PercentileObserver`."""
+
+
+class ACIQObserver(ACIQStatistic, _PerTensor):
+    """Analytical (ACIQ) clipping, per tensor. Options: ``distribution="laplace"`` or ``"gaussian"``, ``bins=2048``."""
+
+
+class PerChannelACIQObserver(ACIQStatistic, _PerChannel):
+    """Analytical (ACIQ) clipping, per channel. Options as :class:`ACIQObserver`."""
+
+
+class EntropyObserver(EntropyStatistic, _PerTensor):
+    """KL (entropy) search with the real level count, per tensor. Options: ``min_bins_per_level=1.0``, ``bins=8192``."""
+
+
+class PerChannelEntropyObserver(EntropyStatistic, _PerChannel):
+    """KL (entropy) search, per channel. Options as :class:`EntropyObserver`."""

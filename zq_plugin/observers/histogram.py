@@ -1,0 +1,240 @@
+"""A mergeable, exactly streamable histogram: the accumulated statistics every observer shares.
+
+The histogram of channel ``c`` has ``2B`` bins of width ``w_c = 2^(e_c) / B`` covering
+``[-2^(e_c), 2^(e_c)]``; bin ``j`` holds the values ``v`` with ``floor(v / w_c) = j - B``.
+The exponent is a function of the data alone,
+
+    e_c = clamp(ceil(log2(max |v|)), E_MIN, E_MAX),
+
+so the grid never depends on the order in which batches arrive. When a new batch raises
+``e_c`` by ``k``, every old bin lies inside exactly one new bin (the new width is ``2^k`` old
+widths and both grids have an edge at 0): bin ``j`` moves to ``floor((j - B) / 2^k) + B``.
+Hence **observing x then y gives the same counts as observing cat(x, y)**: merging is exact,
+with tolerance 0, and so is every statistic computed from the histogram. The exact running
+minimum and maximum are kept beside the counts.
+
+Resolution: ``max |v| > 2^(e-1)``, so a bin is at most ``4 max|v| / (2B)`` wide, ``max|v| / 512`` for
+the default ``2B = 2048`` bins (the count torch's HistogramObserver uses). Statistics that
+integrate over a bin treat its values as uniformly spread inside it.
+
+Per-tensor statistics are the per-channel ones with a single channel: the same code computes
+both, so a per-channel histogram's row ``c`` equals the per-tensor histogram of slice ``c``.
+
+Example:
+    >>> import torch
+    >>> h = observe(None, torch.tensor([0.5, -1.0, 3.0]))
+    >>> h.counts.shape, int(h.exponent[0]), float(h.bin_width[0])
+    (torch.Size([1, 2048]), 2, 0.00390625)
+    >>> both = observe(observe(None, torch.tensor([0.5, -1.0])), torch.tensor([3.0]))
+    >>> torch.equal(both.counts, h.counts)
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zq_plugin.errors import ConfigError
+
+DEFAULT_BINS = 2048
+E_MIN = -100  # values below 2^-100 land in the bins next to 0; keeps 1/w finite in float32
+E_MAX = 128  # float32 values are below 2^128
+
+
+def check_bins(bins: object) -> int:
+    """Return ``bins`` if it is an even power of two from 16 to 2^16, else raise :class:`ConfigError`."""
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 16 or bins > 2**16 or bins & (bins - 1):
+        raise ConfigError(f"bins={bins!r} is not supported: use a power of two from 16 to 65536 (default 2048).")
+    return bins
+
+
+@dataclass(frozen=True, kw_only=True)
+class Histogram:
+    """Accumulated statistics of ``C`` channels (``C = 1`` per-tensor).
+
+    Attributes:
+        counts: ``[C, 2B]`` int64 bin counts.
+        exponent: ``[C]`` int64, the grid exponent ``e_c`` (meaningless where the channel is empty).
+        min_val: ``[C]`` float32 exact minimum (``+inf`` where empty).
+        max_val: ``[C]`` float32 exact maximum (``-inf`` where empty).
+    """
+
+    counts: torch.Tensor
+    exponent: torch.Tensor
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+
+    @property
+    def bins(self) -> int:
+        """Total number of bins ``2B`` per channel."""
+        return int(self.counts.shape[1])
+
+    @property
+    def bin_width(self) -> torch.Tensor:
+        """``[C]`` float64 bin widths ``2^e / B``."""
+        half = self.bins // 2
+        return torch.pow(2.0, self.exponent.to(torch.float64)) / half
+
+    @property
+    def empty(self) -> torch.Tensor:
+        """``[C]`` bool, True where the channel has seen no value."""
+        return self.min_val > self.max_val
+
+
+def empty_histogram(channels: int = 1, bins: int = DEFAULT_BINS, device: torch.device | None = None) -> Histogram:
+    """A histogram of ``channels`` channels that has seen nothing."""
+    check_bins(bins)
+    return Histogram(
+        counts=torch.zeros(channels, bins, dtype=torch.int64, device=device),
+        exponent=torch.full((channels,), E_MIN, dtype=torch.int64, device=device),
+        min_val=torch.full((channels,), float("inf"), device=device),
+        max_val=torch.full((channels,), float("-inf"), device=device),
+    )
+
+
+def grid_exponent(absmax: torch.Tensor) -> torch.Tensor:
+    """``clamp(ceil(log2(absmax)), E_MIN, E_MAX)`` computed exactly with ``frexp`` (``E_MIN`` for 0)."""
+    mantissa, exp = torch.frexp(absmax.to(torch.float32))  # absmax = mantissa * 2^exp, mantissa in [0.5, 1)
+    exp = exp.to(torch.int64) - (mantissa == 0.5).to(torch.int64)
+    exp = torch.where(absmax > 0, exp, torch.full_like(exp, E_MIN))
+    return exp.clamp(E_MIN, E_MAX)
+
+
+def _rebin(counts: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Move ``[C, 2B]`` counts from exponents ``old`` to ``new >= old`` (exact; see module docstring)."""
+    channels, bins = counts.shape
+    half = bins // 2
+    shift = (new - old).clamp(min=0, max=62)  # [C]; a shift of 62+ sends every bin next to 0 anyway
+    if not bool((shift > 0).any()):
+        return counts
+    dev = counts.device
+    j = torch.arange(bins, dtype=torch.int64, device=dev) - half  # [2B]
+    factor = torch.pow(2, shift).unsqueeze(1)  # [C, 1] int64
+    target = torch.div(j.unsqueeze(0), factor, rounding_mode="floor") + half  # [C, 2B]
+    target = target + torch.arange(channels, dtype=torch.int64, device=dev).unsqueeze(1) * bins
+    out = torch.zeros(channels * bins, dtype=torch.int64, device=dev)
+    out.index_add_(0, target.reshape(-1), counts.reshape(-1))
+    return out.reshape(channels, bins)
+
+
+def channel_view(x: torch.Tensor, ch_axis: int | None) -> torch.Tensor:
+    """``x`` as ``[C, N]``: one row per channel of ``ch_axis``, or one row (``None``, per-tensor)."""
+    if ch_axis is None:
+        return x.reshape(1, -1)
+    if x.dim() == 0:
+        raise ConfigError("a per-channel observer got a 0-d tensor; use the per-tensor observer for scalars.")
+    axis = ch_axis % x.dim() if -x.dim() <= ch_axis < x.dim() else None
+    if axis is None:
+        raise ConfigError(f"ch_axis={ch_axis} is out of range for a tensor of shape {tuple(x.shape)}.")
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+def observe(hist: Histogram | None, x: torch.Tensor, ch_axis: int | None = None, bins: int = DEFAULT_BINS) -> Histogram:
+    """Add the values of ``x`` to ``hist`` (``None``: start empty) and return the new histogram.
+
+    Args:
+        hist: the statistics so far, or None.
+        x: float tensor; per-channel along ``ch_axis`` (``None``: per-tensor).
+        ch_axis: channel axis of ``x``, or None for one channel.
+        bins: number of bins when ``hist`` is None.
+
+    Raises:
+        ConfigError: NaN or Inf in ``x``, or a channel count different from ``hist``'s.
+    """
+    rows = channel_view(x.detach(), ch_axis).to(torch.float32)  # [C, N]
+    channels = rows.shape[0]
+    if hist is None:
+        hist = empty_histogram(channels, bins, rows.device)
+    if hist.counts.shape[0] != channels:
+        raise ConfigError(
+            f"the observed tensor has {channels} channels along ch_axis={ch_axis}, but the observer has seen "
+            f"{hist.counts.shape[0]}; use one observer per tensor (reset it with a fresh instance)."
+        )
+    if rows.shape[1] == 0:
+        return hist
+    lo, hi = torch.aminmax(rows, dim=1)  # [C] each; NaN propagates
+    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+        raise ConfigError(
+            "the observed tensor contains NaN or Inf; an observer needs finite values (check the model and the "
+            "calibration data, e.g. with torch.isfinite)."
+        )
+    min_val = torch.minimum(hist.min_val, lo)
+    max_val = torch.maximum(hist.max_val, hi)
+    exponent = torch.where(hist.empty, E_MIN, hist.exponent)
+    new_exp = torch.maximum(exponent, grid_exponent(torch.maximum(-min_val, max_val)))
+    counts = _rebin(hist.counts, exponent, new_exp)
+    half = hist.bins // 2
+    inv_width = torch.pow(2.0, (half.bit_length() - 1) - new_exp).to(torch.float32).unsqueeze(1)  # [C, 1], exact
+    index = torch.floor(rows * inv_width).clamp_(-half, half - 1)  # [C, N]
+    offsets = half + torch.arange(channels, dtype=torch.int64, device=rows.device) * hist.bins  # [C]
+    index = index.to(torch.int64) + offsets.unsqueeze(1)
+    counts = counts + torch.bincount(index.reshape(-1), minlength=channels * hist.bins).reshape(channels, -1)
+    return Histogram(counts=counts, exponent=new_exp, min_val=min_val, max_val=max_val)
+
+
+def merge(a: Histogram, b: Histogram) -> Histogram:
+    """The histogram of the union of the data of ``a`` and ``b`` (exact).
+
+    Example:
+        >>> import torch
+        >>> x, y = torch.randn(100), 10 * torch.randn(100)
+        >>> torch.equal(merge(observe(None, x), observe(None, y)).counts, observe(None, torch.cat([x, y])).counts)
+        True
+    """
+    if a.counts.shape != b.counts.shape:
+        raise ConfigError(f"cannot merge histograms of shapes {tuple(a.counts.shape)} and {tuple(b.counts.shape)}.")
+    ea = torch.where(a.empty, E_MIN, a.exponent)
+    eb = torch.where(b.empty, E_MIN, b.exponent)
+    exp = torch.maximum(ea, eb)
+    counts = _rebin(a.counts, ea, exp) + _rebin(b.counts, eb, exp)
+    return Histogram(
+        counts=counts,
+        exponent=exp,
+        min_val=torch.minimum(a.min_val, b.min_val),
+        max_val=torch.maximum(a.max_val, b.max_val),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bins:
+    """The non-empty bins of each channel, padded to a common length ``M`` (float64).
+
+    Attributes:
+        left: ``[C, M]`` left bin edges, clipped to the exact ``[min, max]``.
+        right: ``[C, M]`` right bin edges, clipped likewise (``right >= left``).
+        count: ``[C, M]`` counts (0 in padding).
+        width: ``[C]`` nominal bin width ``2^e / B``.
+    """
+
+    left: torch.Tensor
+    right: torch.Tensor
+    count: torch.Tensor
+    width: torch.Tensor
+
+    @property
+    def center(self) -> torch.Tensor:
+        """``[C, M]`` bin centres."""
+        return 0.5 * (self.left + self.right)
+
+
+def nonempty_bins(hist: Histogram) -> Bins:
+    """Compact ``hist`` to its non-empty bins (sorted by position), edges clipped to the exact min/max.
+
+    Clipping the outermost edges to the observed extremes makes the statistics respect the
+    exact range: a bin never claims values beyond ``min_val``/``max_val``.
+    """
+    channels, bins = hist.counts.shape
+    nonzero = hist.counts > 0  # [C, 2B]
+    width = max(int(nonzero.sum(1).max()), 1) if channels else 1
+    # stable sort puts non-empty bins first, in position order
+    order = torch.sort((~nonzero).to(torch.int8), dim=1, stable=True).indices[:, :width]  # [C, M]
+    count = torch.gather(hist.counts, 1, order).to(torch.float64)
+    bw = hist.bin_width.unsqueeze(1)  # [C, 1]
+    raw_left = (order - bins // 2).to(torch.float64) * bw
+    lo = hist.min_val.to(torch.float64).unsqueeze(1)
+    hi = hist.max_val.to(torch.float64).unsqueeze(1)
+    left = torch.minimum(torch.maximum(raw_left, lo), hi)
+    right = torch.minimum(torch.maximum(raw_left + bw, lo), hi)
+    return Bins(left=left, right=right, count=count, width=hist.bin_width)
