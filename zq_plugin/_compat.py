@@ -24,6 +24,8 @@ from torch.ao.quantization import (
     disable_observer,
     enable_fake_quant,
     enable_observer,
+    get_observer_state_dict,
+    load_observer_state_dict,
 )
 from torch.ao.quantization import quantize_fx as _quantize_fx
 from torch.ao.quantization.observer import UniformQuantizationObserverBase
@@ -44,6 +46,8 @@ __all__ = [
     "disable_observer",
     "enable_fake_quant",
     "enable_observer",
+    "get_observer_state_dict",
+    "load_observer_state_dict",
     "prepare_fx",
     "prepare_qat_fx",
     "torchao_pt2e",
@@ -119,6 +123,8 @@ def torchao_pt2e() -> Any:
             MinMaxObserver=pt2e.MinMaxObserver,
             PerChannelMinMaxObserver=pt2e.PerChannelMinMaxObserver,
             HistogramObserver=pt2e.HistogramObserver,
+            get_observer_state_dict=ao_observer.get_observer_state_dict,
+            load_observer_state_dict=ao_observer.load_observer_state_dict,
             PartialWrapper=ao_observer.PartialWrapper,
             prepare_pt2e=prepare_pt2e,
             convert_pt2e=convert_pt2e,

@@ -4,7 +4,7 @@ The histogram of channel ``c`` has ``2B`` bins of width ``w_c = 2^(e_c) / B`` co
 ``[-2^(e_c), 2^(e_c)]``; bin ``j`` holds the values ``v`` with ``floor(v / w_c) = j - B``.
 The exponent is a function of the data alone,
 
-    e_c = clamp(ceil(log2(max |v|)), E_MIN, E_MAX),
+    e_c = clamp(floor(log2(max |v|)) + 1, E_MIN, E_MAX)      (so max |v| < 2^e_c),
 
 so the grid never depends on the order in which batches arrive. When a new batch raises
 ``e_c`` by ``k``, every old bin lies inside exactly one new bin (the new width is ``2^k`` old
@@ -13,7 +13,7 @@ Hence **observing x then y gives the same counts as observing cat(x, y)**: mergi
 with tolerance 0, and so is every statistic computed from the histogram. The exact running
 minimum and maximum are kept beside the counts.
 
-Resolution: ``max |v| > 2^(e-1)``, so a bin is at most ``4 max|v| / (2B)`` wide, ``max|v| / 512`` for
+Resolution: ``max |v| >= 2^(e-1)``, so a bin is at most ``4 max|v| / (2B)`` wide, ``max|v| / 512`` for
 the default ``2B = 2048`` bins (the count torch's HistogramObserver uses). Statistics that
 integrate over a bin treat its values as uniformly spread inside it.
 
@@ -95,9 +95,13 @@ def empty_histogram(channels: int = 1, bins: int = DEFAULT_BINS, device: torch.d
 
 
 def grid_exponent(absmax: torch.Tensor) -> torch.Tensor:
-    """``clamp(ceil(log2(absmax)), E_MIN, E_MAX)`` computed exactly with ``frexp`` (``E_MIN`` for 0)."""
-    mantissa, exp = torch.frexp(absmax.to(torch.float32))  # absmax = mantissa * 2^exp, mantissa in [0.5, 1)
-    exp = exp.to(torch.int64) - (mantissa == 0.5).to(torch.int64)
+    """``clamp(floor(log2(absmax)) + 1, E_MIN, E_MAX)``, exactly, with ``frexp`` (``E_MIN`` for 0).
+
+    ``absmax < 2^e`` strictly, so every value falls in the bin ``floor(v / w)`` without clamping,
+    which is what makes re-binning exact.
+    """
+    _, exp = torch.frexp(absmax.to(torch.float32))  # absmax = mantissa * 2^exp, mantissa in [0.5, 1)
+    exp = exp.to(torch.int64)
     exp = torch.where(absmax > 0, exp, torch.full_like(exp, E_MIN))
     return exp.clamp(E_MIN, E_MAX)
 
@@ -168,6 +172,8 @@ def observe(hist: Histogram | None, x: torch.Tensor, ch_axis: int | None = None,
     half = hist.bins // 2
     inv_width = torch.pow(2.0, (half.bit_length() - 1) - new_exp).to(torch.float32).unsqueeze(1)  # [C, 1], exact
     index = torch.floor(rows * inv_width).clamp_(-half, half - 1)  # [C, N]
+    # a tiny negative value whose scaled copy underflows to -0.0 still belongs left of 0
+    index = torch.where((index == 0) & (rows < 0), -1.0, index)
     offsets = half + torch.arange(channels, dtype=torch.int64, device=rows.device) * hist.bins  # [C]
     index = index.to(torch.int64) + offsets.unsqueeze(1)
     counts = counts + torch.bincount(index.reshape(-1), minlength=channels * hist.bins).reshape(channels, -1)

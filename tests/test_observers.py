@@ -1,0 +1,319 @@
+"""Hypothesis properties of every observer, in both families (torch.ao and torchao).
+
+Each property runs the default profile's 200 examples per statistic and family.
+"""
+
+import io
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from zq_plugin import _compat
+from zq_plugin.errors import ConfigError
+from zq_plugin.observers import ao, histogram, stats
+from zq_plugin.qparams import fake_quantize, quant_range
+
+STATS = ("MSE", "Percentile", "ACIQ", "Entropy")
+FAMILIES = ["ao"]
+if _compat.has_torchao():
+    from zq_plugin.observers import pt2e
+
+    FAMILIES.append("pt2e")
+
+
+def observer_class(family: str, stat: str, per_channel: bool):
+    module = ao if family == "ao" else pt2e
+    return getattr(module, ("PerChannel" if per_channel else "") + stat + "Observer")
+
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)
+
+
+@st.composite
+def grids(draw, per_channel=False):
+    """(kwargs for an observer, qmin, qmax, symmetric)."""
+    bits = draw(st.integers(2, 8))
+    signed = draw(st.booleans())
+    narrow = draw(st.booleans())
+    symmetric = draw(st.booleans())
+    qmin, qmax = quant_range(bits, signed, narrow)
+    if per_channel:
+        qscheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
+    else:
+        qscheme = torch.per_tensor_symmetric if symmetric else torch.per_tensor_affine
+    dtype = torch.qint8 if signed else torch.quint8
+    return {"dtype": dtype, "qscheme": qscheme, "quant_min": qmin, "quant_max": qmax}
+
+
+@st.composite
+def tensors(draw, min_rows=1, max_rows=1):
+    """``[C, N]`` float32 data: a bulk with a drawn scale, optionally a few outliers."""
+    rows = draw(st.integers(min_rows, max_rows))
+    cols = draw(st.integers(1, 48))
+    values = draw(st.lists(finite, min_size=rows * cols, max_size=rows * cols))
+    scale = 2.0 ** draw(st.integers(-12, 8))
+    x = torch.tensor(values, dtype=torch.float32).reshape(rows, cols) * scale
+    if draw(st.booleans()):  # a heavy-tailed bulk, as activations have
+        gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+        bulk = torch.randn(rows, 256, generator=gen) * scale
+        x = torch.cat([x, bulk, bulk.relu() * 3], dim=1)
+    return x
+
+
+def make(family, stat, per_channel, grid, **options):
+    return observer_class(family, stat, per_channel)(**grid, **options)
+
+
+def _zero_representable(scale, zp, qmin, qmax):
+    zero = torch.zeros_like(scale)
+    assert torch.equal(fake_quantize(zero, scale, zp, qmin, qmax), zero)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("stat", STATS)
+@given(grid=grids(), x=tensors())
+def test_qparams_valid_and_in_range_values_reconstruct(family, stat, grid, x):
+    obs = make(family, stat, False, grid)
+    assert obs(x) is x
+    scale, zp = obs.calculate_qparams()
+    qmin, qmax = grid["quant_min"], grid["quant_max"]
+    assert scale.shape == (1,) and zp.shape == (1,)
+    assert float(scale) > 0
+    assert qmin <= int(zp) <= qmax
+    _zero_representable(scale, zp, qmin, qmax)
+    lo, hi = obs.calculate_range()
+    assert float(x.min()) <= float(lo) <= float(hi) <= float(x.max())
+    if grid["qscheme"] == torch.per_tensor_symmetric:
+        m = max(-float(lo), float(hi))
+        lo, hi = torch.tensor(-m), torch.tensor(m)
+    inside = x[(x >= min(float(lo), 0.0)) & (x <= max(float(hi), 0.0))]
+    err = (fake_quantize(inside, scale, zp, qmin, qmax) - inside).abs()
+    tol = float(scale) / 2 * (1 + 1e-5) + 1e-6 * float(x.abs().max())
+    assert float(torch.cat([err, torch.zeros(1)]).max()) <= tol
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("stat", STATS)
+@given(grid=grids(), x=tensors())
+def test_fake_quantization_is_idempotent(family, stat, grid, x):
+    obs = make(family, stat, False, grid)
+    obs(x)
+    scale, zp = obs.calculate_qparams()
+    qmin, qmax = grid["quant_min"], grid["quant_max"]
+    once = fake_quantize(x, scale, zp, qmin, qmax)
+    assert torch.equal(fake_quantize(once, scale, zp, qmin, qmax), once)
+    # and it is what torch's own kernel computes with these qparams
+    ref = torch.fake_quantize_per_tensor_affine(x, float(scale), int(zp), qmin, qmax)
+    assert torch.equal(once, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("stat", STATS)
+@given(grid=grids(per_channel=True), x=tensors(min_rows=1, max_rows=4), axis=st.integers(0, 2))
+def test_per_channel_equals_per_tensor_on_each_slice(family, stat, grid, x, axis):
+    data = x.unsqueeze(2).movedim(0, axis)  # channels along `axis`, [.., C, ..]
+    pc = make(family, stat, True, grid, ch_axis=axis)
+    pc(data)
+    scale, zp = pc.calculate_qparams()
+    assert scale.shape == (x.shape[0],) and zp.shape == (x.shape[0],)
+    tensor_grid = dict(grid)
+    tensor_grid["qscheme"] = (
+        torch.per_tensor_symmetric if grid["qscheme"] == torch.per_channel_symmetric else torch.per_tensor_affine
+    )
+    for c in range(x.shape[0]):
+        pt = make(family, stat, False, tensor_grid)
+        pt(data.select(axis, c))
+        s, z = pt.calculate_qparams()
+        assert torch.equal(s, scale[c : c + 1]), (c, s, scale)
+        assert int(z) == int(zp[c])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("stat", STATS)
+@pytest.mark.parametrize("per_channel", [False, True])
+@given(data=st.data())
+def test_merging_batches_equals_observing_the_concatenation(family, stat, per_channel, data):
+    """Stated tolerance: none. The histogram grid depends only on the data, so merging is exact."""
+    grid = data.draw(grids(per_channel=per_channel))
+    rows = 3 if per_channel else 1
+    x = data.draw(tensors(min_rows=rows, max_rows=rows))
+    y = data.draw(tensors(min_rows=rows, max_rows=rows)) * 2.0 ** data.draw(st.integers(-6, 6))
+    streamed, whole = make(family, stat, per_channel, grid), make(family, stat, per_channel, grid)
+    streamed(x)
+    streamed(y)
+    whole(torch.cat([x, y], dim=1))
+    assert torch.equal(streamed.histogram, whole.histogram)
+    for a, b in zip(streamed.calculate_qparams(), whole.calculate_qparams(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("stat", STATS)
+@pytest.mark.parametrize("per_channel", [False, True])
+@given(data=st.data())
+def test_state_dict_round_trip_reproduces_qparams(family, stat, per_channel, data):
+    grid = data.draw(grids(per_channel=per_channel))
+    x = data.draw(tensors(min_rows=2 if per_channel else 1, max_rows=3 if per_channel else 1))
+    obs = make(family, stat, per_channel, grid)
+    obs(x)
+    expected = obs.calculate_qparams()
+    buf = io.BytesIO()
+    torch.save(obs.state_dict(), buf)
+    buf.seek(0)
+    fresh = make(family, stat, per_channel, grid)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    for a, b in zip(fresh.calculate_qparams(), expected, strict=True):
+        assert torch.equal(a, b)
+    # torch's helper swallows load errors: check that it really restored the statistics
+    parent, other = torch.nn.Module(), torch.nn.Module()
+    parent.activation_post_process = obs
+    other.activation_post_process = make(family, stat, per_channel, grid)
+    helpers = _compat if family == "ao" else _compat.torchao_pt2e()
+    helpers.load_observer_state_dict(other, helpers.get_observer_state_dict(parent))
+    for a, b in zip(other.activation_post_process.calculate_qparams(), expected, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("per_channel", [False, True])
+@given(data=st.data())
+def test_percentile_100_is_minmax(family, per_channel, data):
+    grid = data.draw(grids(per_channel=per_channel))
+    x = data.draw(tensors(min_rows=1, max_rows=3 if per_channel else 1))
+    obs = make(family, "Percentile", per_channel, grid, percentile=100)
+    ref = (_compat.PerChannelMinMaxObserver if per_channel else _compat.MinMaxObserver)(**grid)
+    if not per_channel:
+        x = x.reshape(-1)
+    obs(x)
+    ref(x)
+    for a, b in zip(obs.calculate_qparams(), ref.calculate_qparams(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(len(FAMILIES) < 2, reason="torchao is not installed")
+@pytest.mark.parametrize("stat", STATS)
+@pytest.mark.parametrize("per_channel", [False, True])
+@given(data=st.data())
+def test_torch_ao_and_torchao_variants_agree(stat, per_channel, data):
+    grid = data.draw(grids(per_channel=per_channel))
+    x = data.draw(tensors(min_rows=1, max_rows=3 if per_channel else 1))
+    a, b = make("ao", stat, per_channel, grid), make("pt2e", stat, per_channel, grid)
+    a(x)
+    b(x)
+    for u, v in zip(a.calculate_qparams(), b.calculate_qparams(), strict=True):
+        assert torch.equal(u, v)
+
+
+@given(x=tensors(), y=tensors(), p=st.sampled_from([2.0, 2.4]))
+def test_lp_histogram_error_matches_direct_error(x, y, p):
+    """The binned Lp error is the exact error up to the bin width (here: within 1 % + one bin)."""
+    data = torch.cat([x, y], 1).reshape(-1)
+    hist = histogram.observe(None, data)
+    scale, zp = torch.tensor([float(data.abs().max()) / 10 + 1e-6]), torch.tensor([0])
+    est = float(stats.lp_error(histogram.nonempty_bins(hist), scale[None], zp[None], -4, 4, p))
+    direct = float((fake_quantize(data, scale, zp, -4, 4) - data).abs().pow(p).sum())
+    width = float(hist.bin_width[0])
+    bound = data.numel() * (float(data.abs().max()) + width) ** (p - 1) * width * p
+    assert math.isclose(est, direct, rel_tol=0.01, abs_tol=bound)
+
+
+# ---------------------------------------------------------------------------------------------
+# examples and bad input
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("stat", STATS)
+def test_empty_tensor_is_ignored_and_empty_observer_answers_like_torch(family, stat):
+    for per_channel in (False, True):
+        obs = make(family, stat, per_channel, {"quant_min": 0, "quant_max": 15})
+        shape = (0, 4) if per_channel else (0,)
+        obs(torch.empty(shape))
+        ref = (_compat.PerChannelMinMaxObserver if per_channel else _compat.MinMaxObserver)(quant_min=0, quant_max=15)
+        for a, b in zip(obs.calculate_qparams(), ref.calculate_qparams(), strict=True):
+            assert torch.equal(a.to(b.dtype), b)
+        assert "quant_max=15" in repr(obs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("stat", STATS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_raises(family, stat, bad):
+    obs = make(family, stat, False, {})
+    obs(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ConfigError, match="NaN or Inf"):
+        obs(torch.tensor([0.0, bad]))
+    assert float(obs.max_val) == 2.0  # the statistics were not touched
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"quant_min": 15, "quant_max": 0}, "quant_min <= 0 <= quant_max"),
+        ({"quant_min": 3, "quant_max": 3}, "quant_min < quant_max"),
+        ({"quant_min": 0}, "pass both"),
+        ({"qscheme": torch.per_channel_affine}, "PerChannel"),
+        ({"qscheme": torch.per_channel_affine_float_qparams}, "does not support qscheme"),
+        ({"percentile": 0}, r"outside \(0, 100\]"),
+        ({"percentile": 100.5}, r"outside \(0, 100\]"),
+        ({"percentil": 99}, "unknown argument"),
+        ({"bins": 1000}, "power of two"),
+    ],
+)
+def test_bad_arguments_raise_config_error(family, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        observer_class(family, "Percentile", False)(**kwargs)
+
+
+def test_bad_statistic_options_raise_config_error():
+    with pytest.raises(ConfigError, match="distribution"):
+        ao.ACIQObserver(distribution="cauchy")
+    with pytest.raises(ConfigError, match="Lp exponent"):
+        ao.MSEObserver(p=0.5)
+    with pytest.raises(ConfigError, match="ch_axis"):
+        ao.PerChannelMSEObserver(ch_axis="0")
+    with pytest.raises(ConfigError, match="out of range"):
+        ao.PerChannelMSEObserver(ch_axis=3)(torch.ones(2, 2))
+    with pytest.raises(ConfigError, match="or MSEObserver for"):
+        ao.PerChannelMSEObserver(qscheme=torch.per_tensor_affine)
+
+
+def test_clipping_observers_clip_an_outlier_and_minmax_does_not():
+    x = torch.cat([torch.linspace(0, 1, 20000), torch.tensor([50.0])])
+    for stat in STATS:
+        obs = make("ao", stat, False, {"quant_min": 0, "quant_max": 15})
+        obs(x)
+        assert float(obs.calculate_range()[1]) < 25.0, stat
+    # and on a uniform bulk with no outlier, no statistic clips much
+    for stat in ("MSE", "Percentile", "Entropy"):
+        obs = make("ao", stat, False, {"quant_min": 0, "quant_max": 255})
+        obs(torch.linspace(0, 1, 20000))
+        assert float(obs.calculate_range()[1]) > 0.9, stat
+
+
+def test_aciq_alpha_is_bit_aware():
+    for dist in stats.DISTRIBUTIONS:
+        alphas = [stats.aciq_alpha(dist, 2**b, True) for b in range(2, 9)]
+        assert alphas == sorted(alphas)  # more levels -> clip less
+    # Banner et al. model the step as 2 alpha / 2^M (we use levels - 1 = 2^M - 1 steps); with their
+    # step (levels = 2^M + 1) the optimum is their published 2.83 b, 5.03 b and 9.89 b (2, 4, 8 bits)
+    assert abs(stats.aciq_alpha("laplace", 5, True) - 2.83) < 0.01
+    assert abs(stats.aciq_alpha("laplace", 17, True) - 5.03) < 0.01
+    assert abs(stats.aciq_alpha("laplace", 257, True) - 9.89) < 0.01
+    # Gaussian: 1.71 sigma at 2 bits, 2.55 sigma at 4 bits
+    assert abs(stats.aciq_alpha("gaussian", 5, True) - 1.71) < 0.01
+    assert abs(stats.aciq_alpha("gaussian", 17, True) - 2.55) < 0.01
+
+
+def test_entropy_uses_the_real_number_of_levels():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200000, generator=gen).abs()
+    ranges = []
+    for bits in (3, 8):
+        obs = ao.EntropyObserver(quant_min=0, quant_max=2**bits - 1)
+        obs(x)
+        ranges.append(float(obs.calculate_range()[1]))
+    assert ranges[0] < ranges[1]  # fewer levels -> tighter clip
