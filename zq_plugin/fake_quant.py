@@ -17,11 +17,7 @@ fake quantization is switched on, the state dict is saved, or a forward needs th
 both switched on (QAT-style observing) it behaves exactly like torch, one search per forward.
 
 Example:
-    >>> from typing import Any
-
-from typing import Any
-
-import torch
+    >>> import torch
     >>> fq = FastFakeQuantize(quant_min=0, quant_max=15)
     >>> _ = fq(torch.linspace(0, 3, 100))  # observe
     >>> fq.disable_observer()
