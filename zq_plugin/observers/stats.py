@@ -374,9 +374,11 @@ def kl_loss(
 ) -> torch.Tensor:
     """TensorRT's KL criterion with ``n = quant_max - quant_min + 1`` target levels.
 
-    ``P``: the in-range bins, with the mass outside ``[L, U]`` added to the outermost in-range bins.
-    ``Q``: each quantization cell's in-range mass (without the outliers) spread evenly over its
-    non-empty bins. Loss ``KL(P / |P| || Q / |Q|)``; a candidate whose range spans fewer than
+    ``P``: the in-range bins, the mass below ``L`` (above ``U``) added to the histogram bin at
+    ``L`` (``U``). ``Q``: each quantization cell's in-range mass, without the clipped mass, spread
+    evenly over its non-empty bins. Loss ``KL(P / |P| || Q / |Q|)``. As in TensorRT, clipped mass
+    that lands on an empty edge bin meets ``Q = 0``; it is charged against a smoothed
+    ``Q = 1e-4 / n`` instead of infinity. A candidate whose range spans fewer than
     ``min_bins_per_level * n`` histogram bins, or holds no bin, gets ``+inf``.
 
     Returns:
@@ -387,17 +389,22 @@ def kl_loss(
     lower, upper = (quant_min - z) * s, (quant_max - z) * s
     center = bins.center.unsqueeze(0)  # [1, C, M]
     n = bins.count.unsqueeze(0)
+    width = bins.width.view(1, -1, 1)  # [1, C, 1]
     inside = (center >= lower) & (center <= upper) & (n > 0)  # [G, C, M]
     n_in = n * inside
-    below = (n * (center < lower)).sum(-1, keepdim=True)
+    below = (n * (center < lower)).sum(-1, keepdim=True)  # [G, C, 1]
     above = (n * (center > upper)).sum(-1, keepdim=True)
     positions = torch.arange(n.shape[-1]).expand_as(inside)
     big = n.shape[-1]
     first = torch.where(inside, positions, big).min(-1, keepdim=True).values.clamp(max=big - 1)
     last = torch.where(inside, positions, -1).max(-1, keepdim=True).values.clamp(min=0)
+    # is the first (last) non-empty in-range bin the histogram bin at the edge of the range?
+    low_edge = (center.expand_as(inside).gather(-1, first) - lower) < width
+    high_edge = (upper - center.expand_as(inside).gather(-1, last)) < width
     p = n_in.clone()
-    p.scatter_add_(-1, first, below.expand_as(first).clone())
-    p.scatter_add_(-1, last, above.expand_as(last).clone())
+    p.scatter_add_(-1, first, torch.where(low_edge, below, 0.0))
+    p.scatter_add_(-1, last, torch.where(high_edge, above, 0.0))
+    stray = torch.where(low_edge, 0.0, below) + torch.where(high_edge, 0.0, above)  # [G, C, 1]
     levels = quant_max - quant_min + 1
     cell = (torch.round(center / s) + z).clamp(quant_min, quant_max).sub(quant_min).to(torch.int64)  # [G, C, M]
     cell = cell.expand_as(inside)
@@ -405,12 +412,14 @@ def kl_loss(
     mass = torch.zeros(shape, dtype=torch.float64).scatter_add_(-1, cell, n_in)
     occupied = torch.zeros(shape, dtype=torch.float64).scatter_add_(-1, cell, inside.to(torch.float64))
     q = torch.where(inside, mass.gather(-1, cell) / occupied.gather(-1, cell).clamp(min=1.0), 0.0)
-    p_sum = p.sum(-1, keepdim=True).clamp(min=1e-300)
+    p_sum = (p.sum(-1, keepdim=True) + stray).clamp(min=1e-300)
     q_sum = q.sum(-1, keepdim=True).clamp(min=1e-300)
     pn, qn = p / p_sum, q / q_sum
     ratio = torch.where(pn > 0, pn / qn.clamp(min=1e-300), torch.ones_like(pn))
-    kl = (pn * torch.log(ratio)).sum(-1)
-    spans = ((upper - lower).squeeze(-1) / bins.width.unsqueeze(0)) >= min_bins_per_level * levels
+    stray_n = stray / p_sum
+    stray_term = torch.where(stray_n > 0, stray_n * torch.log(stray_n.clamp(min=1e-300) * levels / 1e-4), 0.0)
+    kl = (pn * torch.log(ratio)).sum(-1) + stray_term.squeeze(-1)
+    spans = ((upper - lower) / width).squeeze(-1) >= min_bins_per_level * levels
     valid = spans & inside.any(-1)
     return torch.where(valid, kl, torch.full_like(kl, float("inf")))
 
