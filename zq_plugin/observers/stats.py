@@ -88,6 +88,17 @@ def minmax_range(hist: Histogram, quant_min: int, quant_max: int, symmetric: boo
 Objective = Callable[[Bins, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _pick(alpha: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """The largest ``alpha`` (``[G, C]``) whose loss is within a relative ``1e-9`` of the column minimum.
+
+    The tolerance absorbs float summation-order differences (a per-channel histogram is padded
+    to a common length), so that per-channel and per-tensor searches agree exactly.
+    """
+    best = loss.min(0, keepdim=True).values
+    near = loss <= best + 1e-9 * best.abs() + 1e-300
+    return torch.where(near, alpha, torch.zeros_like(alpha)).max(0).values
+
+
 def _search(
     hist: Histogram,
     quant_min: int,
@@ -126,18 +137,11 @@ def _search(
         return torch.cat(losses, dim=1)
 
     channels = mn.shape[0]
-    # descending ratios so that argmin's first-occurrence rule prefers less clipping on ties
     alpha1 = torch.arange(coarse, 0, -1, dtype=torch.float64).div(coarse).unsqueeze(1).expand(coarse, channels)
-    loss1 = evaluate(alpha1)
-    best1 = alpha1.gather(0, loss1.argmin(0, keepdim=True))  # [1, C]
+    best1 = _pick(alpha1, evaluate(alpha1)).unsqueeze(0)  # [1, C]
     offsets = torch.linspace(1.0, -1.0, fine + 2, dtype=torch.float64)[1:-1].unsqueeze(1) / coarse  # [F, 1]
     alpha2 = (best1 + offsets).clamp(1.0 / (coarse * fine + 1), 1.0)  # [F, C]
-    loss2 = evaluate(alpha2)
-    alpha = torch.cat([alpha1, alpha2])
-    loss = torch.cat([loss1, loss2])
-    # among equal losses keep the largest ratio
-    best = loss.min(0, keepdim=True).values
-    chosen = torch.where(loss <= best, alpha, torch.zeros_like(alpha)).max(0).values  # [C]
+    chosen = _pick(torch.cat([best1, alpha2]), torch.cat([evaluate(best1), evaluate(alpha2)]))  # [C]
     return _finish(hist, chosen * mn, chosen * mx)
 
 
