@@ -145,7 +145,7 @@ def test_merging_batches_equals_observing_the_concatenation(family, stat, per_ch
     streamed(x)
     streamed(y)
     whole(torch.cat([x, y], dim=1))
-    assert torch.equal(streamed.histogram, whole.histogram)
+    assert torch.equal(streamed.histogram, whole.histogram) and torch.equal(streamed.zeros, whole.zeros)
     for a, b in zip(streamed.calculate_qparams(), whole.calculate_qparams(), strict=True):
         assert torch.equal(a, b)
 

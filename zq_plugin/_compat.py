@@ -15,6 +15,7 @@ import torch
 from torch.ao.quantization import (
     FakeQuantize,
     FakeQuantizeBase,
+    HistogramObserver,
     MinMaxObserver,
     ObserverBase,
     PerChannelMinMaxObserver,
@@ -35,6 +36,7 @@ from zq_plugin.errors import MissingDependencyError
 __all__ = [
     "FakeQuantize",
     "FakeQuantizeBase",
+    "HistogramObserver",
     "MinMaxObserver",
     "ObserverBase",
     "PerChannelMinMaxObserver",

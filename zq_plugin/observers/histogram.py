@@ -59,12 +59,14 @@ class Histogram:
         exponent: ``[C]`` int64, the grid exponent ``e_c`` (meaningless where the channel is empty).
         min_val: ``[C]`` float32 exact minimum (``+inf`` where empty).
         max_val: ``[C]`` float32 exact maximum (``-inf`` where empty).
+        zeros: ``[C]`` int64 count of exact zeros (they sit in bin ``B``; ReLU makes many).
     """
 
     counts: torch.Tensor
     exponent: torch.Tensor
     min_val: torch.Tensor
     max_val: torch.Tensor
+    zeros: torch.Tensor
 
     @property
     def bins(self) -> int:
@@ -91,6 +93,7 @@ def empty_histogram(channels: int = 1, bins: int = DEFAULT_BINS, device: torch.d
         exponent=torch.full((channels,), E_MIN, dtype=torch.int64, device=device),
         min_val=torch.full((channels,), float("inf"), device=device),
         max_val=torch.full((channels,), float("-inf"), device=device),
+        zeros=torch.zeros(channels, dtype=torch.int64, device=device),
     )
 
 
@@ -177,7 +180,8 @@ def observe(hist: Histogram | None, x: torch.Tensor, ch_axis: int | None = None,
     offsets = half + torch.arange(channels, dtype=torch.int64, device=rows.device) * hist.bins  # [C]
     index = index.to(torch.int64) + offsets.unsqueeze(1)
     counts = counts + torch.bincount(index.reshape(-1), minlength=channels * hist.bins).reshape(channels, -1)
-    return Histogram(counts=counts, exponent=new_exp, min_val=min_val, max_val=max_val)
+    zeros = hist.zeros + (rows == 0).sum(1)
+    return Histogram(counts=counts, exponent=new_exp, min_val=min_val, max_val=max_val, zeros=zeros)
 
 
 def merge(a: Histogram, b: Histogram) -> Histogram:
@@ -200,6 +204,7 @@ def merge(a: Histogram, b: Histogram) -> Histogram:
         exponent=exp,
         min_val=torch.minimum(a.min_val, b.min_val),
         max_val=torch.maximum(a.max_val, b.max_val),
+        zeros=a.zeros + b.zeros,
     )
 
 
@@ -225,18 +230,23 @@ class Bins:
         return 0.5 * (self.left + self.right)
 
 
-def nonempty_bins(hist: Histogram) -> Bins:
+def nonempty_bins(hist: Histogram, drop_zeros: bool = False) -> Bins:
     """Compact ``hist`` to its non-empty bins (sorted by position), edges clipped to the exact min/max.
 
     Clipping the outermost edges to the observed extremes makes the statistics respect the
-    exact range: a bin never claims values beyond ``min_val``/``max_val``.
+    exact range: a bin never claims values beyond ``min_val``/``max_val``. ``drop_zeros`` leaves
+    the exact zeros out (they are represented exactly by every quantizer).
     """
     channels, bins = hist.counts.shape
-    nonzero = hist.counts > 0  # [C, 2B]
+    counts = hist.counts
+    if drop_zeros:
+        counts = counts.clone()
+        counts[:, bins // 2] -= hist.zeros
+    nonzero = counts > 0  # [C, 2B]
     width = max(int(nonzero.sum(1).max()), 1) if channels else 1
     # stable sort puts non-empty bins first, in position order
     order = torch.sort((~nonzero).to(torch.int8), dim=1, stable=True).indices[:, :width]  # [C, M]
-    count = torch.gather(hist.counts, 1, order).to(torch.float64)
+    count = torch.gather(counts, 1, order).to(torch.float64)
     bw = hist.bin_width.unsqueeze(1)  # [C, 1]
     raw_left = (order - bins // 2).to(torch.float64) * bw
     lo = hist.min_val.to(torch.float64).unsqueeze(1)
