@@ -3,10 +3,11 @@
 Each observer's time is a ratio to torch's ``HistogramObserver`` measured in the same process on
 the same batches (median of ``--repeats`` runs, observers interleaved so that machine noise
 hits all alike). The batches are activations ``[64, 64, 16, 16]`` (1,048,576 values) whose range
-grows over the stream (scale 1 -> 2), so range growth and re-binning are exercised. Per-channel
+grows over the stream (scale 1 -> 2), so range growth and re-binning are exercised; they are
+post-ReLU (the common activation) or, with ``--signed``, Gaussian. Per-channel
 observers see the same tensors with ``ch_axis=1`` (64 channels).
 
-Run: ``.venv/bin/python benchmarks/observers_speed.py`` (about 2 minutes on 2 cores).
+Run: ``.venv/bin/python benchmarks/observers_speed.py [--signed]`` (under a minute on 2 cores).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from zq_plugin import _compat
 from zq_plugin.observers import ao
 
 
-def batches(n: int, seed: int = 0) -> list[torch.Tensor]:
-    """``n`` activation-like batches ``[64, 64, 16, 16]`` with a growing range."""
+def batches(n: int, signed: bool, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` activation-like batches ``[64, 64, 16, 16]`` with a growing range (post-ReLU unless ``signed``)."""
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(64, 64, 16, 16, generator=gen).relu_() * (1 + i / n) for i in range(n)]
+    out = [torch.randn(64, 64, 16, 16, generator=gen) * (1 + i / n) for i in range(n)]
+    return out if signed else [x.relu_() for x in out]
 
 
 def run(factory: Callable[[], Any], data: list[torch.Tensor]) -> float:
@@ -45,9 +47,10 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--signed", action="store_true", help="Gaussian batches instead of post-ReLU ones")
     args = parser.parse_args()
     torch.manual_seed(0)
-    data = batches(args.batches)
+    data = batches(args.batches, args.signed)
     kw = {"dtype": torch.quint8, "quant_min": 0, "quant_max": 2**args.bits - 1}
     pc = {**kw, "qscheme": torch.per_channel_affine, "ch_axis": 1}
     observers: dict[str, Callable[[], Any]] = {
@@ -70,8 +73,9 @@ def main() -> None:
         for name, factory in observers.items():
             times[name].append(run(factory, data))
     base = statistics.median(times["HistogramObserver (torch, baseline)"])
+    kind = "signed (Gaussian)" if args.signed else "post-ReLU"
     print(
-        f"{args.batches} batches of {data[0].numel():,} values, {args.bits}-bit, torch {torch.__version__}, "
+        f"{args.batches} {kind} batches of {data[0].numel():,} values, {args.bits}-bit, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; baseline {base:.2f} s"
     )
     print("| observer | seconds | ratio to HistogramObserver |")

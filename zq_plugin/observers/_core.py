@@ -10,8 +10,8 @@ Buffers (all in the state dict):
 
 * ``min_val``, ``max_val``: ``[C]`` float32 exact extremes (``C = 1`` per-tensor; per-channel
   observers start with ``C = 0`` and take the size of the first tensor they see);
-* ``histogram``: ``[C, bins]`` int64 counts, ``exponent``: ``[C]`` int64 grid exponents,
-  ``zeros``: ``[C]`` int64 count of exact zeros (see :mod:`zq_plugin.observers.histogram`).
+* ``histogram``: ``[C, bins]`` int64 counts, ``exponent``: ``[C]`` int64 grid exponents (see
+  :mod:`zq_plugin.observers.histogram`).
 
 ``_load_from_state_dict`` resizes them first, so ``load_state_dict`` and torch's
 ``load_observer_state_dict`` restore a per-channel observer of any size.
@@ -211,7 +211,6 @@ class RangeObserverMixin:
         obs.register_buffer("max_val", torch.full((channels,), float("-inf"), device=device))
         obs.register_buffer("histogram", torch.zeros(channels, options["bins"], dtype=torch.int64, device=device))
         obs.register_buffer("exponent", torch.full((channels,), E_MIN, dtype=torch.int64, device=device))
-        obs.register_buffer("zeros", torch.zeros(channels, dtype=torch.int64, device=device))
 
     @property
     def symmetric(self) -> bool:
@@ -220,9 +219,7 @@ class RangeObserverMixin:
 
     def _histogram(self) -> Histogram:
         obs: Any = self
-        return Histogram(
-            counts=obs.histogram, exponent=obs.exponent, min_val=obs.min_val, max_val=obs.max_val, zeros=obs.zeros
-        )
+        return Histogram(counts=obs.histogram, exponent=obs.exponent, min_val=obs.min_val, max_val=obs.max_val)
 
     def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
         """Add ``x_orig`` to the statistics and return it unchanged; an empty tensor is ignored.
@@ -243,7 +240,6 @@ class RangeObserverMixin:
         obs.max_val.copy_(hist.max_val)
         obs.histogram.copy_(hist.counts)
         obs.exponent.copy_(hist.exponent)
-        obs.zeros.copy_(hist.zeros)
         obs._qparams_cache = None
         return x_orig
 
@@ -284,7 +280,6 @@ class RangeObserverMixin:
         obs.max_val.resize_(channels).fill_(float("-inf"))
         obs.histogram.resize_(channels, obs.stat_options["bins"]).zero_()
         obs.exponent.resize_(channels).fill_(E_MIN)
-        obs.zeros.resize_(channels).zero_()
         obs._qparams_cache = None
 
     def _load_from_state_dict(
@@ -318,5 +313,5 @@ class RangeObserverMixin:
         )
 
 
-_FIELD = {"min_val": "min_val", "max_val": "max_val", "histogram": "counts", "exponent": "exponent", "zeros": "zeros"}
+_FIELD = {"min_val": "min_val", "max_val": "max_val", "histogram": "counts", "exponent": "exponent"}
 _BUFFERS = tuple(_FIELD)

@@ -27,7 +27,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from zq_plugin import _compat
 from zq_plugin.observers._core import ACIQStatistic, EntropyStatistic, MSEStatistic, PercentileStatistic
@@ -84,4 +84,6 @@ class EntropyObserver(EntropyStatistic, _PerTensor):
 
 
 class PerChannelEntropyObserver(EntropyStatistic, _PerChannel):
-    """KL (entropy) search, per channel. Options as :class:`EntropyObserver`."""
+    """KL (entropy) search, per channel. Options as :class:`EntropyObserver`, but ``bins=2048`` by default."""
+
+    options: ClassVar[dict[str, Any]] = {**EntropyStatistic.options, "bins": 2048}

@@ -41,6 +41,9 @@ from zq_plugin.errors import ConfigError
 DEFAULT_BINS = 2048
 E_MIN = -100  # values below 2^-100 land in the bins next to 0; keeps 1/w finite in float32
 E_MAX = 128  # float32 values are below 2^128
+E_LIMIT = 100  # larger magnitudes are rejected (histc computes v * B in float32)
+MAX_ABS = 2.0**E_LIMIT
+_HISTC_CHUNK = 1 << 24
 
 
 def check_bins(bins: object) -> int:
@@ -59,14 +62,12 @@ class Histogram:
         exponent: ``[C]`` int64, the grid exponent ``e_c`` (meaningless where the channel is empty).
         min_val: ``[C]`` float32 exact minimum (``+inf`` where empty).
         max_val: ``[C]`` float32 exact maximum (``-inf`` where empty).
-        zeros: ``[C]`` int64 count of exact zeros (they sit in bin ``B``; ReLU makes many).
     """
 
     counts: torch.Tensor
     exponent: torch.Tensor
     min_val: torch.Tensor
     max_val: torch.Tensor
-    zeros: torch.Tensor
 
     @property
     def bins(self) -> int:
@@ -93,7 +94,6 @@ def empty_histogram(channels: int = 1, bins: int = DEFAULT_BINS, device: torch.d
         exponent=torch.full((channels,), E_MIN, dtype=torch.int64, device=device),
         min_val=torch.full((channels,), float("inf"), device=device),
         max_val=torch.full((channels,), float("-inf"), device=device),
-        zeros=torch.zeros(channels, dtype=torch.int64, device=device),
     )
 
 
@@ -138,6 +138,32 @@ def channel_view(x: torch.Tensor, ch_axis: int | None) -> torch.Tensor:
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
+def _count(rows: torch.Tensor, lo: torch.Tensor, exponent: torch.Tensor, half: int) -> torch.Tensor:
+    """``[C, 2B]`` counts of ``rows`` ``[C, N]``: value ``v`` of channel ``c`` goes to bin ``B + floor(v B / 2^e_c)``.
+
+    ``v * (B / 2^e)`` is exact (a power-of-two scaling), so is its floor. One non-negative channel
+    uses ``torch.histc(v, B, 0, 2^e)``, which computes the same floor; otherwise the floors go
+    through ``bincount``. A tiny negative value whose scaled copy underflows to -0.0 is sent to
+    bin ``B - 1``, where it belongs.
+    """
+    channels = rows.shape[0]
+    shift = half.bit_length() - 1  # log2(B)
+    if channels == 1 and float(lo[0]) >= 0:
+        top = float(2.0 ** int(exponent[0]))
+        out = torch.zeros(1, 2 * half, dtype=torch.int64, device=rows.device)
+        for chunk in rows[0].split(_HISTC_CHUNK):  # float32 counts are exact below 2^24
+            out[0, half:] += torch.histc(chunk, half, 0.0, top).to(torch.int64)
+        return out
+    inv = torch.pow(2.0, shift - exponent).to(torch.float32).unsqueeze(1)  # [C, 1], exact
+    scaled = rows * inv  # [C, N]
+    if bool((exponent > shift).any()):  # a scale below 1 can underflow tiny negatives to -0.0
+        scaled = torch.where((scaled == 0) & (rows < 0), -0.5, scaled)
+    index = scaled.floor_().add_(half).to(torch.int64)  # [C, N], in [0, 2B)
+    if channels > 1:
+        index += (torch.arange(channels, dtype=torch.int64, device=rows.device) * (2 * half)).unsqueeze(1)
+    return torch.bincount(index.reshape(-1), minlength=channels * 2 * half).reshape(channels, 2 * half)
+
+
 def observe(hist: Histogram | None, x: torch.Tensor, ch_axis: int | None = None, bins: int = DEFAULT_BINS) -> Histogram:
     """Add the values of ``x`` to ``hist`` (``None``: start empty) and return the new histogram.
 
@@ -161,27 +187,27 @@ def observe(hist: Histogram | None, x: torch.Tensor, ch_axis: int | None = None,
         )
     if rows.shape[1] == 0:
         return hist
-    lo, hi = torch.aminmax(rows, dim=1)  # [C] each; NaN propagates
+    if channels == 1:  # a whole-tensor reduction is parallel, a one-row reduction along dim 1 is not
+        lo, hi = (v.reshape(1) for v in torch.aminmax(rows))
+    else:
+        lo, hi = torch.aminmax(rows, dim=1)  # [C] each; NaN propagates
     if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
         raise ConfigError(
             "the observed tensor contains NaN or Inf; an observer needs finite values (check the model and the "
             "calibration data, e.g. with torch.isfinite)."
+        )
+    if bool((torch.maximum(-lo, hi) >= MAX_ABS).any()):
+        raise ConfigError(
+            f"the observed tensor holds values of magnitude >= 2^{E_LIMIT} (about 1e30), which no 8-bit grid can "
+            "represent usefully; check the model and the calibration data."
         )
     min_val = torch.minimum(hist.min_val, lo)
     max_val = torch.maximum(hist.max_val, hi)
     exponent = torch.where(hist.empty, E_MIN, hist.exponent)
     new_exp = torch.maximum(exponent, grid_exponent(torch.maximum(-min_val, max_val)))
     counts = _rebin(hist.counts, exponent, new_exp)
-    half = hist.bins // 2
-    inv_width = torch.pow(2.0, (half.bit_length() - 1) - new_exp).to(torch.float32).unsqueeze(1)  # [C, 1], exact
-    index = torch.floor(rows * inv_width).clamp_(-half, half - 1)  # [C, N]
-    # a tiny negative value whose scaled copy underflows to -0.0 still belongs left of 0
-    index = torch.where((index == 0) & (rows < 0), -1.0, index)
-    offsets = half + torch.arange(channels, dtype=torch.int64, device=rows.device) * hist.bins  # [C]
-    index = index.to(torch.int64) + offsets.unsqueeze(1)
-    counts = counts + torch.bincount(index.reshape(-1), minlength=channels * hist.bins).reshape(channels, -1)
-    zeros = hist.zeros + (rows == 0).sum(1)
-    return Histogram(counts=counts, exponent=new_exp, min_val=min_val, max_val=max_val, zeros=zeros)
+    counts = counts + _count(rows, lo, new_exp, hist.bins // 2)
+    return Histogram(counts=counts, exponent=new_exp, min_val=min_val, max_val=max_val)
 
 
 def merge(a: Histogram, b: Histogram) -> Histogram:
@@ -204,7 +230,6 @@ def merge(a: Histogram, b: Histogram) -> Histogram:
         exponent=exp,
         min_val=torch.minimum(a.min_val, b.min_val),
         max_val=torch.maximum(a.max_val, b.max_val),
-        zeros=a.zeros + b.zeros,
     )
 
 
@@ -230,18 +255,19 @@ class Bins:
         return 0.5 * (self.left + self.right)
 
 
-def nonempty_bins(hist: Histogram, drop_zeros: bool = False) -> Bins:
+def nonempty_bins(hist: Histogram, drop_zero_bins: bool = False) -> Bins:
     """Compact ``hist`` to its non-empty bins (sorted by position), edges clipped to the exact min/max.
 
     Clipping the outermost edges to the observed extremes makes the statistics respect the
-    exact range: a bin never claims values beyond ``min_val``/``max_val``. ``drop_zeros`` leaves
-    the exact zeros out (they are represented exactly by every quantizer).
+    exact range: a bin never claims values beyond ``min_val``/``max_val``. ``drop_zero_bins``
+    leaves out the two bins next to 0, ``(-w, w)``: ReLU's zeros and values that round to 0 on
+    any grid coarser than ``2w``.
     """
     channels, bins = hist.counts.shape
     counts = hist.counts
-    if drop_zeros:
+    if drop_zero_bins:
         counts = counts.clone()
-        counts[:, bins // 2] -= hist.zeros
+        counts[:, bins // 2 - 1 : bins // 2 + 1] = 0
     nonzero = counts > 0  # [C, 2B]
     width = max(int(nonzero.sum(1).max()), 1) if channels else 1
     # stable sort puts non-empty bins first, in position order

@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from zq_plugin import _compat
 from zq_plugin.observers._core import ACIQStatistic, EntropyStatistic, MSEStatistic, PercentileStatistic
@@ -78,4 +78,6 @@ class EntropyObserver(EntropyStatistic, _PerTensor):
 
 
 class PerChannelEntropyObserver(EntropyStatistic, _PerChannel):
-    """KL (entropy) search, per channel (torchao base)."""
+    """KL (entropy) search, per channel (torchao base); ``bins=2048`` by default (one search per channel)."""
+
+    options: ClassVar[dict[str, Any]] = {**EntropyStatistic.options, "bins": 2048}

@@ -108,7 +108,7 @@ def _search(
     coarse: int,
     fine: int,
     eps: float,
-    drop_zeros: bool = False,
+    drop_zero_bins: bool = False,
 ) -> Range:
     """Minimise ``objective`` over ratios ``alpha``; see the module docstring.
 
@@ -118,7 +118,7 @@ def _search(
     _check_range(quant_min, quant_max)
     if bool(hist.empty.all()):
         return _empty_range(hist)
-    bins = nonempty_bins(hist, drop_zeros=drop_zeros)
+    bins = nonempty_bins(hist, drop_zero_bins=drop_zero_bins)
     mn = hist.min_val.to(torch.float64).nan_to_num(0.0, 0.0, 0.0)  # [C]; empty channels -> 0
     mx = hist.max_val.to(torch.float64).nan_to_num(0.0, 0.0, 0.0)
     mn, mx = torch.where(hist.empty, 0.0, mn), torch.where(hist.empty, 0.0, mx)
@@ -258,7 +258,6 @@ def _abs_bins(hist: Histogram) -> Bins:
         exponent=hist.exponent,
         min_val=torch.zeros_like(absmax),
         max_val=absmax,
-        zeros=hist.zeros,
     )
     return nonempty_bins(mirrored)
 
@@ -330,8 +329,8 @@ def aciq_range(
 
     * symmetric: fit around 0, ``b = E|x|`` or ``sigma = sqrt(E x^2)``; range ``(-alpha, alpha)``.
     * affine, ``min >= 0`` (one-sided, e.g. after ReLU): fit an exponential (``b = E[x | x > 0]``) or a
-      half-normal (``sigma = sqrt(E[x^2 | x > 0])``) to the non-zero values (ReLU's exact zeros are
-      counted apart and quantize exactly); range ``(0, alpha)``.
+      half-normal (``sigma = sqrt(E[x^2 | x > 0])``) to the values outside the histogram bin at 0
+      (ReLU's zeros, which every grid represents exactly); range ``(0, alpha)``.
     * affine, two-sided: fit around the mean ``mu``; range ``(mu - alpha, mu + alpha)``.
 
     ``alpha = aciq_alpha(distribution, quant_max - quant_min + 1, two_sided) * scale``; moments come from
@@ -352,10 +351,10 @@ def aciq_range(
     else:
         center = (x * n).sum(1) / total
     dev = x - center.unsqueeze(1)
-    # one-sided channels: fit the non-zero values, measured from 0; their exact zeros all sit in the
-    # first non-empty bin (the one at 0), so take them out of it
+    # one-sided channels: fit the values beyond the bin at 0 (ReLU's zeros), measured from 0; that
+    # bin, when present, is the first non-empty one and starts at 0
     n_nz = n.clone()
-    n_nz[:, 0] -= hist.zeros.to(torch.float64)
+    n_nz[:, 0] = torch.where(bins.left[:, 0] <= 0, 0.0, n[:, 0])
     use_nz = one_sided & (n_nz.sum(1) > 0)
     weight = torch.where(use_nz.unsqueeze(1), n_nz, n)
     wsum = weight.sum(1).clamp(min=1e-300)
@@ -446,9 +445,10 @@ def entropy_range(
 
     TensorRT fixes 128 target bins (8-bit symmetric); here the quantized distribution ``Q`` has
     ``quant_max - quant_min + 1`` cells, so a 4-bit range is searched for 16 levels. See
-    :func:`kl_loss`. Exact zeros are left out of ``P`` and ``Q`` (every grid represents 0 exactly,
-    and ReLU's spike at 0 otherwise rewards ranges whose zero cell is a single bin, as in ncnn's
-    calibrator). Ranges narrower than ``min_bins_per_level`` histogram bins per level are not
+    :func:`kl_loss`. The histogram bins next to 0 are left out of ``P`` and ``Q``: they hold ReLU's
+    zeros, which every grid represents exactly, and their spike otherwise rewards ranges whose
+    zero cell is a single bin (ncnn's calibrator skips zeros for the same reason).
+    Ranges narrower than ``min_bins_per_level`` histogram bins per level are not
     considered (the KL of a range that resolves each level by a single bin is meaningless); if no
     candidate qualifies the full range is kept.
     """
@@ -459,4 +459,4 @@ def entropy_range(
         # an all-inf column keeps alpha = 1: _search resolves ties to the largest ratio
         return kl_loss(bins, scale, zp, quant_min, quant_max, min_bins_per_level)
 
-    return _search(hist, quant_min, quant_max, symmetric, objective, coarse, fine, eps, drop_zeros=True)
+    return _search(hist, quant_min, quant_max, symmetric, objective, coarse, fine, eps, drop_zero_bins=True)
