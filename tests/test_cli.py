@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+import zq_plugin
 from zq_plugin import cli, zoo
 from zq_plugin.data import SyntheticDataset
 
@@ -92,3 +93,22 @@ def test_bad_input_exits_2_with_message(argv, match, capsys, tmp_path, monkeypat
 def test_dataset_for_other_model_is_refused(data_file, capsys):
     assert cli.main(["quantize", "--model", "mobilenetv2_s", "--data", str(data_file)]) == 2
     assert "allow_mismatch" in capsys.readouterr().err
+
+
+def test_quantize_with_search_observers(data_file, capsys):
+    argv = ["quantize", "--model", "resnet_s", "--data", str(data_file), "--w-bits", "4", "--a-bits", "4"]
+    rc = cli.main([*argv, "--act-observer", "mse", "--weight-observer", "aciq"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["act_observer"], report["weight_observer"]) == ("mse", "aciq")
+
+
+def test_observer_names_resolve():
+    from zq_plugin.observers import ao
+
+    for name in ao.NAMES:
+        assert ao.observer_class(name) is not None
+    with pytest.raises(zq_plugin.ConfigError, match="no per-channel"):
+        ao.observer_class("histogram", per_channel=True)
+    with pytest.raises(zq_plugin.ConfigError, match="unknown observer"):
+        ao.observer_class("kl")

@@ -23,6 +23,7 @@ from zq_plugin.backends.fx import convert_int8_fx, quantize_fx
 from zq_plugin.data import SyntheticDataset, model_fingerprint
 from zq_plugin.errors import ConfigError, ZQError
 from zq_plugin.evaluation import accuracy
+from zq_plugin.observers.ao import NAMES, observer_class
 from zq_plugin.synth import synthesize
 
 logger = logging.getLogger("zq_plugin.cli")
@@ -223,7 +224,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     else:
         data = SyntheticDataset.load(args.data, model, allow_mismatch=args.allow_mismatch)
     report: dict[str, Any] = {"w_bits": args.w_bits, "a_bits": args.a_bits, "data": args.data}
-    sim = quantize_fx(model, data, w_bits=args.w_bits, a_bits=args.a_bits, first_last_bits=args.first_last_bits)
+    report["act_observer"], report["weight_observer"] = args.act_observer, args.weight_observer
+    sim = quantize_fx(
+        model,
+        data,
+        w_bits=args.w_bits,
+        a_bits=args.a_bits,
+        first_last_bits=args.first_last_bits,
+        act_observer=observer_class(args.act_observer),
+        weight_observer=observer_class(args.weight_observer, per_channel=True),
+    )
     if args.evaluate:
         x_test, y_test = datasets.load_fashion_mnist("test")
         report["fp32_top1"] = accuracy(model, x_test, y_test)
@@ -279,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     qua.add_argument("--w-bits", type=int, default=8)
     qua.add_argument("--a-bits", type=int, default=8)
     qua.add_argument("--first-last-bits", type=int, default=8)
+    qua.add_argument("--act-observer", default="minmax", choices=NAMES, help="activation observer (docs/observers.md)")
+    qua.add_argument(
+        "--weight-observer",
+        default="minmax",
+        choices=[n for n in NAMES if n != "histogram"],
+        help="per-channel weight observer",
+    )
     qua.add_argument("--evaluate", action="store_true", help="report top-1 on the Fashion-MNIST test set")
     qua.add_argument("--int8-out", type=Path, help="also write a TorchScript int8 model (W8A8 only)")
     qua.set_defaults(func=cmd_quantize)

@@ -30,10 +30,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from zq_plugin import _compat
+from zq_plugin.errors import ConfigError
 from zq_plugin.observers._core import ACIQStatistic, EntropyStatistic, MSEStatistic, PercentileStatistic
 from zq_plugin.observers._family import family_base
 
 __all__ = [
+    "NAMES",
     "ACIQObserver",
     "EntropyObserver",
     "MSEObserver",
@@ -42,6 +44,7 @@ __all__ = [
     "PerChannelMSEObserver",
     "PerChannelPercentileObserver",
     "PercentileObserver",
+    "observer_class",
 ]
 
 _Base: Any = family_base(_compat.UniformQuantizationObserverBase, "RangeObserver")
@@ -87,3 +90,33 @@ class PerChannelEntropyObserver(EntropyStatistic, _PerChannel):
     """KL (entropy) search, per channel. Options as :class:`EntropyObserver`, but ``bins=2048`` by default."""
 
     options: ClassVar[dict[str, Any]] = {**EntropyStatistic.options, "bins": 2048}
+
+
+NAMES = ("minmax", "histogram", "mse", "percentile", "aciq", "entropy")
+
+
+def observer_class(name: str, per_channel: bool = False) -> Any:
+    """The torch.ao observer class called ``name`` (one of :data:`NAMES`), per-tensor or per-channel.
+
+    ``"minmax"`` and ``"histogram"`` are torch's own (``histogram`` exists only per tensor).
+
+    Example:
+        >>> observer_class("mse", per_channel=True).__name__
+        'PerChannelMSEObserver'
+    """
+    table: dict[str, tuple[Any, Any]] = {
+        "minmax": (_compat.MinMaxObserver, _compat.PerChannelMinMaxObserver),
+        "histogram": (_compat.HistogramObserver, None),
+        "mse": (MSEObserver, PerChannelMSEObserver),
+        "percentile": (PercentileObserver, PerChannelPercentileObserver),
+        "aciq": (ACIQObserver, PerChannelACIQObserver),
+        "entropy": (EntropyObserver, PerChannelEntropyObserver),
+    }
+    if name not in table:
+        raise ConfigError(f"unknown observer {name!r}: use one of {list(NAMES)}.")
+    cls = table[name][1 if per_channel else 0]
+    if cls is None:
+        raise ConfigError(
+            f"observer {name!r} has no per-channel version: use one of {[n for n in NAMES if table[n][1]]}."
+        )
+    return cls
