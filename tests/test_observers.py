@@ -97,6 +97,28 @@ def test_qparams_valid_and_in_range_values_reconstruct(family, stat, grid, x):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("stat", STATS)
+@given(grid=grids(per_channel=True), x=tensors(min_rows=1, max_rows=4))
+def test_per_channel_qparams_valid_and_idempotent(family, stat, grid, x):
+    obs = make(family, stat, True, grid)
+    obs(x)
+    scale, zp = obs.calculate_qparams()
+    qmin, qmax = grid["quant_min"], grid["quant_max"]
+    assert scale.shape == zp.shape == (x.shape[0],)
+    assert bool((scale > 0).all()) and bool(((zp >= qmin) & (zp <= qmax)).all())
+    _zero_representable(scale, zp, qmin, qmax)
+    lo, hi = obs.calculate_range()
+    if grid["qscheme"] == torch.per_channel_symmetric:
+        m = torch.maximum(-lo, hi)
+        lo, hi = -m, m
+    once = fake_quantize(x, scale, zp, qmin, qmax, axis=0)
+    assert torch.equal(fake_quantize(once, scale, zp, qmin, qmax, axis=0), once)
+    inside = (x >= lo.clamp(max=0).unsqueeze(1)) & (x <= hi.clamp(min=0).unsqueeze(1))
+    tol = scale.unsqueeze(1) / 2 * (1 + 1e-5) + 1e-6 * x.abs().amax(1, keepdim=True)
+    assert bool(((once - x).abs() <= tol)[inside].all())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("stat", STATS)
 @given(grid=grids(), x=tensors())
 def test_fake_quantization_is_idempotent(family, stat, grid, x):
     obs = make(family, stat, False, grid)
