@@ -17,6 +17,7 @@ STATS = ("MSE", "Percentile", "ACIQ", "Entropy")
 
 
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.detach(), out.detach()
     return float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean().clamp(min=1e-20)))
 
 
