@@ -340,3 +340,15 @@ def test_entropy_uses_the_real_number_of_levels():
         obs(x)
         ranges.append(float(obs.calculate_range()[1]))
     assert ranges[0] < ranges[1]  # fewer levels -> tighter clip
+
+
+def test_missing_torchao_names_the_extra(monkeypatch):
+    import sys
+
+    from zq_plugin.errors import MissingDependencyError
+
+    monkeypatch.setattr(_compat, "_TORCHAO", None)
+    monkeypatch.setitem(sys.modules, "torchao.quantization.pt2e", None)  # makes the import fail
+    with pytest.raises(MissingDependencyError, match=r"zq-plugin\[pt2e\]"):
+        _compat.torchao_pt2e()
+    assert not _compat.has_torchao()

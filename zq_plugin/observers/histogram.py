@@ -126,41 +126,66 @@ def _rebin(counts: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.
     return out.reshape(channels, bins)
 
 
-def channel_view(x: torch.Tensor, ch_axis: int | None) -> torch.Tensor:
-    """``x`` as ``[C, N]``: one row per channel of ``ch_axis``, or one row (``None``, per-tensor)."""
+def channel_axis(x: torch.Tensor, ch_axis: int | None) -> int | None:
+    """``ch_axis`` normalised to ``[0, x.dim())`` (``None`` stays None: per-tensor)."""
     if ch_axis is None:
-        return x.reshape(1, -1)
+        return None
     if x.dim() == 0:
         raise ConfigError("a per-channel observer got a 0-d tensor; use the per-tensor observer for scalars.")
-    axis = ch_axis % x.dim() if -x.dim() <= ch_axis < x.dim() else None
-    if axis is None:
+    if not -x.dim() <= ch_axis < x.dim():
         raise ConfigError(f"ch_axis={ch_axis} is out of range for a tensor of shape {tuple(x.shape)}.")
+    return ch_axis % x.dim()
+
+
+def channel_view(x: torch.Tensor, ch_axis: int | None) -> torch.Tensor:
+    """``x`` as ``[C, N]``: one row per channel of ``ch_axis``, or one row (``None``, per-tensor)."""
+    axis = channel_axis(x, ch_axis)
+    if axis is None:
+        return x.reshape(1, -1)
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
-def _count(rows: torch.Tensor, lo: torch.Tensor, exponent: torch.Tensor, half: int) -> torch.Tensor:
-    """``[C, 2B]`` counts of ``rows`` ``[C, N]``: value ``v`` of channel ``c`` goes to bin ``B + floor(v B / 2^e_c)``.
+def _extremes(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(min, max)``, ``[C]`` each, without copying ``x``."""
+    if axis is None:  # a whole-tensor reduction is parallel; a one-row reduction along a dim is not
+        lo, hi = torch.aminmax(x)
+        return lo.reshape(1), hi.reshape(1)
+    if x.dim() == 1:
+        return x.clone(), x.clone()
+    dims = [d for d in range(x.dim()) if d != axis]
+    return x.amin(dim=dims), x.amax(dim=dims)
 
-    ``v * (B / 2^e)`` is exact (a power-of-two scaling), so is its floor. One non-negative channel
-    uses ``torch.histc(v, B, 0, 2^e)``, which computes the same floor; otherwise the floors go
-    through ``bincount``. A tiny negative value whose scaled copy underflows to -0.0 is sent to
-    bin ``B - 1``, where it belongs.
+
+def _count(x: torch.Tensor, axis: int | None, lo: torch.Tensor, exponent: torch.Tensor, half: int) -> torch.Tensor:
+    """``[C, 2B]`` counts of ``x``: value ``v`` of channel ``c`` goes to bin ``B + floor(v B / 2^e_c)``.
+
+    ``v * (B / 2^e)`` is exact (a power-of-two scaling), so is its floor. A non-negative tensor
+    (per-tensor) uses ``torch.histc(v, B, 0, 2^e)``, which computes the same floor; otherwise the
+    floors, offset by ``2B c`` for channel ``c``, go through one ``bincount`` in ``x``'s own layout.
+    A tiny negative value whose scaled copy underflows to -0.0 is sent to bin ``B - 1``, where it
+    belongs.
     """
-    channels = rows.shape[0]
+    channels = exponent.shape[0]
     shift = half.bit_length() - 1  # log2(B)
-    if channels == 1 and float(lo[0]) >= 0:
+    if axis is None and float(lo[0]) >= 0:
         top = float(2.0 ** int(exponent[0]))
-        out = torch.zeros(1, 2 * half, dtype=torch.int64, device=rows.device)
-        for chunk in rows[0].split(_HISTC_CHUNK):  # float32 counts are exact below 2^24
+        out = torch.zeros(1, 2 * half, dtype=torch.int64, device=x.device)
+        for chunk in x.reshape(-1).split(_HISTC_CHUNK):  # float32 counts are exact below 2^24
             out[0, half:] += torch.histc(chunk, half, 0.0, top).to(torch.int64)
         return out
-    inv = torch.pow(2.0, shift - exponent).to(torch.float32).unsqueeze(1)  # [C, 1], exact
-    scaled = rows * inv  # [C, N]
+    shape = [1] * x.dim()
+    if axis is not None:
+        shape[axis] = channels
+    inv = torch.pow(2.0, shift - exponent).to(torch.float32).reshape(shape)  # exact powers of two
+    scaled = x * inv
     if bool((exponent > shift).any()):  # a scale below 1 can underflow tiny negatives to -0.0
-        scaled = torch.where((scaled == 0) & (rows < 0), -0.5, scaled)
-    index = scaled.floor_().add_(half).to(torch.int64)  # [C, N], in [0, 2B)
-    if channels > 1:
-        index += (torch.arange(channels, dtype=torch.int64, device=rows.device) * (2 * half)).unsqueeze(1)
+        scaled = torch.where((scaled == 0) & (x < 0), -0.5, scaled)
+    scaled.floor_()
+    offsets = torch.arange(channels, dtype=torch.int64, device=x.device) * (2 * half) + half  # [C]
+    if channels * 2 * half < 2**24:  # integers stay exact in float32
+        index = scaled.add_(offsets.to(torch.float32).reshape(shape)).to(torch.int64)
+    else:
+        index = scaled.to(torch.int64).add_(offsets.reshape(shape))
     return torch.bincount(index.reshape(-1), minlength=channels * 2 * half).reshape(channels, 2 * half)
 
 
@@ -176,21 +201,19 @@ def observe(hist: Histogram | None, x: torch.Tensor, ch_axis: int | None = None,
     Raises:
         ConfigError: NaN or Inf in ``x``, or a channel count different from ``hist``'s.
     """
-    rows = channel_view(x.detach(), ch_axis).to(torch.float32)  # [C, N]
-    channels = rows.shape[0]
+    axis = channel_axis(x, ch_axis)
+    x = x.detach().to(torch.float32)
+    channels = 1 if axis is None else x.shape[axis]
     if hist is None:
-        hist = empty_histogram(channels, bins, rows.device)
+        hist = empty_histogram(channels, bins, x.device)
     if hist.counts.shape[0] != channels:
         raise ConfigError(
             f"the observed tensor has {channels} channels along ch_axis={ch_axis}, but the observer has seen "
             f"{hist.counts.shape[0]}; use one observer per tensor (reset it with a fresh instance)."
         )
-    if rows.shape[1] == 0:
+    if x.numel() == 0:
         return hist
-    if channels == 1:  # a whole-tensor reduction is parallel, a one-row reduction along dim 1 is not
-        lo, hi = (v.reshape(1) for v in torch.aminmax(rows))
-    else:
-        lo, hi = torch.aminmax(rows, dim=1)  # [C] each; NaN propagates
+    lo, hi = _extremes(x, axis)  # [C] each; NaN propagates
     if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
         raise ConfigError(
             "the observed tensor contains NaN or Inf; an observer needs finite values (check the model and the "
@@ -206,7 +229,7 @@ def observe(hist: Histogram | None, x: torch.Tensor, ch_axis: int | None = None,
     exponent = torch.where(hist.empty, E_MIN, hist.exponent)
     new_exp = torch.maximum(exponent, grid_exponent(torch.maximum(-min_val, max_val)))
     counts = _rebin(hist.counts, exponent, new_exp)
-    counts = counts + _count(rows, lo, new_exp, hist.bins // 2)
+    counts = counts + _count(x, axis, lo, new_exp, hist.bins // 2)
     return Histogram(counts=counts, exponent=new_exp, min_val=min_val, max_val=max_val)
 
 
