@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -199,17 +200,26 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     """``zq synthesize``."""
     model = load_model(args.model, args.arch, args.checkpoint)
     shape = parse_shape(args.input_shape) if args.input_shape else zoo.INPUT_SHAPE
-    data = synthesize(
-        model,
-        args.method,
-        num_samples=args.num_samples,
-        input_shape=shape,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        **parse_options(args.option),
-    )
-    data.save(args.out)
-    print(f"wrote {data} to {args.out}")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")  # started by torchrun: CPU processes
+    try:
+        data = synthesize(
+            model,
+            args.method,
+            num_samples=args.num_samples,
+            input_shape=shape,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            cache_dir=args.cache_dir,
+            **parse_options(args.option),
+        )
+        if not distributed or torch.distributed.get_rank() == 0:
+            data.save(args.out)
+            print(f"wrote {data} to {args.out}")
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
@@ -280,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--batch-size", type=int, default=64)
     syn.add_argument("--option", action="append", default=[], help="method option name=value (repeatable)")
     syn.add_argument("--out", type=Path, required=True)
+    syn.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="keep finished batches here; a rerun resumes from them (and torchrun ranks share it)",
+    )
     syn.set_defaults(func=cmd_synthesize)
 
     qua = sub.add_parser("quantize", help="calibrate an FX simulation (and optionally an int8 model)")

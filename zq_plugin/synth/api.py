@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import os
 from typing import Any, Literal
 
 import torch
@@ -15,6 +16,7 @@ from zq_plugin.data import SyntheticDataset, model_fingerprint
 from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.synth.hooks import frozen, require_batchnorm
 from zq_plugin.synth.registry import BatchContext, get_method
+from zq_plugin.synth.store import BatchStore, dist_info, gather_batches, run_key
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +94,22 @@ def synthesize(
     batch_size: int = 64,
     input_range: tuple[float, float] | Literal["auto"] | None = "auto",
     progress: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> SyntheticDataset:
     """Make ``num_samples`` calibration images from ``model`` alone.
 
     The model is never changed: it runs in eval mode with frozen parameters, and its modes,
     ``requires_grad`` flags and hooks are restored afterwards, also if synthesis raises or is
-    interrupted. Batch ``b`` is generated with its own seed ``hash(seed, b)``.
+    interrupted. Batch ``b`` is generated with its own seed ``hash(seed, b)``, so its images
+    depend on ``(seed, b, batch_size)`` only:
+
+    * with ``cache_dir``, each finished batch is written there atomically and a rerun (after an
+      exception, Ctrl-C or a killed process) loads the finished batches and makes only the rest:
+      the final dataset equals an uninterrupted run (:mod:`zq_plugin.synth.store`);
+    * inside an initialized ``torch.distributed`` group (e.g. ``torchrun`` with the gloo backend)
+      rank ``r`` makes the batches ``b`` with ``b % world_size == r`` and the ranks exchange them:
+      every rank returns the same dataset as a single process.
 
     Args:
         model: the trained float model (read its BN statistics before any prepare/fusion).
@@ -110,6 +121,7 @@ def synthesize(
         input_range: ``(lo, hi)`` box of valid inputs in the model's input space; ``"auto"`` reads
             ``model.input_range`` (set on zoo models); ``None`` disables the clamp.
         progress: show a tqdm bar per batch.
+        cache_dir: folder for finished batches (resume, reuse); ``None`` keeps everything in memory.
         **options: the method's own options (e.g. ``steps=200`` for ZeroQ); unknown names raise.
 
     Returns:
@@ -133,11 +145,30 @@ def synthesize(
     if spec.needs_batchnorm:
         require_batchnorm(model, method)
     num_batches = math.ceil(num_samples / batch_size)
-    batches = []
+    fingerprint = model_fingerprint(model)
+    store = None
+    if cache_dir is not None:
+        key = run_key(
+            model=fingerprint,
+            method=method,
+            config=dataclasses.asdict(config),
+            seed=seed,
+            batch_size=batch_size,
+            input_shape=list(shape),
+            input_range=box,
+        )
+        store = BatchStore(cache_dir, key)
+    rank, world = dist_info()
+    mine: dict[int, torch.Tensor] = {}
     with frozen(model):
         _check_model_output(model, shape)
-        for b in range(num_batches):
+        for b in range(rank, num_batches, world):
             n = min(batch_size, num_samples - b * batch_size)
+            cached = store.load(b, n, shape) if store is not None else None
+            if cached is not None:
+                logger.debug("batch %d loaded from %s", b, store.file(b, n) if store else "")
+                mine[b] = cached
+                continue
             ctx = BatchContext(
                 batch_size=n,
                 input_shape=shape,
@@ -146,8 +177,15 @@ def synthesize(
                 progress=progress,
                 desc=f"{method} batch {b + 1}/{num_batches}",
             )
-            batches.append(spec.make_batch(model, config, ctx).detach())
+            mine[b] = spec.make_batch(model, config, ctx).detach()
+            if store is not None:
+                store.save(b, mine[b])
+    batches = gather_batches(mine)
     record = {**dataclasses.asdict(config), "batch_size": batch_size, "input_range": box, "input_shape": list(shape)}
     return SyntheticDataset(
-        torch.cat(batches), method=method, options=record, seed=seed, model_fingerprint=model_fingerprint(model)
+        torch.cat([batches[b] for b in range(num_batches)]),
+        method=method,
+        options=record,
+        seed=seed,
+        model_fingerprint=fingerprint,
     )

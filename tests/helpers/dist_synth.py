@@ -1,0 +1,27 @@
+"""Worker for tests/test_generation.py: synthesize under torchrun (gloo) and save rank 0's images."""
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, sys.argv[2])  # the tests folder, for conftest's tiny model
+from conftest import TinyBNNet, randomize_bn  # noqa: E402
+
+import zq_plugin  # noqa: E402
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = randomize_bn(TinyBNNet()).eval()
+    data = zq_plugin.synthesize(
+        model, "zeroq", num_samples=10, input_shape=(1, 12, 12), batch_size=3, seed=7, steps=4, progress=False
+    )
+    if dist.get_rank() == 0:
+        torch.save(data.images, sys.argv[1])
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Finished batches on disk, and the split of batches across ``torch.distributed`` ranks.
+
+A generation run is keyed by everything that determines its images: the model's weights
+(fingerprint), the method and its config, the seed, the batch size, the input shape and the
+input box. Batch ``b`` of ``n`` images is the file ``<cache_dir>/<key>/batch-<b>-<n>.pt``,
+written atomically when the batch is finished. A run that stops (exception, Ctrl-C, a killed
+process) leaves only finished batches behind; the next run with the same key loads them and
+generates the rest. Since batch ``b`` is a function of ``(seed, b, n)`` alone, the resumed
+dataset equals the uninterrupted one, and asking for more samples reuses the batches already made.
+
+Example:
+    >>> import tempfile, torch
+    >>> store = BatchStore(tempfile.mkdtemp(), "demo")
+    >>> store.save(0, torch.zeros(2, 1, 4, 4))
+    >>> store.load(0, 2, (1, 4, 4)).shape
+    torch.Size([2, 1, 4, 4])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zq_plugin.data import atomic_torch_save
+
+logger = logging.getLogger(__name__)
+
+
+def run_key(**parts: Any) -> str:
+    """A short stable hash of the JSON of ``parts`` (sorted keys)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class BatchStore:
+    """Finished batches of one run under ``root / key``."""
+
+    def __init__(self, root: str | os.PathLike[str], key: str) -> None:
+        """Use the folder ``root/key`` (created on the first save)."""
+        self.path = Path(root) / key
+
+    def file(self, index: int, n: int) -> Path:
+        """Path of batch ``index`` holding ``n`` images."""
+        return self.path / f"batch-{index:06d}-{n}.pt"
+
+    def save(self, index: int, images: torch.Tensor) -> None:
+        """Write a finished batch ``[n, ...]`` atomically."""
+        atomic_torch_save({"images": images.detach().cpu()}, self.file(index, images.shape[0]))
+
+    def load(self, index: int, n: int, input_shape: tuple[int, ...]) -> torch.Tensor | None:
+        """The stored batch, or None if absent or unreadable (then it is made again)."""
+        path = self.file(index, n)
+        if not path.is_file():
+            return None
+        try:
+            images = torch.load(path, map_location="cpu", weights_only=True)["images"]
+        except Exception as exc:  # a damaged file is regenerated, never trusted
+            logger.warning("ignoring unreadable cached batch %s (%s); it will be generated again", path, exc)
+            return None
+        if (
+            not isinstance(images, torch.Tensor)
+            or tuple(images.shape) != (n, *input_shape)
+            or not bool(torch.isfinite(images).all())
+        ):
+            logger.warning("ignoring cached batch %s with unexpected content; it will be generated again", path)
+            return None
+        return images
+
+
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default ``torch.distributed`` group, ``(0, 1)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gather_batches(mine: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Every rank's ``{batch index: images}`` merged, on every rank (identity without a group)."""
+    _, world = dist_info()
+    if world == 1:
+        return dict(mine)
+    parts: list[dict[int, torch.Tensor] | None] = [None] * world
+    torch.distributed.all_gather_object(parts, {b: x.cpu() for b, x in mine.items()})
+    merged: dict[int, torch.Tensor] = {}
+    for part in parts:
+        merged.update(part or {})
+    return merged
