@@ -6,7 +6,7 @@ later, Brevitas and torchao PT2E) quantized models with it.
 Example:
     >>> import zq_plugin
     >>> sorted(zq_plugin.METHODS)
-    ['noise', 'zeroq']
+    ['dsg', 'noise', 'zeroq']
 """
 
 from zq_plugin.backends.fx import calibrate, convert_int8_fx, qconfig, quantize_fx, uniform_qconfig_mapping
@@ -23,13 +23,14 @@ from zq_plugin.errors import (
 )
 from zq_plugin.evaluation import accuracy
 from zq_plugin.fake_quant import FastFakeQuantize
-from zq_plugin.synth import METHODS, NoiseConfig, ZeroQConfig, synthesize
+from zq_plugin.synth import METHODS, DSGConfig, NoiseConfig, ZeroQConfig, synthesize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
     "ConfigError",
+    "DSGConfig",
     "DataMismatchError",
     "DatasetCorruptError",
     "DatasetNotFoundError",
