@@ -230,6 +230,8 @@ def make_dsg(model: nn.Module, config: DSGConfig, ctx: BatchContext) -> torch.Te
                     f"the DSG loss became {value} at step {step}: the model produces non-finite features "
                     f"(check its weights and BN buffers) or lr={config.lr} is too high."
                 )
+            if ctx.loss_log is not None:
+                ctx.loss_log.append(value)
             loss.backward()
             opt.step()
             sched.step(value)

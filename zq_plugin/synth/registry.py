@@ -34,6 +34,7 @@ class BatchContext:
     generator: torch.Generator
     progress: bool = False
     desc: str = ""
+    loss_log: list[float] | None = None  # when a list, optimizing methods append each step's loss
 
     def clamp_(self, x: torch.Tensor) -> torch.Tensor:
         """Project ``x`` in place onto the valid input box (no-op without one)."""

@@ -100,6 +100,8 @@ def make_zeroq(model: nn.Module, config: ZeroQConfig, ctx: BatchContext) -> torc
                     f"the ZeroQ loss became {value} at step {step}: the model produces non-finite features "
                     "(check its weights and BN buffers for NaN/Inf) or lr={config.lr} is too high."
                 )
+            if ctx.loss_log is not None:
+                ctx.loss_log.append(value)
             loss.backward()
             opt.step()
             sched.step(value)

@@ -1,0 +1,105 @@
+"""Each synthesis method on a tiny in-test model: it lowers its loss, and its parts behave as stated."""
+
+import pytest
+import torch
+import zq_plugin
+from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.synth import dsg, registry
+
+SHAPE = (1, 12, 12)
+
+
+def context(n=6, seed=0, log=None):
+    return registry.BatchContext(
+        batch_size=n,
+        input_shape=SHAPE,
+        input_range=(-2.0, 2.0),
+        generator=torch.Generator().manual_seed(seed),
+        loss_log=log,
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        ("zeroq", {"steps": 40}),
+        ("dsg", {"steps": 40}),
+        ("dsg", {"steps": 40, "statistics": "batch"}),
+        ("dsg", {"steps": 40, "sci_weight": 0.1}),
+    ],
+)
+def test_method_lowers_its_loss(tiny_bn_net, method, options):
+    spec = registry.get_method(method)
+    log: list[float] = []
+    with zq_plugin.synth.hooks.frozen(tiny_bn_net):
+        x = spec.make_batch(tiny_bn_net, spec.config(options), context(log=log))
+    assert x.shape == (6, *SHAPE) and torch.isfinite(x).all()
+    assert len(log) == options["steps"]
+    assert min(log[-5:]) < 0.5 * log[0], (log[0], log[-5:])
+
+
+def test_margins_grow_with_epsilon_and_shrink_with_more_values():
+    sigma = torch.rand(16) + 0.5
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    d5, g5 = dsg.statistic_margins(sigma, 49, 0.5, 2048, gen())
+    d9, g9 = dsg.statistic_margins(sigma, 49, 0.9, 2048, gen())
+    assert d9 > d5 > 0 and g9 > g5 > 0
+    d_big, g_big = dsg.statistic_margins(sigma, 4900, 0.9, 2048, gen())
+    assert d_big < d9 / 5 and g_big < g9 / 5  # 1/sqrt(n) scaling
+    # Wilson-Hilferty (n > 64) agrees with exact chi-square draws near the switch
+    _, g_exact = dsg.statistic_margins(sigma, 64, 0.9, 8192, gen())
+    _, g_wh = dsg.statistic_margins(sigma, 65, 0.9, 8192, gen())
+    assert abs(g_exact - g_wh) / g_exact < 0.05
+
+
+def test_slack_loss_is_zero_inside_the_margins():
+    feat = torch.randn(4, 3, 8, 8)
+    m, s = feat.mean(dim=(2, 3)), feat.std(dim=(2, 3))
+    center_m, center_s = m.mean(0), s.mean(0)
+    wide = (float((m - center_m).abs().max()) + 1e-3, float((s - center_s).abs().max()) + 1e-3)
+    assert torch.all(dsg.slack_loss(feat, center_m, center_s, wide, "per_sample") == 0)
+    assert torch.all(dsg.slack_loss(feat, center_m, center_s, (0.0, 0.0), "per_sample") > 0)
+
+
+@pytest.mark.parametrize(("n", "layers"), [(3, 2), (5, 5), (40, 20), (7, 53)])
+def test_lse_enhances_one_layer_per_sample_for_any_depth(n, layers):
+    w = dsg.lse_weights(n, layers, 2.0)
+    assert w.shape == (n, layers)
+    assert torch.all((w == 2.0).sum(1) == 1)  # every sample enhances exactly one layer
+    assert set(torch.nonzero(w == 2.0)[:, 1].tolist()) == set(range(min(n, layers)))
+
+
+def test_sci_loss_is_lower_for_decorrelated_images():
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(8, *SHAPE, generator=gen)
+    same = torch.randn(1, *SHAPE, generator=gen).expand(8, *SHAPE) + 0.01 * torch.randn(8, *SHAPE, generator=gen)
+    fresh = torch.randn(8, *SHAPE, generator=gen)
+    assert dsg.sci_loss(fresh, noise) < dsg.sci_loss(same, noise)
+
+
+def test_dsg_needs_batchnorm_and_names_alternatives(tiny_plain_net):
+    with pytest.raises(ModelError, match="noise"):
+        zq_plugin.synthesize(tiny_plain_net, "dsg", num_samples=2, input_shape=SHAPE, progress=False)
+
+
+@pytest.mark.parametrize(
+    "options", [{"epsilon": 0}, {"epsilon": 1.5}, {"statistics": "pixel"}, {"lse_weight": 0.5}, {"margin": 1}]
+)
+def test_dsg_bad_options(tiny_bn_net, options):
+    with pytest.raises(ConfigError):
+        zq_plugin.synthesize(tiny_bn_net, "dsg", num_samples=2, input_shape=SHAPE, progress=False, **options)
+
+
+def test_dsg_images_are_more_diverse_than_zeroq_per_sample(tiny_bn_net):
+    """Slack margins leave per-sample statistics free to differ (the point of DSG)."""
+    common = {"num_samples": 8, "input_shape": SHAPE, "progress": False, "steps": 60, "batch_size": 8}
+    z = zq_plugin.synthesize(tiny_bn_net, "zeroq", statistics="per_sample", **common).images
+    d = zq_plugin.synthesize(tiny_bn_net, "dsg", **common).images
+    spread = lambda x: float(x.mean(dim=(1, 2, 3)).std())  # noqa: E731
+    assert spread(d) > spread(z)
+
+
+def test_unknown_option_lists_the_accepted_ones(tiny_bn_net):
+    with pytest.raises(ConfigError, match="epsilon"):
+        zq_plugin.synthesize(tiny_bn_net, "dsg", num_samples=2, input_shape=SHAPE, progress=False, epsilonn=0.9)
+
