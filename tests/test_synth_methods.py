@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 import zq_plugin
 from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.synth import dsg, registry
