@@ -25,7 +25,8 @@ def context(n=6, seed=0, log=None):
     [
         ("zeroq", {"steps": 40}),
         ("dsg", {"steps": 40}),
-        ("dsg", {"steps": 40, "statistics": "batch"}),
+        ("dsg", {"steps": 40, "statistics": "per_sample"}),
+        ("dsg", {"steps": 40, "statistics": "per_sample", "batch_weight": 1.0}),
         ("dsg", {"steps": 40, "sci_weight": 0.1}),
     ],
 )
@@ -95,7 +96,7 @@ def test_dsg_images_are_more_diverse_than_zeroq_per_sample(tiny_bn_net):
     """Slack margins leave per-sample statistics free to differ (the point of DSG)."""
     common = {"num_samples": 8, "input_shape": SHAPE, "progress": False, "steps": 60, "batch_size": 8}
     z = zq_plugin.synthesize(tiny_bn_net, "zeroq", statistics="per_sample", **common).images
-    d = zq_plugin.synthesize(tiny_bn_net, "dsg", **common).images
+    d = zq_plugin.synthesize(tiny_bn_net, "dsg", statistics="per_sample", **common).images
     spread = lambda x: float(x.mean(dim=(1, 2, 3)).std())  # noqa: E731
     assert spread(d) > spread(z)
 
