@@ -28,16 +28,19 @@ def context(n=6, seed=0, log=None):
         ("dsg", {"steps": 40, "statistics": "per_sample"}),
         ("dsg", {"steps": 40, "statistics": "per_sample", "batch_weight": 1.0}),
         ("dsg", {"steps": 40, "sci_weight": 0.1}),
+        ("retro", {"steps": 40}),
     ],
 )
 def test_method_lowers_its_loss(tiny_bn_net, method, options):
     spec = registry.get_method(method)
     log: list[float] = []
     with zq_plugin.synth.hooks.frozen(tiny_bn_net):
-        x = spec.make_batch(tiny_bn_net, spec.config(options), context(log=log))
+        out = spec.make_batch(tiny_bn_net, spec.config(options), context(log=log))
+    x = out[0] if isinstance(out, tuple) else out
     assert x.shape == (6, *SHAPE) and torch.isfinite(x).all()
     assert len(log) == options["steps"]
-    assert min(log[-5:]) < 0.5 * log[0], (log[0], log[-5:])
+    # retro's class term competes with the BN term on this random tiny model; it still falls by a third
+    assert min(log[-5:]) < (0.7 if method == "retro" else 0.5) * log[0], (log[0], log[-5:])
 
 
 def test_margins_grow_with_epsilon_and_shrink_with_more_values():
@@ -105,3 +108,39 @@ def test_unknown_option_lists_the_accepted_ones(tiny_bn_net):
     with pytest.raises(ConfigError, match="epsilon"):
         zq_plugin.synthesize(tiny_bn_net, "dsg", num_samples=2, input_shape=SHAPE, progress=False, epsilonn=0.9)
 
+
+
+def test_retro_is_class_balanced_and_targets_its_classes(tiny_plain_net):
+    data = zq_plugin.synthesize(
+        tiny_plain_net, "retro", num_samples=9, batch_size=4, input_shape=(1, 8, 8), progress=False, steps=60
+    )
+    assert data.labels is not None and data.labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2]
+    with torch.no_grad():
+        predicted = tiny_plain_net(data.images).argmax(1)
+    assert (predicted == data.labels).float().mean() >= 0.8
+
+
+def test_retro_bn_free_path_runs_on_a_model_without_bn(tiny_plain_net):
+    log: list[float] = []
+    spec = registry.get_method("retro")
+    with zq_plugin.synth.hooks.frozen(tiny_plain_net):
+        ctx = registry.BatchContext(
+            batch_size=6, input_shape=(1, 8, 8), input_range=(-2.0, 2.0), generator=torch.Generator(), loss_log=log
+        )
+        x, labels = spec.make_batch(tiny_plain_net, spec.config({"steps": 40}), ctx)
+    assert x.shape == (6, 1, 8, 8)
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert min(log[-5:]) < 0.5 * log[0]
+
+
+def test_retro_labels_survive_cache_and_resume(tiny_bn_net, tmp_path):
+    kw = {"num_samples": 7, "batch_size": 3, "input_shape": SHAPE, "progress": False, "steps": 5}
+    first = zq_plugin.synthesize(tiny_bn_net, "retro", cache_dir=tmp_path, **kw)
+    again = zq_plugin.synthesize(tiny_bn_net, "retro", cache_dir=tmp_path, **kw)
+    assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
+
+
+def test_retro_rejects_a_model_without_logits():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    with pytest.raises(ModelError, match="logits"):
+        zq_plugin.synthesize(net, "retro", num_samples=2, input_shape=SHAPE, progress=False, steps=2)

@@ -16,7 +16,7 @@ from zq_plugin.data import SyntheticDataset, model_fingerprint
 from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.synth.hooks import frozen, require_batchnorm
 from zq_plugin.synth.registry import BatchContext, get_method
-from zq_plugin.synth.store import BatchStore, dist_info, gather_batches, run_key
+from zq_plugin.synth.store import Batch, BatchStore, dist_info, gather_batches, run_key
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def synthesize(
         )
         store = BatchStore(cache_dir, key)
     rank, world = dist_info()
-    mine: dict[int, torch.Tensor] = {}
+    mine: dict[int, Batch] = {}
     with frozen(model):
         _check_model_output(model, shape)
         for b in range(rank, num_batches, world):
@@ -176,14 +176,22 @@ def synthesize(
                 generator=torch.Generator().manual_seed(batch_seed(seed, b)),
                 progress=progress,
                 desc=f"{method} batch {b + 1}/{num_batches}",
+                offset=b * batch_size,
             )
-            mine[b] = spec.make_batch(model, config, ctx).detach()
+            out = spec.make_batch(model, config, ctx)
+            images, labels = out if isinstance(out, tuple) else (out, None)
+            mine[b] = (images.detach(), labels)
             if store is not None:
-                store.save(b, mine[b])
+                store.save(b, *mine[b])
     batches = gather_batches(mine)
     record = {**dataclasses.asdict(config), "batch_size": batch_size, "input_range": box, "input_shape": list(shape)}
     return SyntheticDataset(
-        torch.cat([batches[b] for b in range(num_batches)]),
+        torch.cat([batches[b][0] for b in range(num_batches)]),
+        labels=None
+        if any(batches[b][1] is None for b in range(num_batches))
+        else torch.cat(
+            [batches[b][1] for b in range(num_batches)]  # type: ignore[misc]
+        ),
         method=method,
         options=record,
         seed=seed,

@@ -35,6 +35,7 @@ class BatchContext:
     progress: bool = False
     desc: str = ""
     loss_log: list[float] | None = None  # when a list, optimizing methods append each step's loss
+    offset: int = 0  # index of the batch's first sample in the whole set (class-balanced methods)
 
     def clamp_(self, x: torch.Tensor) -> torch.Tensor:
         """Project ``x`` in place onto the valid input box (no-op without one)."""
@@ -43,7 +44,8 @@ class BatchContext:
         return x
 
 
-MakeBatch = Callable[[nn.Module, Any, BatchContext], torch.Tensor]
+# a batch of images, or (images, labels) for class-targeted methods
+MakeBatch = Callable[[nn.Module, Any, BatchContext], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)

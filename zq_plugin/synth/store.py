@@ -12,8 +12,9 @@ Example:
     >>> import tempfile, torch
     >>> store = BatchStore(tempfile.mkdtemp(), "demo")
     >>> store.save(0, torch.zeros(2, 1, 4, 4))
-    >>> store.load(0, 2, (1, 4, 4)).shape
-    torch.Size([2, 1, 4, 4])
+    >>> images, labels = store.load(0, 2, (1, 4, 4))
+    >>> images.shape, labels
+    (torch.Size([2, 1, 4, 4]), None)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from zq_plugin.data import atomic_torch_save
 
 logger = logging.getLogger(__name__)
+Batch = tuple[torch.Tensor, torch.Tensor | None]  # images [n, ...], labels [n] or None
 
 
 def run_key(**parts: Any) -> str:
@@ -49,17 +51,19 @@ class BatchStore:
         """Path of batch ``index`` holding ``n`` images."""
         return self.path / f"batch-{index:06d}-{n}.pt"
 
-    def save(self, index: int, images: torch.Tensor) -> None:
-        """Write a finished batch ``[n, ...]`` atomically."""
-        atomic_torch_save({"images": images.detach().cpu()}, self.file(index, images.shape[0]))
+    def save(self, index: int, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Write a finished batch ``[n, ...]`` (and its labels ``[n]``) atomically."""
+        blob = {"images": images.detach().cpu(), "labels": None if labels is None else labels.cpu()}
+        atomic_torch_save(blob, self.file(index, images.shape[0]))
 
-    def load(self, index: int, n: int, input_shape: tuple[int, ...]) -> torch.Tensor | None:
-        """The stored batch, or None if absent or unreadable (then it is made again)."""
+    def load(self, index: int, n: int, input_shape: tuple[int, ...]) -> Batch | None:
+        """The stored ``(images, labels)``, or None if absent or unreadable (then it is made again)."""
         path = self.file(index, n)
         if not path.is_file():
             return None
         try:
-            images = torch.load(path, map_location="cpu", weights_only=True)["images"]
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            images, labels = blob["images"], blob.get("labels")
         except Exception as exc:  # a damaged file is regenerated, never trusted
             logger.warning("ignoring unreadable cached batch %s (%s); it will be generated again", path, exc)
             return None
@@ -67,10 +71,11 @@ class BatchStore:
             not isinstance(images, torch.Tensor)
             or tuple(images.shape) != (n, *input_shape)
             or not bool(torch.isfinite(images).all())
+            or (labels is not None and (not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (n,)))
         ):
             logger.warning("ignoring cached batch %s with unexpected content; it will be generated again", path)
             return None
-        return images
+        return images, labels
 
 
 def dist_info() -> tuple[int, int]:
@@ -80,14 +85,14 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_batches(mine: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Every rank's ``{batch index: images}`` merged, on every rank (identity without a group)."""
+def gather_batches(mine: dict[int, Batch]) -> dict[int, Batch]:
+    """Every rank's ``{batch index: (images, labels)}`` merged, on every rank (identity without a group)."""
     _, world = dist_info()
     if world == 1:
         return dict(mine)
-    parts: list[dict[int, torch.Tensor] | None] = [None] * world
-    torch.distributed.all_gather_object(parts, {b: x.cpu() for b, x in mine.items()})
-    merged: dict[int, torch.Tensor] = {}
+    parts: list[dict[int, Batch] | None] = [None] * world
+    torch.distributed.all_gather_object(parts, mine)
+    merged: dict[int, Batch] = {}
     for part in parts:
         merged.update(part or {})
     return merged

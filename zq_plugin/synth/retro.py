@@ -1,0 +1,164 @@
+"""Retro-Synthesis: class-targeted calibration images (Pratap, Kumar et al., arXiv 2012.13716).
+
+Each image is optimized towards a *target class* ``c`` (classes assigned round-robin over the
+whole set, so the set is class-balanced) with a soft target ``t``: random scores with the largest
+one at ``c``, normalised to sum 1 (methods.md §4.2). The loss is
+
+    L = output_weight * KL(t || softmax(f(x)))  +  bn_weight * sum_l BNS_l(x)
+        + input_weight * BNS_0(x)  +  tv_weight * TV(x),
+
+with ``BNS_l`` the BN-statistics term of ZeroQ at layer ``l`` (batch statistics, the measured
+default of ``zeroq``), ``BNS_0`` the input term (mean 0 and std 1 per channel) and ``TV`` the
+mean squared difference of neighbouring pixels.
+
+**BN-free path.** A model without BatchNorm stores no feature statistics, so the BN terms
+vanish. What remains are the statistics every normalised model does carry implicitly: its
+input normalisation says the images have mean 0 and std 1 per channel over the data, and the
+input box bounds every pixel. The input term, the box, the class targets (the model's own
+output layer, i.e. its class statistics) and a smoothness prior (TV; natural images are locally
+smooth, and noise images drive activations to ranges real images never reach) replace the BN
+targets. ``bn_weight`` is ignored there. The paper's own no-BN statistic source could not be
+verified (methods.md §4.2), so this is the plugin's choice, measured against noise calibration
+in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.synth.hooks import batchnorm_layers, bn_targets, capture_inputs
+from zq_plugin.synth.losses import Statistics, bn_statistics_loss, stats_loss
+from zq_plugin.synth.registry import BatchContext, register
+from zq_plugin.synth.zeroq import init_pixels
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetroConfig:
+    """Options of ``method="retro"``.
+
+    Attributes:
+        steps: Adam steps per batch (paper: ZeroQ-like, about 500).
+        lr: Adam learning rate (ZeroQ's 0.5: same loop as ``zeroq``).
+        output_weight: weight of ``KL(target || softmax(output))``.
+        bn_weight: weight of the BN-statistics term (ignored without BN).
+        input_weight: weight of the input-statistics term (mean 0, std 1 per channel).
+        tv_weight: weight of the total-variation prior. 0.01 as in DSG's and DeepInversion's code.
+        target_margin: how far the target class's score is raised above the random others
+            (``t_c = max(u) + target_margin`` before normalising, ``u ~ U(0, 1)``).
+        statistics: granularity of the BN and input terms (``"batch"``, the measured default of
+            ``zeroq``, or ``"per_sample"``).
+        init: initial pixels: ``"gaussian"`` (the paper starts from Gaussian noise) or ``"uniform"``.
+        patience: ReduceLROnPlateau patience in steps (ZeroQ's 100).
+        factor: ReduceLROnPlateau factor.
+        min_lr: ReduceLROnPlateau floor.
+    """
+
+    steps: int = 500
+    lr: float = 0.5
+    output_weight: float = 1.0
+    bn_weight: float = 1.0
+    input_weight: float = 1.0
+    tv_weight: float = 0.01
+    target_margin: float = 1.0
+    statistics: Statistics = "batch"
+    init: Literal["uniform", "gaussian"] = "gaussian"
+    patience: int = 100
+    factor: float = 0.1
+    min_lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps={self.steps} must be >= 1 (the paper uses about 500).")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr} must be > 0.")
+        for name in ("output_weight", "bn_weight", "input_weight", "tv_weight", "target_margin"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0.")
+        if self.statistics not in ("per_sample", "batch"):
+            raise ConfigError(f"statistics={self.statistics!r}: use 'batch' or 'per_sample'.")
+        if self.init not in ("uniform", "gaussian"):
+            raise ConfigError(f"init={self.init!r}: use 'gaussian' (the paper) or 'uniform'.")
+
+
+def soft_targets(labels: torch.Tensor, num_classes: int, margin: float, gen: torch.Generator) -> torch.Tensor:
+    """``[N, K]`` target distributions whose argmax is ``labels``: random scores, the label's raised by ``margin``.
+
+    Example:
+        >>> t = soft_targets(torch.tensor([2, 0]), 4, 1.0, torch.Generator().manual_seed(0))
+        >>> t.argmax(1).tolist(), [round(float(v), 5) for v in t.sum(1)]
+        ([2, 0], [1.0, 1.0])
+    """
+    u = torch.rand(labels.shape[0], num_classes, generator=gen)
+    rows = torch.arange(labels.shape[0])
+    u[rows, labels] = u.max(1).values + margin
+    return u / u.sum(1, keepdim=True)
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of neighbouring pixels of ``x`` ``[N, C, H, W]`` (a scalar)."""
+    tv = x.new_zeros(())
+    for dim in range(2, x.dim()):
+        tv = tv + x.diff(dim=dim).pow(2).mean()
+    return tv
+
+
+@register("retro", RetroConfig, needs_batchnorm=False)
+def make_retro(model: nn.Module, config: RetroConfig, ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """One class-balanced batch ``([n, *input_shape], labels [n])`` of class-targeted images."""
+    n = ctx.batch_size
+    with torch.no_grad():
+        probe = model(torch.zeros(1, *ctx.input_shape))
+    if not isinstance(probe, torch.Tensor) or probe.dim() != 2:
+        raise ModelError(
+            f"retro needs a classifier returning logits [N, K]; {type(model).__name__} returned "
+            f"{type(probe).__name__} of shape {getattr(probe, 'shape', None)}. Use 'zeroq' or 'dsg' for other models."
+        )
+    num_classes = probe.shape[1]
+    labels = (ctx.offset + torch.arange(n)) % num_classes  # round-robin over the whole set
+    target = soft_targets(labels, num_classes, config.target_margin, ctx.generator)
+    bns = batchnorm_layers(model)
+    targets = bn_targets(bns)
+    channels = ctx.input_shape[0]
+    zeros, ones = torch.zeros(channels), torch.ones(channels)
+
+    x = ctx.clamp_(init_pixels(config.init, (n, *ctx.input_shape), ctx.generator))
+    x.requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=config.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, factor=config.factor, patience=config.patience, min_lr=config.min_lr
+    )
+    bar = tqdm(range(config.steps), desc=ctx.desc, disable=None if ctx.progress else True, leave=False)
+    with capture_inputs(dict(bns)) as feats:
+        for step in bar:
+            opt.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = config.output_weight * F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean")
+            if targets and config.bn_weight > 0:
+                loss = loss + config.bn_weight * bn_statistics_loss(feats, targets, config.statistics)
+            loss = loss + config.input_weight * stats_loss(x, zeros, ones, config.statistics)
+            if config.tv_weight > 0:
+                loss = loss + config.tv_weight * total_variation(x)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise ModelError(
+                    f"the Retro-Synthesis loss became {value} at step {step}: the model produces non-finite "
+                    f"outputs (check its weights) or lr={config.lr} is too high."
+                )
+            if ctx.loss_log is not None:
+                ctx.loss_log.append(value)
+            loss.backward()
+            opt.step()
+            sched.step(value)
+            with torch.no_grad():
+                ctx.clamp_(x)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+    return x.detach(), labels
