@@ -106,7 +106,6 @@ def test_two_process_torchrun_equals_one_process(tiny_bn_net, tmp_path):
         f"--master_port={_free_port()}",
         str(tests / "helpers" / "dist_synth.py"),
         str(out),
-        str(tests),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", **_env()})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,11 +1,12 @@
 """Worker for tests/test_generation.py: synthesize under torchrun (gloo) and save rank 0's images."""
 
+import pathlib
 import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, sys.argv[2])  # the tests folder, for conftest's tiny model
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # tests/, for conftest's tiny model
 from conftest import TinyBNNet, randomize_bn  # noqa: E402
 
 import zq_plugin  # noqa: E402
