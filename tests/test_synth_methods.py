@@ -29,6 +29,7 @@ def context(n=6, seed=0, log=None):
         ("dsg", {"steps": 40, "statistics": "per_sample", "batch_weight": 1.0}),
         ("dsg", {"steps": 40, "sci_weight": 0.1}),
         ("retro", {"steps": 40}),
+        ("genie", {"steps": 40, "width": 16, "latent_dim": 16}),
     ],
 )
 def test_method_lowers_its_loss(tiny_bn_net, method, options):
@@ -39,8 +40,10 @@ def test_method_lowers_its_loss(tiny_bn_net, method, options):
     x = out[0] if isinstance(out, tuple) else out
     assert x.shape == (6, *SHAPE) and torch.isfinite(x).all()
     assert len(log) == options["steps"]
-    # retro's class term competes with the BN term on this random tiny model; it still falls by a third
-    assert min(log[-5:]) < (0.7 if method == "retro" else 0.5) * log[0], (log[0], log[-5:])
+    # on this random tiny model retro's class term competes with the BN term, and genie's generator
+    # (batch-normalised output, clamped to the box) cannot reach every per-sample target: both still fall
+    factor = {"retro": 0.7, "genie": 0.95}.get(method, 0.5)
+    assert min(log[-5:]) < factor * log[0], (log[0], log[-5:])
 
 
 def test_margins_grow_with_epsilon_and_shrink_with_more_values():
@@ -144,3 +147,36 @@ def test_retro_rejects_a_model_without_logits():
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
     with pytest.raises(ModelError, match="logits"):
         zq_plugin.synthesize(net, "retro", num_samples=2, input_shape=SHAPE, progress=False, steps=2)
+
+
+@pytest.mark.parametrize("shape", [(1, 12, 12), (3, 10, 14), (2, 9, 7)])
+def test_genie_generator_follows_input_shape(shape):
+    from zq_plugin.synth.genie import Generator
+
+    out = Generator(shape, latent_dim=8, width=8)(torch.randn(4, 8))
+    assert out.shape == (4, *shape)
+
+
+def test_genie_is_deterministic_and_leaves_the_model_and_global_rng_alone(tiny_bn_net):
+    from conftest import assert_unchanged, snapshot
+
+    before = snapshot(tiny_bn_net)
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    kw = {"num_samples": 4, "input_shape": SHAPE, "progress": False, "steps": 6, "width": 8, "latent_dim": 8}
+    a = zq_plugin.synthesize(tiny_bn_net, "genie", **kw).images
+    assert torch.equal(torch.rand(1), expected_next)  # the generator's init used a forked RNG
+    b = zq_plugin.synthesize(tiny_bn_net, "genie", **kw).images
+    assert torch.equal(a, b)
+    assert_unchanged(tiny_bn_net, before)
+
+
+def test_swing_convolution_hooks_only_strided_convs_and_are_removed(tiny_bn_net):
+    from zq_plugin.synth.genie import swing_convolutions
+
+    with swing_convolutions(tiny_bn_net, torch.Generator().manual_seed(0)) as count:
+        assert count == 2  # conv2 and the 1x1 shortcut have stride 2
+        out = tiny_bn_net(torch.randn(2, *SHAPE))
+    assert out.shape == (2, 3)
+    assert all(len(m._forward_pre_hooks) == 0 for m in tiny_bn_net.modules())

@@ -6,7 +6,7 @@ later, Brevitas and torchao PT2E) quantized models with it.
 Example:
     >>> import zq_plugin
     >>> sorted(zq_plugin.METHODS)
-    ['dsg', 'noise', 'retro', 'zeroq']
+    ['dsg', 'genie', 'noise', 'retro', 'zeroq']
 """
 
 from zq_plugin.backends.fx import calibrate, convert_int8_fx, qconfig, quantize_fx, uniform_qconfig_mapping
