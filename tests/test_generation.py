@@ -82,10 +82,14 @@ def test_damaged_cached_batch_is_made_again(tiny_bn_net, tmp_path):
     assert torch.equal(run(tiny_bn_net, cache_dir=tmp_path), expected)
 
 
-def test_cache_key_separates_models_and_options(tiny_bn_net, tmp_path):
+def test_cache_key_separates_options_and_code(tiny_bn_net, tmp_path, monkeypatch):
     run(tiny_bn_net, cache_dir=tmp_path)
     run(tiny_bn_net, cache_dir=tmp_path, lr=0.1)
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+    # data made by other code of the method is not reused
+    monkeypatch.setattr("zq_plugin.synth.api.method_code_hash", lambda _cls: "edited")
+    run(tiny_bn_net, cache_dir=tmp_path)
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 3
 
 
 def _free_port() -> int:

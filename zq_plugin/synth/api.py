@@ -16,7 +16,7 @@ from zq_plugin.data import SyntheticDataset, model_fingerprint
 from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.synth.hooks import frozen, require_batchnorm
 from zq_plugin.synth.registry import BatchContext, get_method
-from zq_plugin.synth.store import Batch, BatchStore, dist_info, gather_batches, run_key
+from zq_plugin.synth.store import Batch, BatchStore, dist_info, gather_batches, method_code_hash, run_key
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +151,7 @@ def synthesize(
         key = run_key(
             model=fingerprint,
             method=method,
+            code=method_code_hash(spec.config_cls),  # the module that defines the method
             config=dataclasses.asdict(config),
             seed=seed,
             batch_size=batch_size,

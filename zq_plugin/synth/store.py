@@ -1,8 +1,8 @@
 """Finished batches on disk, and the split of batches across ``torch.distributed`` ranks.
 
 A generation run is keyed by everything that determines its images: the model's weights
-(fingerprint), the method and its config, the seed, the batch size, the input shape and the
-input box. Batch ``b`` of ``n`` images is the file ``<cache_dir>/<key>/batch-<b>-<n>.pt``,
+(fingerprint), the method, the source code of its module, its config, the seed, the batch size,
+the input shape and the input box. Batch ``b`` of ``n`` images is the file ``<cache_dir>/<key>/batch-<b>-<n>.pt``,
 written atomically when the batch is finished. A run that stops (exception, Ctrl-C, a killed
 process) leaves only finished batches behind; the next run with the same key loads them and
 generates the rest. Since batch ``b`` is a function of ``(seed, b, n)`` alone, the resumed
@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -32,6 +33,16 @@ from zq_plugin.data import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor | None]  # images [n, ...], labels [n] or None
+
+
+def method_code_hash(fn: Any) -> str:
+    """Hash of the source of the module defining ``fn``: a cache made by other code is not reused."""
+    module = inspect.getmodule(fn)
+    try:
+        source = inspect.getsource(module) if module is not None else repr(fn)
+    except (OSError, TypeError):  # no source (frozen or interactive code): fall back to the name
+        source = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
 def run_key(**parts: Any) -> str:
