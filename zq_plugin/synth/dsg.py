@@ -36,11 +36,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.errors import ConfigError
 from zq_plugin.synth.hooks import batchnorm_layers, bn_targets, capture_inputs
 from zq_plugin.synth.losses import bn_statistics_loss, feature_stats, stats_loss
+from zq_plugin.synth.optimize import optimize_pixels
 from zq_plugin.synth.registry import BatchContext, register
 from zq_plugin.synth.zeroq import init_pixels
 
@@ -215,16 +215,9 @@ def make_dsg(model: nn.Module, config: DSGConfig, ctx: BatchContext) -> torch.Te
     weights = lse_weights(n, len(layers), config.lse_weight if per_sample else 1.0)  # [N, L+1]
     noise = torch.randn(n, *ctx.input_shape, generator=ctx.generator) if config.sci_weight > 0 else None
 
-    x = ctx.clamp_(init_pixels(config.init, (n, *ctx.input_shape), ctx.generator))
-    x.requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=config.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, factor=config.factor, patience=config.patience, min_lr=config.min_lr
-    )
-    bar = tqdm(range(config.steps), desc=ctx.desc, disable=None if ctx.progress else True, leave=False)
     with capture_inputs(dict(bns)) as feats:
-        for step in bar:
-            opt.zero_grad(set_to_none=True)
+
+        def loss_fn(x: torch.Tensor) -> torch.Tensor:
             model(x)
             per_layer = [config.input_weight * slack_loss(x, zeros, ones, input_margins, config.statistics)]
             per_layer += [
@@ -239,19 +232,16 @@ def make_dsg(model: nn.Module, config: DSGConfig, ctx: BatchContext) -> torch.Te
                     bn_statistics_loss(feats, targets, "batch")
                     + config.input_weight * stats_loss(x, zeros, ones, "batch")
                 )
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise ModelError(
-                    f"the DSG loss became {value} at step {step}: the model produces non-finite features "
-                    f"(check its weights and BN buffers) or lr={config.lr} is too high."
-                )
-            if ctx.loss_log is not None:
-                ctx.loss_log.append(value)
-            loss.backward()
-            opt.step()
-            sched.step(value)
-            with torch.no_grad():
-                ctx.clamp_(x)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{value:.4g}", refresh=False)
-    return x.detach()
+            return loss
+
+        return optimize_pixels(
+            init_pixels(config.init, (n, *ctx.input_shape), ctx.generator),
+            loss_fn,
+            ctx,
+            steps=config.steps,
+            lr=config.lr,
+            patience=config.patience,
+            factor=config.factor,
+            min_lr=config.min_lr,
+            name="DSG",
+        )

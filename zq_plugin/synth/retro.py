@@ -25,18 +25,17 @@ in docs/results.md.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.synth.hooks import batchnorm_layers, bn_targets, capture_inputs
 from zq_plugin.synth.losses import Statistics, bn_statistics_loss, stats_loss
+from zq_plugin.synth.optimize import optimize_pixels
 from zq_plugin.synth.registry import BatchContext, register
 from zq_plugin.synth.zeroq import init_pixels
 
@@ -136,16 +135,9 @@ def make_retro(model: nn.Module, config: RetroConfig, ctx: BatchContext) -> tupl
     channels = ctx.input_shape[0]
     zeros, ones = torch.zeros(channels), torch.ones(channels)
 
-    x = ctx.clamp_(init_pixels(config.init, (n, *ctx.input_shape), ctx.generator))
-    x.requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=config.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, factor=config.factor, patience=config.patience, min_lr=config.min_lr
-    )
-    bar = tqdm(range(config.steps), desc=ctx.desc, disable=None if ctx.progress else True, leave=False)
     with capture_inputs(dict(bns)) as feats:
-        for step in bar:
-            opt.zero_grad(set_to_none=True)
+
+        def loss_fn(x: torch.Tensor) -> torch.Tensor:
             logits = model(x)
             loss = config.output_weight * F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean")
             if targets and config.bn_weight > 0:
@@ -153,19 +145,17 @@ def make_retro(model: nn.Module, config: RetroConfig, ctx: BatchContext) -> tupl
             loss = loss + config.input_weight * stats_loss(x, zeros, ones, config.statistics)
             if config.tv_weight > 0:
                 loss = loss + config.tv_weight * total_variation(x)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise ModelError(
-                    f"the Retro-Synthesis loss became {value} at step {step}: the model produces non-finite "
-                    f"outputs (check its weights) or lr={config.lr} is too high."
-                )
-            if ctx.loss_log is not None:
-                ctx.loss_log.append(value)
-            loss.backward()
-            opt.step()
-            sched.step(value)
-            with torch.no_grad():
-                ctx.clamp_(x)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{value:.4g}", refresh=False)
-    return x.detach(), labels
+            return loss
+
+        x = optimize_pixels(
+            init_pixels(config.init, (n, *ctx.input_shape), ctx.generator),
+            loss_fn,
+            ctx,
+            steps=config.steps,
+            lr=config.lr,
+            patience=config.patience,
+            factor=config.factor,
+            min_lr=config.min_lr,
+            name="Retro-Synthesis",
+        )
+    return x, labels

@@ -17,11 +17,11 @@ from typing import Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.errors import ConfigError
 from zq_plugin.synth.hooks import batchnorm_layers, bn_targets, capture_inputs
 from zq_plugin.synth.losses import Statistics, bn_statistics_loss, stats_loss
+from zq_plugin.synth.optimize import optimize_pixels
 from zq_plugin.synth.registry import BatchContext, register
 
 
@@ -78,35 +78,23 @@ def make_zeroq(model: nn.Module, config: ZeroQConfig, ctx: BatchContext) -> torc
     """Distill one batch ``[n, *input_shape]`` from ``model`` (frozen, eval) by BN-statistics matching."""
     bns = batchnorm_layers(model)
     targets = bn_targets(bns)
-    x = ctx.clamp_(init_pixels(config.init, (ctx.batch_size, *ctx.input_shape), ctx.generator))
-    x.requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=config.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, factor=config.factor, patience=config.patience, min_lr=config.min_lr
-    )
     channels = ctx.input_shape[0]
     zeros, ones = torch.zeros(channels), torch.ones(channels)
-    # disable=None: tqdm draws only on a terminal, so logs and CI output stay clean
-    bar = tqdm(range(config.steps), desc=ctx.desc, disable=None if ctx.progress else True, leave=False)
     with capture_inputs(dict(bns)) as feats:
-        for step in bar:
-            opt.zero_grad(set_to_none=True)
+
+        def loss_fn(x: torch.Tensor) -> torch.Tensor:
             model(x)
             loss = bn_statistics_loss(feats, targets, config.statistics)
-            loss = loss + config.input_weight * stats_loss(x, zeros, ones, config.statistics)
-            value = float(loss.detach())
-            if value != value or value in (float("inf"), float("-inf")):
-                raise ModelError(
-                    f"the ZeroQ loss became {value} at step {step}: the model produces non-finite features "
-                    "(check its weights and BN buffers for NaN/Inf) or lr={config.lr} is too high."
-                )
-            if ctx.loss_log is not None:
-                ctx.loss_log.append(value)
-            loss.backward()
-            opt.step()
-            sched.step(value)
-            with torch.no_grad():
-                ctx.clamp_(x)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{value:.4g}", refresh=False)
-    return x.detach()
+            return loss + config.input_weight * stats_loss(x, zeros, ones, config.statistics)
+
+        return optimize_pixels(
+            init_pixels(config.init, (ctx.batch_size, *ctx.input_shape), ctx.generator),
+            loss_fn,
+            ctx,
+            steps=config.steps,
+            lr=config.lr,
+            patience=config.patience,
+            factor=config.factor,
+            min_lr=config.min_lr,
+            name="ZeroQ",
+        )
