@@ -352,3 +352,12 @@ def test_missing_torchao_names_the_extra(monkeypatch):
     with pytest.raises(MissingDependencyError, match=r"zq-plugin\[pt2e\]"):
         _compat.torchao_pt2e()
     assert not _compat.has_torchao()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"quant_min": 0.0, "quant_max": 15}, "quant_min=0.0"), ({"quant_min": 0, "quant_max": "15"}, "quant_max='15'")],
+)
+def test_non_integer_range_raises_config_error(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ao.MSEObserver(**kwargs)

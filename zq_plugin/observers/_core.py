@@ -43,10 +43,10 @@ def check_quant_range(quant_min: object, quant_max: object) -> None:
             f"quant_min={quant_min!r}, quant_max={quant_max!r}: pass both or neither "
             "(e.g. quant_min=0, quant_max=15 for 4-bit unsigned)."
         )
-    for name, value in (("quant_min", quant_min), ("quant_max", quant_max)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}={value!r} must be an integer.")
-    assert isinstance(quant_min, int) and isinstance(quant_max, int)
+    if isinstance(quant_min, bool) or not isinstance(quant_min, int):
+        raise ConfigError(f"quant_min={quant_min!r} must be an integer (e.g. 0 for 4-bit unsigned).")
+    if isinstance(quant_max, bool) or not isinstance(quant_max, int):
+        raise ConfigError(f"quant_max={quant_max!r} must be an integer (e.g. 15 for 4-bit unsigned).")
     if quant_min >= quant_max or not quant_min <= 0 <= quant_max:
         raise ConfigError(
             f"quant_min={quant_min}, quant_max={quant_max} is not a valid range: need quant_min <= 0 <= quant_max "
