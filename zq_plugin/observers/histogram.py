@@ -137,14 +137,6 @@ def channel_axis(x: torch.Tensor, ch_axis: int | None) -> int | None:
     return ch_axis % x.dim()
 
 
-def channel_view(x: torch.Tensor, ch_axis: int | None) -> torch.Tensor:
-    """``x`` as ``[C, N]``: one row per channel of ``ch_axis``, or one row (``None``, per-tensor)."""
-    axis = channel_axis(x, ch_axis)
-    if axis is None:
-        return x.reshape(1, -1)
-    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
-
-
 def _extremes(x: torch.Tensor, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(min, max)``, ``[C]`` each, without copying ``x``."""
     if axis is None:  # a whole-tensor reduction is parallel; a one-row reduction along a dim is not

@@ -139,10 +139,12 @@ def _search(
 
     channels = mn.shape[0]
     alpha1 = torch.arange(coarse, 0, -1, dtype=torch.float64).div(coarse).unsqueeze(1).expand(coarse, channels)
-    best1 = _pick(alpha1, evaluate(alpha1)).unsqueeze(0)  # [1, C]
+    loss1 = evaluate(alpha1)  # [G, C]
+    best1 = _pick(alpha1, loss1).unsqueeze(0)  # [1, C]
+    best1_loss = loss1.gather(0, (alpha1 == best1).to(torch.int64).argmax(0, keepdim=True))  # [1, C]
     offsets = torch.linspace(1.0, -1.0, fine + 2, dtype=torch.float64)[1:-1].unsqueeze(1) / coarse  # [F, 1]
     alpha2 = (best1 + offsets).clamp(1.0 / (coarse * fine + 1), 1.0)  # [F, C]
-    chosen = _pick(torch.cat([best1, alpha2]), torch.cat([evaluate(best1), evaluate(alpha2)]))  # [C]
+    chosen = _pick(torch.cat([best1, alpha2]), torch.cat([best1_loss, evaluate(alpha2)]))  # [C]
     return _finish(hist, chosen * mn, chosen * mx)
 
 

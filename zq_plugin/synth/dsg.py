@@ -39,7 +39,7 @@ from torch import nn
 
 from zq_plugin.errors import ConfigError
 from zq_plugin.synth.hooks import batchnorm_layers, bn_targets, capture_inputs
-from zq_plugin.synth.losses import bn_statistics_loss, feature_stats, stats_loss
+from zq_plugin.synth.losses import feature_stats, zeroq_objective
 from zq_plugin.synth.optimize import optimize_pixels
 from zq_plugin.synth.registry import BatchContext, register
 from zq_plugin.synth.zeroq import init_pixels
@@ -228,20 +228,13 @@ def make_dsg(model: nn.Module, config: DSGConfig, ctx: BatchContext) -> torch.Te
             if noise is not None:
                 loss = loss + config.sci_weight * sci_loss(x, noise)
             if config.batch_weight > 0:
-                loss = loss + config.batch_weight * (
-                    bn_statistics_loss(feats, targets, "batch")
-                    + config.input_weight * stats_loss(x, zeros, ones, "batch")
-                )
+                loss = loss + config.batch_weight * zeroq_objective(feats, targets, x, "batch", config.input_weight)
             return loss
 
         return optimize_pixels(
             init_pixels(config.init, (n, *ctx.input_shape), ctx.generator),
             loss_fn,
             ctx,
-            steps=config.steps,
-            lr=config.lr,
-            patience=config.patience,
-            factor=config.factor,
-            min_lr=config.min_lr,
-            name="DSG",
+            config,
+            "DSG",
         )

@@ -60,3 +60,16 @@ def bn_statistics_loss(
 ) -> torch.Tensor:
     """Sum of :func:`stats_loss` over every BN layer named in ``targets``."""
     return torch.stack([stats_loss(feats[name], mu, sigma, statistics) for name, (mu, sigma) in targets.items()]).sum()
+
+
+def zeroq_objective(
+    feats: dict[str, torch.Tensor],
+    targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    statistics: Statistics,
+    input_weight: float = 1.0,
+) -> torch.Tensor:
+    """ZeroQ's Eq. 3: :func:`bn_statistics_loss` plus ``input_weight`` times the input term (mean 0, std 1)."""
+    channels = x.shape[1]
+    input_term = stats_loss(x, torch.zeros(channels), torch.ones(channels), statistics)
+    return bn_statistics_loss(feats, targets, statistics) + input_weight * input_term

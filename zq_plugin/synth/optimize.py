@@ -10,8 +10,9 @@ Example:
     >>> from zq_plugin.synth.registry import BatchContext
     >>> ctx = BatchContext(batch_size=2, input_shape=(1, 2, 2), input_range=(-1.0, 1.0),
     ...                    generator=torch.Generator())
-    >>> x = optimize_pixels(torch.zeros(2, 1, 2, 2), lambda x: (x - 0.5).pow(2).sum(), ctx,
-    ...                     steps=200, lr=0.1, patience=100, factor=0.1, min_lr=1e-4, name="toy")
+    >>> from zq_plugin.synth.zeroq import ZeroQConfig
+    >>> config = ZeroQConfig(steps=200, lr=0.1)
+    >>> x = optimize_pixels(torch.zeros(2, 1, 2, 2), lambda x: (x - 0.5).pow(2).sum(), ctx, config, "toy")
     >>> round(float(x.mean()), 2)
     0.5
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -28,16 +30,26 @@ from zq_plugin.errors import ModelError
 from zq_plugin.synth.registry import BatchContext
 
 
+class LoopConfig(Protocol):
+    """The loop options every pixel method's config carries."""
+
+    @property
+    def steps(self) -> int: ...  # noqa: D102
+    @property
+    def lr(self) -> float: ...  # noqa: D102
+    @property
+    def patience(self) -> int: ...  # noqa: D102
+    @property
+    def factor(self) -> float: ...  # noqa: D102
+    @property
+    def min_lr(self) -> float: ...  # noqa: D102
+
+
 def optimize_pixels(
     x0: torch.Tensor,
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
     ctx: BatchContext,
-    *,
-    steps: int,
-    lr: float,
-    patience: int,
-    factor: float,
-    min_lr: float,
+    config: LoopConfig,
     name: str,
 ) -> torch.Tensor:
     """Minimise ``loss_fn(x)`` over the pixels ``x`` ``[N, *input_shape]``, starting from ``x0`` (clamped).
@@ -46,11 +58,8 @@ def optimize_pixels(
         x0: initial pixels.
         loss_fn: runs the model on ``x`` and returns the scalar loss.
         ctx: the batch's context (input box, progress, loss log).
-        steps: Adam steps.
-        lr: Adam learning rate.
-        patience: ReduceLROnPlateau patience in steps.
-        factor: ReduceLROnPlateau factor.
-        min_lr: ReduceLROnPlateau floor.
+        config: ``steps`` (Adam steps), ``lr`` (Adam), ``patience``, ``factor``, ``min_lr``
+            (ReduceLROnPlateau).
         name: the method's name, for messages.
 
     Returns:
@@ -61,10 +70,12 @@ def optimize_pixels(
     """
     x = ctx.clamp_(x0)
     x.requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=factor, patience=patience, min_lr=min_lr)
+    opt = torch.optim.Adam([x], lr=config.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, factor=config.factor, patience=config.patience, min_lr=config.min_lr
+    )
     # disable=None: tqdm draws only on a terminal, so logs and CI output stay clean
-    bar = tqdm(range(steps), desc=ctx.desc, disable=None if ctx.progress else True, leave=False)
+    bar = tqdm(range(config.steps), desc=ctx.desc, disable=None if ctx.progress else True, leave=False)
     for step in bar:
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(x)
@@ -72,7 +83,7 @@ def optimize_pixels(
         if not math.isfinite(value):
             raise ModelError(
                 f"the {name} loss became {value} at step {step}: the model produces non-finite features "
-                f"(check its weights and BN buffers for NaN/Inf) or lr={lr} is too high."
+                f"(check its weights and BN buffers for NaN/Inf) or lr={config.lr} is too high."
             )
         if ctx.loss_log is not None:
             ctx.loss_log.append(value)

@@ -151,11 +151,7 @@ def make_retro(model: nn.Module, config: RetroConfig, ctx: BatchContext) -> tupl
             init_pixels(config.init, (n, *ctx.input_shape), ctx.generator),
             loss_fn,
             ctx,
-            steps=config.steps,
-            lr=config.lr,
-            patience=config.patience,
-            factor=config.factor,
-            min_lr=config.min_lr,
-            name="Retro-Synthesis",
+            config,
+            "Retro-Synthesis",
         )
     return x, labels

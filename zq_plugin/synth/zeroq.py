@@ -20,7 +20,7 @@ from torch import nn
 
 from zq_plugin.errors import ConfigError
 from zq_plugin.synth.hooks import batchnorm_layers, bn_targets, capture_inputs
-from zq_plugin.synth.losses import Statistics, bn_statistics_loss, stats_loss
+from zq_plugin.synth.losses import Statistics, zeroq_objective
 from zq_plugin.synth.optimize import optimize_pixels
 from zq_plugin.synth.registry import BatchContext, register
 
@@ -78,23 +78,16 @@ def make_zeroq(model: nn.Module, config: ZeroQConfig, ctx: BatchContext) -> torc
     """Distill one batch ``[n, *input_shape]`` from ``model`` (frozen, eval) by BN-statistics matching."""
     bns = batchnorm_layers(model)
     targets = bn_targets(bns)
-    channels = ctx.input_shape[0]
-    zeros, ones = torch.zeros(channels), torch.ones(channels)
     with capture_inputs(dict(bns)) as feats:
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
             model(x)
-            loss = bn_statistics_loss(feats, targets, config.statistics)
-            return loss + config.input_weight * stats_loss(x, zeros, ones, config.statistics)
+            return zeroq_objective(feats, targets, x, config.statistics, config.input_weight)
 
         return optimize_pixels(
             init_pixels(config.init, (ctx.batch_size, *ctx.input_shape), ctx.generator),
             loss_fn,
             ctx,
-            steps=config.steps,
-            lr=config.lr,
-            patience=config.patience,
-            factor=config.factor,
-            min_lr=config.min_lr,
-            name="ZeroQ",
+            config,
+            "ZeroQ",
         )
