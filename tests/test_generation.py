@@ -1,7 +1,6 @@
 """Dependable generation: deterministic per batch, resumable from a cache, split across processes."""
 
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -92,12 +91,6 @@ def test_cache_key_separates_options_and_code(tiny_bn_net, tmp_path, monkeypatch
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_torchrun_equals_one_process(tiny_bn_net, tmp_path):
     tests = pathlib.Path(__file__).parent
     out = tmp_path / "images.pt"
@@ -105,9 +98,8 @@ def test_two_process_torchrun_equals_one_process(tiny_bn_net, tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a local rendezvous on a port torchrun picks itself (no race for a free port)
         "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
         str(tests / "helpers" / "dist_synth.py"),
         str(out),
     ]
