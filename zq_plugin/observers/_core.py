@@ -59,6 +59,7 @@ class Statistic:
     """Base of the statistic mixins: ``options`` are the keyword arguments and their defaults."""
 
     options: ClassVar[dict[str, Any]] = {}
+    per_channel_options: ClassVar[dict[str, Any]] = {}  # defaults that differ for the per-channel class
     stat_options: dict[str, Any]
 
     @classmethod
@@ -131,6 +132,7 @@ class EntropyStatistic(Statistic):
     """KL (TensorRT) search with ``quant_max - quant_min + 1`` target levels (``stats.entropy_range``)."""
 
     options: ClassVar[dict[str, Any]] = {"min_bins_per_level": 1.0, "coarse": 64, "fine": 32, "bins": 8192}
+    per_channel_options: ClassVar[dict[str, Any]] = {"bins": 2048}  # one search per channel
 
     @classmethod
     def check_options(cls, values: dict[str, Any]) -> dict[str, Any]:

@@ -27,12 +27,11 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from zq_plugin import _compat
 from zq_plugin.errors import ConfigError
-from zq_plugin.observers._core import ACIQStatistic, EntropyStatistic, MSEStatistic, PercentileStatistic
-from zq_plugin.observers._family import family_base
+from zq_plugin.observers._family import build_family
 
 __all__ = [
     "NAMES",
@@ -47,49 +46,15 @@ __all__ = [
     "observer_class",
 ]
 
-_Base: Any = family_base(_compat.UniformQuantizationObserverBase, "RangeObserver")
-
-
-class _PerTensor(_Base):
-    per_channel = False
-
-
-class _PerChannel(_Base):
-    per_channel = True
-
-
-class MSEObserver(MSEStatistic, _PerTensor):
-    """Lp-error clipping search, per tensor. Options: ``p=2.0`` (2.4: BRECQ/Genie), ``coarse``, ``fine``, ``bins``."""
-
-
-class PerChannelMSEObserver(MSEStatistic, _PerChannel):
-    """Lp-error clipping search, one range per channel of ``ch_axis``. Options as :class:`MSEObserver`."""
-
-
-class PercentileObserver(PercentileStatistic, _PerTensor):
-    """Percentile of the pooled data, per tensor. Options: ``percentile=99.99`` (100 = MinMax), ``bins=2048``."""
-
-
-class PerChannelPercentileObserver(PercentileStatistic, _PerChannel):
-    """Percentile of the pooled data, per channel. Options as :class:`PercentileObserver`."""
-
-
-class ACIQObserver(ACIQStatistic, _PerTensor):
-    """Analytical (ACIQ) clipping, per tensor. Options: ``distribution="laplace"`` or ``"gaussian"``, ``bins=2048``."""
-
-
-class PerChannelACIQObserver(ACIQStatistic, _PerChannel):
-    """Analytical (ACIQ) clipping, per channel. Options as :class:`ACIQObserver`."""
-
-
-class EntropyObserver(EntropyStatistic, _PerTensor):
-    """KL (entropy) search with the real level count, per tensor. Options: ``min_bins_per_level=1.0``, ``bins=8192``."""
-
-
-class PerChannelEntropyObserver(EntropyStatistic, _PerChannel):
-    """KL (entropy) search, per channel. Options as :class:`EntropyObserver`, but ``bins=2048`` by default."""
-
-    options: ClassVar[dict[str, Any]] = {**EntropyStatistic.options, "bins": 2048}
+_CLASSES = build_family(_compat.UniformQuantizationObserverBase, __name__, "torch.ao's observer base")
+MSEObserver: Any = _CLASSES["MSEObserver"]
+PerChannelMSEObserver: Any = _CLASSES["PerChannelMSEObserver"]
+PercentileObserver: Any = _CLASSES["PercentileObserver"]
+PerChannelPercentileObserver: Any = _CLASSES["PerChannelPercentileObserver"]
+ACIQObserver: Any = _CLASSES["ACIQObserver"]
+PerChannelACIQObserver: Any = _CLASSES["PerChannelACIQObserver"]
+EntropyObserver: Any = _CLASSES["EntropyObserver"]
+PerChannelEntropyObserver: Any = _CLASSES["PerChannelEntropyObserver"]
 
 
 NAMES = ("minmax", "histogram", "mse", "percentile", "aciq", "entropy")

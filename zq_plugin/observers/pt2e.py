@@ -21,11 +21,10 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 from zq_plugin import _compat
-from zq_plugin.observers._core import ACIQStatistic, EntropyStatistic, MSEStatistic, PercentileStatistic
-from zq_plugin.observers._family import family_base
+from zq_plugin.observers._family import build_family
 
 __all__ = [
     "ACIQObserver",
@@ -38,46 +37,12 @@ __all__ = [
     "PercentileObserver",
 ]
 
-_Base: Any = family_base(_compat.torchao_pt2e().UniformQuantizationObserverBase, "RangeObserver")
-
-
-class _PerTensor(_Base):
-    per_channel = False
-
-
-class _PerChannel(_Base):
-    per_channel = True
-
-
-class MSEObserver(MSEStatistic, _PerTensor):
-    """Lp-error clipping search, per tensor (torchao base). Options as :class:`zq_plugin.observers.ao.MSEObserver`."""
-
-
-class PerChannelMSEObserver(MSEStatistic, _PerChannel):
-    """Lp-error clipping search, per channel (torchao base)."""
-
-
-class PercentileObserver(PercentileStatistic, _PerTensor):
-    """Percentile of the pooled data, per tensor (torchao base)."""
-
-
-class PerChannelPercentileObserver(PercentileStatistic, _PerChannel):
-    """Percentile of the pooled data, per channel (torchao base)."""
-
-
-class ACIQObserver(ACIQStatistic, _PerTensor):
-    """Analytical (ACIQ) clipping, per tensor (torchao base)."""
-
-
-class PerChannelACIQObserver(ACIQStatistic, _PerChannel):
-    """Analytical (ACIQ) clipping, per channel (torchao base)."""
-
-
-class EntropyObserver(EntropyStatistic, _PerTensor):
-    """KL (entropy) search with the real level count, per tensor (torchao base)."""
-
-
-class PerChannelEntropyObserver(EntropyStatistic, _PerChannel):
-    """KL (entropy) search, per channel (torchao base); ``bins=2048`` by default (one search per channel)."""
-
-    options: ClassVar[dict[str, Any]] = {**EntropyStatistic.options, "bins": 2048}
+_CLASSES = build_family(_compat.torchao_pt2e().UniformQuantizationObserverBase, __name__, "torchao's observer base")
+MSEObserver: Any = _CLASSES["MSEObserver"]
+PerChannelMSEObserver: Any = _CLASSES["PerChannelMSEObserver"]
+PercentileObserver: Any = _CLASSES["PercentileObserver"]
+PerChannelPercentileObserver: Any = _CLASSES["PerChannelPercentileObserver"]
+ACIQObserver: Any = _CLASSES["ACIQObserver"]
+PerChannelACIQObserver: Any = _CLASSES["PerChannelACIQObserver"]
+EntropyObserver: Any = _CLASSES["EntropyObserver"]
+PerChannelEntropyObserver: Any = _CLASSES["PerChannelEntropyObserver"]
