@@ -7,6 +7,9 @@ grows over the stream (scale 1 -> 2), so range growth and re-binning are exercis
 post-ReLU (the common activation) or, with ``--signed``, Gaussian. Per-channel
 observers see the same tensors with ``ch_axis=1`` (64 channels).
 
+A second table gives the time of the range search alone (one ``calculate_qparams``) on an
+activation and on two weight shapes.
+
 Run: ``.venv/bin/python benchmarks/observers_speed.py [--signed]`` (under a minute on 2 cores).
 """
 
@@ -39,6 +42,43 @@ def run(factory: Callable[[], Any], data: list[torch.Tensor]) -> float:
         obs(x)
     obs.calculate_qparams()
     return time.perf_counter() - t0
+
+
+def search_times(data: torch.Tensor, bits: int) -> None:
+    """Print the time of one ``calculate_qparams`` (the range search alone) on activations and weights."""
+    act = {"dtype": torch.quint8, "quant_min": 0, "quant_max": 2**bits - 1}
+    wt = {
+        "dtype": torch.qint8,
+        "qscheme": torch.per_channel_symmetric,
+        "quant_min": -(2 ** (bits - 1)) + 1,
+        "quant_max": 2 ** (bits - 1) - 1,
+    }
+    gen = torch.Generator().manual_seed(1)
+    cases = [
+        ("activation [64, 64, 16, 16], per tensor", data, act, False),
+        (
+            "activation [64, 64, 16, 16], 64 channels",
+            data,
+            {**act, "qscheme": torch.per_channel_affine, "ch_axis": 1},
+            True,
+        ),
+        ("weight [128, 64, 3, 3], per channel", torch.randn(128, 64, 3, 3, generator=gen), wt, True),
+        ("weight [64, 1, 3, 3] (depthwise), per channel", torch.randn(64, 1, 3, 3, generator=gen), wt, True),
+    ]
+    print("\n| tensor | " + " | ".join(f"{stat} search ms" for stat in STATS) + " |")
+    print("|---|" + "---|" * len(STATS))
+    for label, x, kw, per_channel in cases:
+        cells = []
+        for stat in STATS:
+            obs = ao.observer_class(stat.lower(), per_channel=per_channel)(**kw)
+            obs(x)
+            t0 = time.perf_counter()
+            obs.calculate_qparams()
+            cells.append(f"{(time.perf_counter() - t0) * 1e3:.1f}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+STATS = ("MSE", "Percentile", "ACIQ", "Entropy")
 
 
 def main() -> None:
@@ -83,6 +123,7 @@ def main() -> None:
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"| {name} | {med:.2f} | {med / base:.2f} |")
+    search_times(data[-1], args.bits)
 
 
 if __name__ == "__main__":
