@@ -59,7 +59,7 @@ class DSGConfig:
         statistics: ``"batch"`` (margins for batch statistics, LSE off) or ``"per_sample"`` (DSG's
             code; margins and LSE per sample). Default ``"batch"`` by measurement: with per-sample
             statistics W8A8 top-1 fell to 67 % (resnet_s) and 62 % (mobilenetv2_s), because the
-            paper's i.i.d.-Gaussian margins are 2-8x smaller than the per-sample spread of real
+            paper's i.i.d.-Gaussian margins are 1.5-10x smaller than the per-sample spread of real
             features (spatially correlated), so the slack barely loosens ZeroQ's per-sample match,
             which fails on these models (docs/results.md, "DSG defaults").
         lse_weight: weight of each sample's enhanced layer. Paper: 2 (code: 4). 1 disables LSE.
