@@ -113,7 +113,8 @@ def synthesize(
 
     Args:
         model: the trained float model (read its BN statistics before any prepare/fusion).
-        method: a registered method: ``"zeroq"``, ``"noise"`` (see :data:`zq_plugin.synth.METHODS`).
+        method: a registered method: ``"zeroq"``, ``"dsg"``, ``"retro"``, ``"genie"``, ``"noise"`` (see
+            :data:`zq_plugin.synth.METHODS`).
         num_samples: number of images, >= 1.
         input_shape: one image's shape, channels first, e.g. ``(1, 28, 28)``.
         seed: the same seed (and options) gives the same images.
