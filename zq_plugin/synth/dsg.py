@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zq_plugin.errors import ConfigError
-from zq_plugin.synth.hooks import batchnorm_layers, bn_targets, capture_inputs
-from zq_plugin.synth.losses import feature_stats, zeroq_objective
+from zq_plugin.synth.hooks import batchnorm_layers, bn_sums, bn_targets, capture_inputs
+from zq_plugin.synth.losses import MomentTargets, feature_stats, moment_distance, pool_moments
 from zq_plugin.synth.optimize import optimize_pixels
 from zq_plugin.synth.registry import BatchContext, register
 from zq_plugin.synth.zeroq import init_pixels
@@ -144,6 +144,13 @@ def statistic_margins(
     return float(torch.quantile(dev_mean.flatten(), q)), float(torch.quantile(dev_std.flatten(), q))
 
 
+def slack_hinge(
+    m: torch.Tensor, s: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, delta: torch.Tensor, gamma: torch.Tensor
+) -> torch.Tensor:
+    """``max(|m - mu| - delta, 0)^2 + max(|s - sigma| - gamma, 0)^2``, elementwise (broadcasting)."""
+    return F.relu((m - mean).abs() - delta).square() + F.relu((s - std).abs() - gamma).square()
+
+
 def slack_loss(
     feat: torch.Tensor,
     mean: torch.Tensor,
@@ -151,15 +158,14 @@ def slack_loss(
     margins: tuple[float, float],
     statistics: Literal["per_sample", "batch"],
 ) -> torch.Tensor:
-    """Per-sample SDA losses ``[N]`` (batch statistics: the same scalar for every sample).
+    """Per-sample SDA losses ``[N]`` of one layer (batch statistics: the same scalar for every sample).
 
     ``sum_c max(|m - mu| - delta, 0)^2 + max(|s - sigma| - gamma, 0)^2`` with ``m, s`` the
     feature's mean and std (:func:`zq_plugin.synth.losses.feature_stats`).
     """
     m, s = feature_stats(feat, statistics)  # [N, C] or [C]
-    delta, gamma = margins
-    hinge = F.relu((m - mean).abs() - delta).pow(2) + F.relu((s - std).abs() - gamma).pow(2)
-    per = hinge.sum(-1)
+    delta, gamma = (torch.tensor(v) for v in margins)
+    per = slack_hinge(m, s, mean, std, delta, gamma).sum(-1)
     return per if per.dim() == 1 else per.expand(feat.shape[0])
 
 
@@ -203,32 +209,43 @@ def make_dsg(model: nn.Module, config: DSGConfig, ctx: BatchContext) -> torch.Te
     per_sample = config.statistics == "per_sample"
 
     def count(spatial: int) -> int:  # values one statistic is taken over
-        return spatial if per_sample and spatial > 0 else n * max(spatial, 1)
+        return spatial if per_sample and spatial > 1 else n * max(spatial, 1)
 
     margins = {
         name: statistic_margins(targets[name][1], count(sizes[name]), config.epsilon, config.margin_samples, gen)
         for name in targets
     }
-    zeros, ones = torch.zeros(channels), torch.ones(channels)
-    input_margins = statistic_margins(ones, count(spatial_in), config.epsilon, config.margin_samples, gen)
-    layers = ["<input>", *targets]
-    weights = lse_weights(n, len(layers), config.lse_weight if per_sample else 1.0)  # [N, L+1]
+    input_margins = statistic_margins(
+        torch.ones(channels), count(spatial_in), config.epsilon, config.margin_samples, gen
+    )
+    # every layer's statistics concatenated channel-wise: K = C_in + sum_l C_l
+    stacked = MomentTargets.build(targets, input_channels=channels)
+    layer_margins = [input_margins, *(margins[name] for name in targets)]
+    delta = stacked.expand([d for d, _ in layer_margins])  # [K]
+    gamma = stacked.expand([g for _, g in layer_margins])  # [K]
+    layer_weight = torch.tensor([config.input_weight] + [1.0] * len(targets))  # [L+1]
+    if per_sample:
+        weights = stacked.expand(lse_weights(n, len(stacked.names), config.lse_weight) * layer_weight)  # [N, K]
+    else:
+        weights = stacked.expand(layer_weight)  # [K]
+    anchor = stacked.expand(layer_weight) if config.batch_weight > 0 else None  # [K]
+    # positions per statistic of each channel (1: the layer already has batch statistics)
+    positions = stacked.expand([spatial_in] + [sizes[name] for name in targets])  # [K]
+    positions = torch.where(positions > 1, positions, torch.ones_like(positions))
     noise = torch.randn(n, *ctx.input_shape, generator=ctx.generator) if config.sci_weight > 0 else None
 
-    with capture_inputs(dict(bns)) as feats:
+    with bn_sums(dict(bns), config.statistics) as stats:
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
             model(x)
-            per_layer = [config.input_weight * slack_loss(x, zeros, ones, input_margins, config.statistics)]
-            per_layer += [
-                slack_loss(feats[name], mu, sigma, margins[name], config.statistics)
-                for name, (mu, sigma) in targets.items()
-            ]
-            loss = (torch.stack(per_layer, dim=1) * weights).sum() / n  # [N, L+1] -> scalar
+            m, s = stacked.collect(stats, x, config.statistics)  # [N, K] or [K]
+            hinge = slack_hinge(m, s, stacked.mean, stacked.std, delta, gamma) * weights
+            loss = hinge.sum() / n if per_sample else hinge.sum()
             if noise is not None:
                 loss = loss + config.sci_weight * sci_loss(x, noise)
-            if config.batch_weight > 0:
-                loss = loss + config.batch_weight * zeroq_objective(feats, targets, x, "batch", config.input_weight)
+            if anchor is not None:
+                batch_m, batch_s = pool_moments(m, s, positions) if per_sample else (m, s)  # [K] each
+                loss = loss + config.batch_weight * moment_distance(batch_m, batch_s, stacked, anchor)
             return loss
 
         return optimize_pixels(

@@ -39,8 +39,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from zq_plugin.errors import ConfigError, ModelError
-from zq_plugin.synth.hooks import batchnorm_layers, bn_targets, capture_inputs
-from zq_plugin.synth.losses import feature_stats, stats_loss
+from zq_plugin.synth.hooks import batchnorm_layers, bn_sums, bn_targets
+from zq_plugin.synth.losses import MomentTargets, Sums, moment_distance
 from zq_plugin.synth.registry import BatchContext, register
 
 
@@ -133,19 +133,27 @@ def swing_convolutions(model: nn.Module, gen: torch.Generator) -> Iterator[int]:
             handle.remove()
 
 
-def genie_loss(
-    feats: dict[str, torch.Tensor],
-    targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    x: torch.Tensor,
-    input_weight: float,
-) -> torch.Tensor:
-    """Genie's objective: per-layer batch-statistics distance divided by ``C``, plus the per-sample input term."""
-    loss = x.new_zeros(())
-    for name, (mu, sigma) in targets.items():
-        m, s = feature_stats(feats[name], "batch")  # [C] each
-        loss = loss + ((m - mu).pow(2) + (s - sigma).pow(2)).sum() / mu.shape[0]
-    channels = x.shape[1]
-    return loss + input_weight * stats_loss(x, torch.zeros(channels), torch.ones(channels), "per_sample")
+class GenieObjective:
+    """Genie's objective, its concatenated targets and weights built once per batch.
+
+    ``sum_l (||mu~_l - mu_l||^2 + ||sigma~_l - sigma_l||^2) / C_l`` over the BN inputs (batch
+    statistics) plus ``input_weight`` times the per-sample input term (mean 0, std 1).
+    """
+
+    def __init__(
+        self, targets: dict[str, tuple[torch.Tensor, torch.Tensor]], channels: int, input_weight: float
+    ) -> None:
+        self.bn = MomentTargets.build(targets)
+        self.bn_weights = self.bn.expand([1.0 / c for c in self.bn.channels])  # [K]: each layer / C
+        self.input = MomentTargets.build({}, input_channels=channels)
+        self.input_weights = torch.full((channels,), float(input_weight))
+
+    def __call__(self, stats: dict[str, Sums], x: torch.Tensor) -> torch.Tensor:
+        """The loss (a scalar) of images ``x`` ``[N, C, H, W]`` whose BN inputs have batch sums ``stats``."""
+        loss = moment_distance(*self.input.collect({}, x, "per_sample"), self.input, self.input_weights)
+        if self.bn.names:
+            loss = loss + moment_distance(*self.bn.collect(stats, None, "batch"), self.bn, self.bn_weights)
+        return loss
 
 
 @register("genie", GenieConfig, needs_batchnorm=True)
@@ -154,7 +162,7 @@ def make_genie(model: nn.Module, config: GenieConfig, ctx: BatchContext) -> torc
     if len(ctx.input_shape) != 3:
         raise ConfigError(f"genie generates images [C, H, W]; input_shape={ctx.input_shape} is not 3-d.")
     bns = batchnorm_layers(model)
-    targets = bn_targets(bns)
+    objective = GenieObjective(bn_targets(bns), ctx.input_shape[0], config.input_weight)
     seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))
     with torch.random.fork_rng(devices=[]):  # the generator's init draws from torch's global RNG
         torch.manual_seed(seed)
@@ -168,7 +176,7 @@ def make_genie(model: nn.Module, config: GenieConfig, ctx: BatchContext) -> torc
     bar = tqdm(range(config.steps), desc=ctx.desc, disable=None if ctx.progress else True, leave=False)
     x = torch.empty(0)
     swing = swing_convolutions(model, swing_gen) if config.swing else contextlib.nullcontext(0)
-    with capture_inputs(dict(bns)) as feats, swing:
+    with bn_sums(dict(bns), "batch") as stats, swing:
         for step in bar:
             opt_z.zero_grad(set_to_none=True)
             opt_g.zero_grad(set_to_none=True)
@@ -176,7 +184,7 @@ def make_genie(model: nn.Module, config: GenieConfig, ctx: BatchContext) -> torc
             if ctx.input_range is not None:
                 x = x.clamp(*ctx.input_range)
             model(x)
-            loss = genie_loss(feats, targets, x, config.input_weight)
+            loss = objective(stats, x)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise ModelError(

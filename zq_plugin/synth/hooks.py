@@ -15,6 +15,10 @@ from torch import nn
 
 from zq_plugin._utils import eval_mode
 from zq_plugin.errors import ModelError
+from zq_plugin.synth.losses import Statistics, Sums, sums, sums_through_bn
+
+# BatchNorm types whose eval forward is exactly ``(x - running_mean) / sqrt(running_var + eps) * w + b``
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def batchnorm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -76,6 +80,72 @@ def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Te
         for h in handles:
             h.remove()
         feats.clear()
+
+
+def _eval_slope(bn: nn.Module) -> torch.Tensor | None:
+    """``[C]`` derivative of a frozen plain BatchNorm in eval mode, or None when that is not known."""
+    if type(bn) not in _PLAIN_BN or bn.running_var is None or any(p.requires_grad for p in bn.parameters()):
+        return None
+    slope = torch.rsqrt(bn.running_var.detach() + bn.eps)  # type: ignore[operator]
+    return slope * bn.weight.detach() if bn.weight is not None else slope  # type: ignore[operator]
+
+
+@contextlib.contextmanager
+def bn_sums(layers: dict[str, nn.Module], statistics: Statistics) -> Iterator[dict[str, Sums]]:
+    """Record ``(sum f, sum f^2, n)`` of each BatchNorm layer's input ``f`` on every forward; hooks removed.
+
+    For a frozen plain BatchNorm (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, parameters without
+    grad) in eval mode, the forward hook re-attaches the layer's output through
+    :func:`zq_plugin.synth.losses.sums_through_bn`, whose backward folds the layer's own
+    derivative into the sums' gradient: a synthesis step then costs little more than a bare
+    forward+backward. Any other layer (a subclass, trainable parameters, train mode) keeps its
+    output and gets :func:`zq_plugin.synth.losses.sums` on its input. The values and gradients
+    are the same either way; :meth:`zq_plugin.synth.losses.MomentTargets.collect` turns the
+    sums of all layers into concatenated means and stds.
+
+    Args:
+        layers: name -> BatchNorm module.
+        statistics: ``"batch"`` (``[C]`` each) or ``"per_sample"`` (``[N, C]`` each).
+
+    Yields:
+        A dict ``name -> (sum f, sum f^2, n)`` overwritten on each forward pass (``[C]`` sums, or
+        ``[N, C]`` per sample).
+
+    Example:
+        >>> import torch
+        >>> bn = torch.nn.BatchNorm2d(3).eval().requires_grad_(False)
+        >>> x = torch.randn(2, 3, 4, 4, requires_grad=True)
+        >>> with bn_sums({"bn": bn}, "batch") as stats:
+        ...     _ = bn(x)
+        ...     s1, s2, n = stats["bn"]
+        >>> s1.shape, n, torch.allclose(s1, x.sum((0, 2, 3))), len(bn._forward_hooks)
+        (torch.Size([3]), 32, True, 0)
+    """
+    out: dict[str, Sums] = {}
+    handles = []
+    try:
+        for name, module in layers.items():
+            slope = _eval_slope(module)
+
+            def hook(
+                m: nn.Module,
+                args: tuple[torch.Tensor, ...],
+                y: torch.Tensor,
+                _name: str = name,
+                _slope: torch.Tensor | None = slope,
+            ) -> torch.Tensor | None:
+                if _slope is not None and not m.training:
+                    y, out[_name] = sums_through_bn(args[0], y, _slope, statistics)
+                    return y
+                out[_name] = sums(args[0], statistics)
+                return None
+
+            handles.append(module.register_forward_hook(hook))
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+        out.clear()
 
 
 @contextlib.contextmanager

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zq_plugin.errors import ConfigError, ModelError
-from zq_plugin.synth.hooks import batchnorm_layers, bn_targets, capture_inputs
-from zq_plugin.synth.losses import Statistics, bn_statistics_loss, stats_loss
+from zq_plugin.synth.hooks import batchnorm_layers, bn_sums, bn_targets
+from zq_plugin.synth.losses import MomentTargets, Statistics, moment_distance
 from zq_plugin.synth.optimize import optimize_pixels
 from zq_plugin.synth.registry import BatchContext, register
 from zq_plugin.synth.zeroq import init_pixels
@@ -131,18 +131,17 @@ def make_retro(model: nn.Module, config: RetroConfig, ctx: BatchContext) -> tupl
     labels = (ctx.offset + torch.arange(n)) % num_classes  # round-robin over the whole set
     target = soft_targets(labels, num_classes, config.confidence, ctx.generator)
     bns = batchnorm_layers(model)
-    targets = bn_targets(bns)
-    channels = ctx.input_shape[0]
-    zeros, ones = torch.zeros(channels), torch.ones(channels)
+    # the input term and (with BN) the BN terms, concatenated: one fused statistics pass per step
+    bn_weight = config.bn_weight if bns else 0.0
+    targets = MomentTargets.build(bn_targets(bns) if bn_weight > 0 else {}, input_channels=ctx.input_shape[0])
+    weights = targets.expand([config.input_weight] + [bn_weight] * (len(targets.names) - 1))  # [K]
 
-    with capture_inputs(dict(bns)) as feats:
+    with bn_sums(dict(bns) if bn_weight > 0 else {}, config.statistics) as stats:
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
             logits = model(x)
             loss = config.output_weight * F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean")
-            if targets and config.bn_weight > 0:
-                loss = loss + config.bn_weight * bn_statistics_loss(feats, targets, config.statistics)
-            loss = loss + config.input_weight * stats_loss(x, zeros, ones, config.statistics)
+            loss = loss + moment_distance(*targets.collect(stats, x, config.statistics), targets, weights)
             if config.tv_weight > 0:
                 loss = loss + config.tv_weight * total_variation(x)
             return loss

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from zq_plugin.errors import ConfigError
-from zq_plugin.synth.hooks import batchnorm_layers, bn_targets, capture_inputs
-from zq_plugin.synth.losses import Statistics, zeroq_objective
+from zq_plugin.synth.hooks import batchnorm_layers, bn_sums, bn_targets
+from zq_plugin.synth.losses import MomentTargets, Statistics, moment_distance
 from zq_plugin.synth.optimize import optimize_pixels
 from zq_plugin.synth.registry import BatchContext, register
 
@@ -77,12 +77,13 @@ def init_pixels(init: str, shape: tuple[int, ...], gen: torch.Generator) -> torc
 def make_zeroq(model: nn.Module, config: ZeroQConfig, ctx: BatchContext) -> torch.Tensor:
     """Distill one batch ``[n, *input_shape]`` from ``model`` (frozen, eval) by BN-statistics matching."""
     bns = batchnorm_layers(model)
-    targets = bn_targets(bns)
-    with capture_inputs(dict(bns)) as feats:
+    targets = MomentTargets.build(bn_targets(bns), input_channels=ctx.input_shape[0])
+    weights = targets.expand([config.input_weight] + [1.0] * len(bns))  # [K]
+    with bn_sums(dict(bns), config.statistics) as stats:
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
             model(x)
-            return zeroq_objective(feats, targets, x, config.statistics, config.input_weight)
+            return moment_distance(*targets.collect(stats, x, config.statistics), targets, weights)
 
         return optimize_pixels(
             init_pixels(config.init, (ctx.batch_size, *ctx.input_shape), ctx.generator),
