@@ -3,16 +3,18 @@
 For each model, in the same process and on a batch of the same size:
 
 * baseline: the model frozen (eval, parameters without grad), input with ``requires_grad``,
-  ``model(x).sum().backward()``: the least a pixel-optimization step can cost;
+  ``model(x).sum().backward()``: the least a pixel-optimization step can cost. Each call is
+  timed on its own;
 * method step: the library's own loop of each method (``make_batch`` of the registry: forward
-  with BN-input hooks, the method's loss, backward to the pixels, Adam, plateau scheduler,
-  clamp). Its per-step time is ``(t(2k steps) - t(k steps)) / k``, which cancels the one-off
-  setup (targets, margins, initialization, hooks).
+  with the BN hooks, the method's loss, backward to the pixels, Adam, plateau scheduler, clamp),
+  timed step by step: the loop appends each step's loss to ``ctx.loss_log``, and a list that
+  stamps the clock on every append gives the duration of each full step.
 
-Prints the median time of each and their ratio (goal: <= 1.10 for the pixel methods). BN-only
-methods skip the model without BN. Usage::
+Medians over all steps of several interleaved rounds (robust to the load spikes of a shared
+machine), and their ratio (goal: <= 1.10 for the pixel methods). BN-only methods skip the model
+without BN. Usage::
 
-    python benchmarks/synth_step.py [--models ...] [--methods zeroq dsg retro] [--batch 64] [--steps 20]
+    python benchmarks/synth_step.py [--models ...] [--methods zeroq dsg retro genie] [--batch 64] [--steps 40]
 """
 
 from __future__ import annotations
@@ -29,35 +31,55 @@ from zq_plugin.synth.hooks import frozen
 from zq_plugin.synth.registry import BatchContext, get_method
 
 
-def bench(name: str, method: str, batch: int, steps: int, repeats: int = 3) -> tuple[float, float]:
+class StampedLog(list):  # type: ignore[type-arg]
+    """A loss log that records the clock at every append (one append per optimization step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stamps: list[float] = []
+
+    def append(self, value: float) -> None:
+        self.stamps.append(time.perf_counter())
+        super().append(value)
+
+    def durations(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps[:-1], self.stamps[1:], strict=True)]
+
+
+def bench(name: str, method: str, batch: int, steps: int, rounds: int = 3) -> tuple[float, float]:
     """Median seconds of a bare forward+backward and of one step of ``method``."""
     model = zoo.load(name)
     spec = get_method(method)
     box = resolve_input_range(model, "auto")
     x = torch.randn(batch, *zoo.INPUT_SHAPE).requires_grad_(True)
 
-    def method_run(n: int) -> float:
+    def method_steps() -> list[float]:
+        log = StampedLog()
         ctx = BatchContext(
-            batch_size=batch, input_shape=zoo.INPUT_SHAPE, input_range=box, generator=torch.Generator().manual_seed(0)
+            batch_size=batch,
+            input_shape=zoo.INPUT_SHAPE,
+            input_range=box,
+            generator=torch.Generator().manual_seed(0),
+            loss_log=log,
         )
-        t = time.perf_counter()
-        spec.make_batch(model, spec.config({"steps": n}), ctx)
-        return time.perf_counter() - t
+        spec.make_batch(model, spec.config({"steps": steps}), ctx)
+        return log.durations()[2:]  # the first steps warm the allocator
 
-    def baseline_run(n: int) -> float:
-        t = time.perf_counter()
-        for _ in range(n):
+    def baseline_steps() -> list[float]:
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
             x.grad = None
             model(x).sum().backward()
-        return time.perf_counter() - t
+            times.append(time.perf_counter() - t)
+        return times[2:]
 
+    base: list[float] = []
+    step: list[float] = []
     with frozen(model):
-        baseline_run(3)
-        method_run(3)
-        base, step = [], []
-        for _ in range(repeats):  # interleaved, to share any drift in machine load
-            base.append(baseline_run(steps) / steps)
-            step.append((method_run(2 * steps) - method_run(steps)) / steps)
+        for _ in range(rounds):  # interleaved, to share any drift in machine load
+            base += baseline_steps()
+            step += method_steps()
     return statistics.median(base), statistics.median(step)
 
 
@@ -66,7 +88,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=zoo.available())
     parser.add_argument("--methods", nargs="*", default=["zeroq", "dsg", "retro"])
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
     print("| model | method | fwd+bwd ms | step ms | ratio |")

@@ -39,7 +39,7 @@ from torch import nn
 
 from zq_plugin.errors import ConfigError
 from zq_plugin.synth.hooks import batchnorm_layers, bn_sums, bn_targets, capture_inputs
-from zq_plugin.synth.losses import MomentTargets, feature_stats, moment_distance, pool_moments
+from zq_plugin.synth.losses import MomentTargets, feature_stats, moment_distance
 from zq_plugin.synth.optimize import optimize_pixels
 from zq_plugin.synth.registry import BatchContext, register
 from zq_plugin.synth.zeroq import init_pixels
@@ -229,12 +229,9 @@ def make_dsg(model: nn.Module, config: DSGConfig, ctx: BatchContext) -> torch.Te
     else:
         weights = stacked.expand(layer_weight)  # [K]
     anchor = stacked.expand(layer_weight) if config.batch_weight > 0 else None  # [K]
-    # positions per statistic of each channel (1: the layer already has batch statistics)
-    positions = stacked.expand([spatial_in] + [sizes[name] for name in targets])  # [K]
-    positions = torch.where(positions > 1, positions, torch.ones_like(positions))
     noise = torch.randn(n, *ctx.input_shape, generator=ctx.generator) if config.sci_weight > 0 else None
 
-    with bn_sums(dict(bns), config.statistics) as stats:
+    with bn_sums(dict(bns)) as stats:
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
             model(x)
@@ -244,7 +241,7 @@ def make_dsg(model: nn.Module, config: DSGConfig, ctx: BatchContext) -> torch.Te
             if noise is not None:
                 loss = loss + config.sci_weight * sci_loss(x, noise)
             if anchor is not None:
-                batch_m, batch_s = pool_moments(m, s, positions) if per_sample else (m, s)  # [K] each
+                batch_m, batch_s = stacked.collect(stats, x, "batch") if per_sample else (m, s)  # [K] each
                 loss = loss + config.batch_weight * moment_distance(batch_m, batch_s, stacked, anchor)
             return loss
 

@@ -176,7 +176,7 @@ def make_genie(model: nn.Module, config: GenieConfig, ctx: BatchContext) -> torc
     bar = tqdm(range(config.steps), desc=ctx.desc, disable=None if ctx.progress else True, leave=False)
     x = torch.empty(0)
     swing = swing_convolutions(model, swing_gen) if config.swing else contextlib.nullcontext(0)
-    with bn_sums(dict(bns), "batch") as stats, swing:
+    with bn_sums(dict(bns)) as stats, swing:
         for step in bar:
             opt_z.zero_grad(set_to_none=True)
             opt_g.zero_grad(set_to_none=True)

@@ -15,7 +15,7 @@ from torch import nn
 
 from zq_plugin._utils import eval_mode
 from zq_plugin.errors import ModelError
-from zq_plugin.synth.losses import Statistics, Sums, sums, sums_through_bn
+from zq_plugin.synth.losses import Sums, sums, sums_through_bn
 
 # BatchNorm types whose eval forward is exactly ``(x - running_mean) / sqrt(running_var + eps) * w + b``
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -84,15 +84,18 @@ def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Te
 
 def _eval_slope(bn: nn.Module) -> torch.Tensor | None:
     """``[C]`` derivative of a frozen plain BatchNorm in eval mode, or None when that is not known."""
-    if type(bn) not in _PLAIN_BN or bn.running_var is None or any(p.requires_grad for p in bn.parameters()):
+    if type(bn) not in _PLAIN_BN or any(p.requires_grad for p in bn.parameters()):
         return None
-    slope = torch.rsqrt(bn.running_var.detach() + bn.eps)  # type: ignore[operator]
-    return slope * bn.weight.detach() if bn.weight is not None else slope  # type: ignore[operator]
+    assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+    if bn.running_var is None:
+        return None
+    slope = torch.rsqrt(bn.running_var.detach() + bn.eps)
+    return slope * bn.weight.detach() if bn.weight is not None else slope
 
 
 @contextlib.contextmanager
-def bn_sums(layers: dict[str, nn.Module], statistics: Statistics) -> Iterator[dict[str, Sums]]:
-    """Record ``(sum f, sum f^2, n)`` of each BatchNorm layer's input ``f`` on every forward; hooks removed.
+def bn_sums(layers: dict[str, nn.Module]) -> Iterator[dict[str, Sums]]:
+    """Record per-sample sums of each BatchNorm layer's input ``f`` on every forward; hooks removed.
 
     For a frozen plain BatchNorm (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, parameters without
     grad) in eval mode, the forward hook re-attaches the layer's output through
@@ -105,27 +108,27 @@ def bn_sums(layers: dict[str, nn.Module], statistics: Statistics) -> Iterator[di
 
     Args:
         layers: name -> BatchNorm module.
-        statistics: ``"batch"`` (``[C]`` each) or ``"per_sample"`` (``[N, C]`` each).
 
     Yields:
-        A dict ``name -> (sum f, sum f^2, n)`` overwritten on each forward pass (``[C]`` sums, or
-        ``[N, C]`` per sample).
+        A dict ``name -> (sum f, sum f^2, positions)`` (sums over the spatial dims, ``[N, C]``
+        each) overwritten on each forward pass.
 
     Example:
         >>> import torch
         >>> bn = torch.nn.BatchNorm2d(3).eval().requires_grad_(False)
         >>> x = torch.randn(2, 3, 4, 4, requires_grad=True)
-        >>> with bn_sums({"bn": bn}, "batch") as stats:
+        >>> with bn_sums({"bn": bn}) as stats:
         ...     _ = bn(x)
-        ...     s1, s2, n = stats["bn"]
-        >>> s1.shape, n, torch.allclose(s1, x.sum((0, 2, 3))), len(bn._forward_hooks)
-        (torch.Size([3]), 32, True, 0)
+        ...     s1, s2, positions = stats["bn"]
+        >>> s1.shape, positions, torch.allclose(s1, x.sum((2, 3))), len(bn._forward_hooks)
+        (torch.Size([2, 3]), 16, True, 0)
     """
     out: dict[str, Sums] = {}
     handles = []
     try:
         for name, module in layers.items():
             slope = _eval_slope(module)
+            shaped: dict[int, torch.Tensor] = {}  # the slope viewed as [1, C, 1, ...] per input rank
 
             def hook(
                 m: nn.Module,
@@ -133,11 +136,16 @@ def bn_sums(layers: dict[str, nn.Module], statistics: Statistics) -> Iterator[di
                 y: torch.Tensor,
                 _name: str = name,
                 _slope: torch.Tensor | None = slope,
+                _shaped: dict[int, torch.Tensor] = shaped,
             ) -> torch.Tensor | None:
+                f = args[0]
                 if _slope is not None and not m.training:
-                    y, out[_name] = sums_through_bn(args[0], y, _slope, statistics)
+                    k = _shaped.get(f.dim())
+                    if k is None:
+                        k = _shaped[f.dim()] = _slope.reshape(1, -1, *([1] * (f.dim() - 2)))
+                    y, out[_name] = sums_through_bn(f, y, k)
                     return y
-                out[_name] = sums(args[0], statistics)
+                out[_name] = sums(f)
                 return None
 
             handles.append(module.register_forward_hook(hook))

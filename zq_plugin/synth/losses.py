@@ -37,6 +37,7 @@ next to the distances the losses penalise.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -49,69 +50,52 @@ _VAR_EPS = 1e-6
 
 
 Moments = tuple[torch.Tensor, torch.Tensor]  # (mean, unbiased variance): [C] or [N, C] each
-Sums = tuple[torch.Tensor, torch.Tensor, int]  # (sum f, sum f^2, values per statistic): [C] or [N, C]
+Sums = tuple[torch.Tensor, torch.Tensor, int]  # per sample: (sum f [N, C], sum f^2 [N, C], positions)
 
 
-def _sums_count(f: torch.Tensor, statistics: Statistics) -> int:
-    """Values behind each statistic of ``f``: its positions per sample, or all values of a channel."""
-    positions = f.numel() // max(f.shape[0] * f.shape[1], 1)
-    return positions if statistics == "per_sample" and positions > 1 else f.shape[0] * positions
+def _partial_sums(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``(sum f, sum f^2)`` over the spatial dims of ``f`` ``[N, C, *S]``: ``[N, C]`` each."""
+    if f.dim() == 2:
+        return f.clone(), f.square()
+    spatial = (2, 3) if f.dim() == 4 else tuple(range(2, f.dim()))
+    return f.sum(spatial), torch.linalg.vector_norm(f, dim=spatial).square()
 
 
-def _sums(f: torch.Tensor, per_sample: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """``(sum f, sum f^2, expanded)`` per channel (or per sample and channel): two vectorised reductions.
+@functools.lru_cache(maxsize=64)
+def _zeros_ones(size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(size, dtype=dtype), torch.ones(size, dtype=dtype)
 
-    Per-sample sums of features with fewer than two positions per sample fall back to batch
-    sums, expanded to ``[N, C]`` (``expanded`` is then True).
+
+def _sums_grad(f: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """``dL/df = g1 + 2 g2 f`` per sample and channel (``g1, g2`` ``[N, C]``), in one pass.
+
+    Runs as an eval-mode ``batch_norm`` (mean 0, variance 1), whose vectorised CPU kernel is 2-3x
+    faster than a broadcasting ``addcmul``: per channel when the gradients are the same for
+    every sample (batch statistics: they arrive expanded, with stride 0), else on ``f`` viewed
+    as ``[1, N C, *S]``.
     """
-    if f.dim() > 2:
-        spatial = (2, 3) if f.dim() == 4 else tuple(range(2, f.dim()))
-        s1 = f.sum(spatial)  # [N, C]
-        s2 = torch.linalg.vector_norm(f, dim=spatial).square()  # [N, C]
-    else:
-        s1, s2 = f, f.square()  # [N, C]
-    if per_sample and f.numel() > f.shape[0] * f.shape[1]:  # more than one position per sample
-        return s1, s2, False
-    s1, s2 = s1.sum(0), s2.sum(0)  # [C]
-    if per_sample:
-        return s1.expand(f.shape[0], -1), s2.expand(f.shape[0], -1), True  # [N, C]
-    return s1, s2, False
-
-
-def _channel_affine(f: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a * f + b`` per channel (``a, b`` ``[C]``) or per sample and channel (``[N, C]``), in one pass.
-
-    Runs as an eval-mode ``batch_norm`` with mean 0 and variance 1, whose vectorised CPU kernel
-    is 2-3x faster than a broadcasting ``addcmul``; per-sample coefficients view ``f`` as
-    ``[1, N C, *S]``.
-    """
-    if a.dim() == 2:
-        n, c = a.shape
-        flat = f.reshape(1, n * c, *f.shape[2:])  # a view for contiguous f
-        return _channel_affine(flat, a.reshape(-1), b.reshape(-1)).view_as(f)
-    return torch.batch_norm(f, a, b, torch.zeros_like(a), torch.ones_like(a), False, 0.0, 0.0, False)
-
-
-def _sums_grad(f: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor, expanded: bool) -> torch.Tensor:
-    """``dL/df = g1 + 2 g2 f`` from the gradients w.r.t. ``sum f`` and ``sum f^2``."""
-    if expanded:
-        g1, g2 = g1.sum(0), g2.sum(0)  # [C]: the rows were one batch statistic
-    return _channel_affine(f, 2.0 * g2, g1)
+    if f.dim() == 2:
+        return torch.addcmul(g1, g2, f, value=2.0)
+    if g1.stride(0) == 0 and g2.stride(0) == 0:  # one coefficient per channel
+        zeros, ones = _zeros_ones(f.shape[1], f.dtype)
+        return torch.batch_norm(f, 2.0 * g2[0], g1[0], zeros, ones, False, 0.0, 0.0, False)
+    zeros, ones = _zeros_ones(g1.numel(), f.dtype)
+    flat = f.reshape(1, -1, *f.shape[2:])  # [1, N C, *S], a view for contiguous f
+    return torch.batch_norm(flat, 2.0 * g2.reshape(-1), g1.reshape(-1), zeros, ones, False, 0.0, 0.0, False).view_as(f)
 
 
 class _Sums(torch.autograd.Function):
-    """``(sum f, sum f^2)`` of one feature map, with a one-pass backward."""
+    """Per-sample ``(sum f, sum f^2)`` of one feature map, with a one-pass backward."""
 
     @staticmethod
-    def forward(ctx: Any, per_sample: bool, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s1, s2, ctx.expanded = _sums(f, per_sample)
+    def forward(ctx: Any, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.save_for_backward(f)
-        return s1, s2
+        return _partial_sums(f)
 
     @staticmethod
-    def backward(ctx: Any, g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
         (f,) = ctx.saved_tensors
-        return None, _sums_grad(f, g1, g2, ctx.expanded)
+        return _sums_grad(f, g1, g2)
 
 
 class _SumsThroughBN(torch.autograd.Function):
@@ -123,60 +107,80 @@ class _SumsThroughBN(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, per_sample: bool, f: torch.Tensor, y: torch.Tensor, k: torch.Tensor
+        ctx: Any, f: torch.Tensor, y: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s1, s2, ctx.expanded = _sums(f, per_sample)
         ctx.save_for_backward(f, k)
-        return y.view_as(y), s1, s2
+        return (y, *_partial_sums(f))
 
     @staticmethod
     def backward(ctx: Any, g_y: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         f, k = ctx.saved_tensors
-        grad = _sums_grad(f, g1, g2, ctx.expanded)
-        grad.addcmul_(g_y, k.reshape((1, -1) + (1,) * (f.dim() - 2)))
-        return None, grad, None, None
+        return _sums_grad(f, g1, g2).addcmul_(g_y, k), None, None
 
 
-def sums(f: torch.Tensor, statistics: Statistics) -> Sums:
-    """Differentiable ``(sum f, sum f^2, n)`` of ``f`` ``[N, C, *S]``: ``[C]`` each, or ``[N, C]`` per sample.
+def _positions(f: torch.Tensor) -> int:
+    return f.numel() // max(f.shape[0] * f.shape[1], 1)
 
-    ``n`` is the number of values behind each sum; see :func:`moments_from_sums`.
+
+def sums(f: torch.Tensor) -> Sums:
+    """Differentiable per-sample sums of ``f`` ``[N, C, *S]``: ``(sum f, sum f^2)`` ``[N, C]`` each, and ``|S|``.
+
+    The gradient w.r.t. ``f`` is one pass (see the module docstring); :meth:`MomentTargets.collect`
+    turns the sums of many layers into batch or per-sample means and stds.
     """
-    s1, s2 = _Sums.apply(statistics == "per_sample", f)
-    return s1, s2, _sums_count(f, statistics)
+    s1, s2 = _Sums.apply(f)
+    return s1, s2, _positions(f)
 
 
-def sums_through_bn(
-    f: torch.Tensor, y: torch.Tensor, slope: torch.Tensor, statistics: Statistics
-) -> tuple[torch.Tensor, Sums]:
+def sums_through_bn(f: torch.Tensor, y: torch.Tensor, slope: torch.Tensor) -> tuple[torch.Tensor, Sums]:
     """``(y, sums of f)``: an eval-mode BatchNorm's output, re-attached, and its input's sums.
 
     Args:
         f: the BatchNorm's input ``[N, C, *S]``.
-        y: its output ``slope * f + c`` (its own graph is dropped: ``y`` is used detached).
-        slope: ``[C]`` ``weight / sqrt(running_var + eps)``, the layer's derivative.
-        statistics: ``"batch"`` or ``"per_sample"``.
+        y: its output ``slope * f + c``; its own graph is not used (the BatchNorm backward does
+            not run).
+        slope: ``weight / sqrt(running_var + eps)``, the layer's derivative, shaped
+            ``[1, C, 1, ...]`` to broadcast against ``f``.
 
     Returns:
         ``y``, whose gradient to ``f`` is ``slope * dy`` plus the sums' gradient, and the sums
         as :func:`sums` gives them.
     """
-    y_out, s1, s2 = _SumsThroughBN.apply(statistics == "per_sample", f, y.detach(), slope.detach())
-    return y_out, (s1, s2, _sums_count(f, statistics))
+    y_out, s1, s2 = _SumsThroughBN.apply(f, y, slope)
+    return y_out, (s1, s2, _positions(f))
 
 
-def moments_from_sums(
-    s1: torch.Tensor, s2: torch.Tensor, count: int | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, unbiased var)`` from sums over ``count`` values (an int or a ``[K]`` tensor).
+class _Layout:
+    """Per-channel counts of a list of layers' sums (cached per batch shape by :class:`MomentTargets`)."""
 
-    ``mean = s1 / n`` and ``var = (s2 - s1 mean) / max(n - 1, 1)``, clamped at 0.
-    """
-    if isinstance(count, int):
-        mean = s1 / count
-        return mean, ((s2 - s1 * mean) / max(count - 1, 1)).clamp_min(0.0)
+    def __init__(self, parts: Sequence[Sums], dtype: torch.dtype) -> None:
+        n = parts[0][0].shape[0]
+        positions = torch.cat([torch.full((p[0].shape[1],), float(p[2]), dtype=dtype) for p in parts])  # [K]
+        self.batch_count = n * positions  # [K]
+        # per sample: layers with one position per sample fall back to batch statistics
+        self.own = positions > 1  # [K]
+        self.all_own = bool(self.own.all())
+        self.sample_count = torch.where(self.own, positions, self.batch_count)  # [K]
+
+
+def _moments_from_sums(s1: torch.Tensor, s2: torch.Tensor, count: torch.Tensor) -> Moments:
+    """``mean = s1 / n``, unbiased ``var = (s2 - s1 mean) / max(n - 1, 1)`` clamped at 0."""
     mean = s1 / count
     return mean, ((s2 - s1 * mean) / (count - 1).clamp_min(1)).clamp_min(0.0)
+
+
+def _concat(parts: Sequence[Sums], statistics: Statistics, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated ``(mean, std)`` of several layers' sums: ``[K]`` (batch) or ``[N, K]`` (per sample)."""
+    s1 = torch.cat([p[0] for p in parts], 1)  # [N, K]
+    s2 = torch.cat([p[1] for p in parts], 1)  # [N, K]
+    if statistics == "batch":
+        mean, var = _moments_from_sums(s1.sum(0), s2.sum(0), layout.batch_count)  # [K] each
+    else:
+        if not layout.all_own:  # the batch sums, repeated per sample, where a layer has one position
+            s1 = torch.where(layout.own, s1, s1.sum(0, keepdim=True))
+            s2 = torch.where(layout.own, s2, s2.sum(0, keepdim=True))
+        mean, var = _moments_from_sums(s1, s2, layout.sample_count)  # [N, K] each
+    return mean, torch.sqrt(var + _VAR_EPS)
 
 
 def moments(f: torch.Tensor, statistics: Statistics) -> Moments:
@@ -192,28 +196,15 @@ def moments(f: torch.Tensor, statistics: Statistics) -> Moments:
         >>> mean.shape, torch.allclose(var, f.var((2, 3)), atol=1e-5)
         (torch.Size([4, 3]), True)
     """
-    return moments_from_sums(*sums(f, statistics))
-
-
-def _concat(parts: Sequence[Sums], statistics: Statistics, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated ``(mean, std)`` of several layers' sums; ``counts`` ``[K]`` per channel."""
-    dim = 1 if statistics == "per_sample" else 0
-    s1 = torch.cat([p[0] for p in parts], dim)  # [K] or [N, K]
-    s2 = torch.cat([p[1] for p in parts], dim)
-    mean, var = moments_from_sums(s1, s2, counts)
-    return mean, torch.sqrt(var + _VAR_EPS)
-
-
-def _counts(parts: Sequence[Sums], dtype: torch.dtype) -> torch.Tensor:
-    """``[K]``: each layer's count repeated for its channels."""
-    return torch.cat([torch.full((p[0].shape[-1],), float(p[2]), dtype=dtype) for p in parts])
+    mean, std = channel_moments([f], statistics)
+    return mean, std.square() - _VAR_EPS
 
 
 def channel_moments(feats: Sequence[torch.Tensor], statistics: Statistics) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel means and stds of every feature map, concatenated: ``[K]`` or ``[N, K]`` each.
 
     ``K`` is the total channel count of ``feats`` (each ``[N, C_l, *S_l]``, same ``N``); the std
-    is ``sqrt(var + 1e-6)`` with the unbiased variance (:func:`moments`).
+    is ``sqrt(var + 1e-6)`` with the unbiased variance.
 
     Example:
         >>> import torch
@@ -222,30 +213,8 @@ def channel_moments(feats: Sequence[torch.Tensor], statistics: Statistics) -> tu
         >>> m.shape, torch.allclose(m[:3], f.mean((0, 2, 3)), atol=1e-6)
         (torch.Size([5]), True)
     """
-    parts = [sums(f, statistics) for f in feats]
-    return _concat(parts, statistics, _counts(parts, feats[0].dtype))
-
-
-def pool_moments(mean: torch.Tensor, std: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch ``(mean, std)`` ``[K]`` from per-sample ones ``[N, K]`` (differentiable).
-
-    With ``P`` values per sample and statistic, ``M = mean_n m_n`` and
-    ``V = (sum_n [(P - 1) v_n + P m_n^2] - N P M^2) / (N P - 1)``; channels with ``P = 1`` already
-    carry batch statistics (the per-sample fallback) and keep row 0.
-
-    Example:
-        >>> import torch
-        >>> f = torch.randn(4, 2, 3, 3)
-        >>> m, s = pool_moments(*channel_moments([f], "per_sample"), torch.tensor([9.0, 9.0]))
-        >>> torch.allclose(s, channel_moments([f], "batch")[1], atol=1e-5)
-        True
-    """
-    var = std.square() - _VAR_EPS  # [N, K]
-    n = mean.shape[0]
-    pooled_mean = mean.mean(0)  # [K]
-    total = ((positions - 1) * var + positions * mean.square()).sum(0) - n * positions * pooled_mean.square()
-    pooled_var = torch.where(positions > 1, total / (n * positions - 1).clamp_min(1), var[0]).clamp_min(0.0)
-    return pooled_mean, torch.sqrt(pooled_var + _VAR_EPS)
+    parts = [sums(f) for f in feats]
+    return _concat(parts, statistics, _Layout(parts, feats[0].dtype))
 
 
 def feature_stats(feat: torch.Tensor, statistics: Statistics) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,7 +243,7 @@ class MomentTargets:
     channels: tuple[int, ...]
     mean: torch.Tensor
     std: torch.Tensor
-    _counts: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+    _layouts: dict[tuple[int, ...], _Layout] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(
@@ -307,11 +276,11 @@ class MomentTargets:
 
         ``layer_sums`` is what :func:`zq_plugin.synth.hooks.bn_sums` records on a forward.
         """
-        parts = [sums(x, statistics) if name == INPUT and x is not None else layer_sums[name] for name in self.names]
-        key = tuple(p[2] for p in parts)
-        if key not in self._counts:  # counts change only with the batch shape
-            self._counts[key] = _counts(parts, self.mean.dtype)
-        return _concat(parts, statistics, self._counts[key])
+        parts = [sums(x) if name == INPUT and x is not None else layer_sums[name] for name in self.names]
+        key = (parts[0][0].shape[0], *(p[2] for p in parts))
+        if key not in self._layouts:  # changes only with the batch shape
+            self._layouts[key] = _Layout(parts, self.mean.dtype)
+        return _concat(parts, statistics, self._layouts[key])
 
 
 def moment_distance(

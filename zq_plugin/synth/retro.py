@@ -136,7 +136,7 @@ def make_retro(model: nn.Module, config: RetroConfig, ctx: BatchContext) -> tupl
     targets = MomentTargets.build(bn_targets(bns) if bn_weight > 0 else {}, input_channels=ctx.input_shape[0])
     weights = targets.expand([config.input_weight] + [bn_weight] * (len(targets.names) - 1))  # [K]
 
-    with bn_sums(dict(bns) if bn_weight > 0 else {}, config.statistics) as stats:
+    with bn_sums(dict(bns) if bn_weight > 0 else {}) as stats:
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
             logits = model(x)

@@ -79,7 +79,7 @@ def make_zeroq(model: nn.Module, config: ZeroQConfig, ctx: BatchContext) -> torc
     bns = batchnorm_layers(model)
     targets = MomentTargets.build(bn_targets(bns), input_channels=ctx.input_shape[0])
     weights = targets.expand([config.input_weight] + [1.0] * len(bns))  # [K]
-    with bn_sums(dict(bns), config.statistics) as stats:
+    with bn_sums(dict(bns)) as stats:
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
             model(x)
