@@ -1,13 +1,18 @@
 """Top-1 of every synthesis method at W8A8, W4A8 and W4A4, with MinMax and with the MSE observer.
 
 For each zoo model (all by default; BN-only methods skip the model without BN): 256 images per
-method (seed 0, ``--steps`` steps for the optimizing methods, cached under ``zq_out/cache``
-keyed by model, method and options), real training images as the reference; the clamping FX
-simulation with first/last layers at 8 bits; the full Fashion-MNIST test set. Generation time is
-that of an uncached run (0 when the data came from the cache: rerun with ``--no-cache``).
+method (``--seed``, each method's default number of steps unless ``--steps`` is given, cached
+under ``zq_out/cache`` keyed by model, method, options and the method's code), real training
+images as the reference; the clamping FX simulation with first/last layers at 8 bits; the full
+Fashion-MNIST test set. MSE is the best observer of the observers work (docs/results.md,
+"Observers").
 
-Run: ``.venv/bin/python benchmarks/synthesis_methods.py --methods noise zeroq dsg``; writes
-``zq_out/synthesis.json`` and ``zq_out/synthesis.md``.
+Generation time is that of an uncached run. Results are merged into ``zq_out/synthesis.json``
+after every source, so runs can be split (``--methods genie`` after the pixel methods) or
+resumed; a source served from the cache keeps the time recorded when it was generated.
+
+Run: ``.venv/bin/python benchmarks/synthesis_methods.py --methods noise zeroq dsg retro genie``;
+writes ``zq_out/synthesis.json`` and ``zq_out/synthesis.md``.
 """
 
 from __future__ import annotations
@@ -38,43 +43,49 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--methods", nargs="*", default=["noise", "zeroq", "dsg"])
     parser.add_argument("--num-samples", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=None, help="override every method's default")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     x_test, y_test = datasets.load_fashion_mnist("test")
-    results: dict[str, Any] = {"num_samples": args.num_samples, "steps": args.steps, "models": {}}
+    suffix = "" if args.seed == 0 else f"-seed{args.seed}"
+    path = args.out / f"synthesis{suffix}.json"
+    setting = {"num_samples": args.num_samples, "steps": args.steps, "seed": args.seed}
+    results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    if {k: results.get(k) for k in setting} != setting:
+        results = {**setting, "models": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models or zoo.available():
         model = zoo.load(name)
-        entry: dict[str, Any] = {"fp32": accuracy(model, x_test, y_test), "sources": {}}
-        sources: dict[str, Any] = {"real": (real_subset(args.num_samples, 0), 0.0)}
-        for method in args.methods:
-            if get_method(method).needs_batchnorm and not zoo.has_batchnorm(name):
-                continue
-            options = {"steps": args.steps} if method in OPTIMIZING else {}
+        entry = results["models"].setdefault(name, {"fp32": accuracy(model, x_test, y_test), "sources": {}})
+        sources = ["real", *(m for m in args.methods if zoo.has_batchnorm(name) or not get_method(m).needs_batchnorm)]
+        for src in sources:
             t0 = time.perf_counter()
-            data = synthesize(
-                model,
-                method,
-                num_samples=args.num_samples,
-                input_shape=zoo.INPUT_SHAPE,
-                seed=0,
-                cache_dir=None if args.no_cache else args.out / "cache",
-                **options,
-            )
-            sources[method] = (data, round(time.perf_counter() - t0, 1))
-        for src, (data, seconds) in sources.items():
-            row: dict[str, Any] = {"generation_s": seconds}
+            if src == "real":
+                data: Any = real_subset(args.num_samples, args.seed)
+            else:
+                options = {"steps": args.steps} if args.steps and src in OPTIMIZING else {}
+                data = synthesize(
+                    model,
+                    src,
+                    num_samples=args.num_samples,
+                    input_shape=zoo.INPUT_SHAPE,
+                    seed=args.seed,
+                    cache_dir=None if args.no_cache else args.out / "cache",
+                    **options,
+                )
+            seconds = round(time.perf_counter() - t0, 1)
+            previous = entry["sources"].get(src, {}).get("generation_s", 0.0)
+            row: dict[str, Any] = {"generation_s": seconds if seconds >= 1.0 or src == "real" else previous or seconds}
             for obs_name, (act, wt) in OBSERVERS.items():
                 for w_bits, a_bits in BITS:
                     sim = quantize_fx(model, data, w_bits=w_bits, a_bits=a_bits, act_observer=act, weight_observer=wt)
                     row[f"W{w_bits}A{a_bits} {obs_name}"] = accuracy(sim, x_test, y_test)
             entry["sources"][src] = row
             logging.info("%s %s %s", name, src, row)
-        results["models"][name] = entry
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "synthesis.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "synthesis.md").write_text(markdown(results))
+            path.write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"synthesis{suffix}.md").write_text(markdown(results))
     print(markdown(results))
 
 
@@ -88,7 +99,8 @@ def markdown(results: dict[str, Any]) -> str:
     for name, entry in results["models"].items():
         for src, row in entry["sources"].items():
             cells = " | ".join(f"{row[c]:.2f}" for c in cols)
-            lines.append(f"| {name} | {entry['fp32']:.2f} | {src} | {cells} | {row['generation_s']} |")
+            seconds = "–" if src == "real" else f"{row['generation_s']:.0f}"
+            lines.append(f"| {name} | {entry['fp32']:.2f} | {src} | {cells} | {seconds} |")
     return "\n".join(lines) + "\n"
 
 

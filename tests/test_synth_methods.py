@@ -1,5 +1,7 @@
 """Each synthesis method on a tiny in-test model: it lowers its loss, and its parts behave as stated."""
 
+import math
+
 import pytest
 import torch
 
@@ -121,6 +123,35 @@ def test_retro_is_class_balanced_and_targets_its_classes(tiny_plain_net):
     with torch.no_grad():
         predicted = tiny_plain_net(data.images).argmax(1)
     assert (predicted == data.labels).float().mean() >= 0.8
+
+
+def test_retro_target_fixes_the_logit_gap(tiny_plain_net):
+    """The class term alone pins the top-1 logit gap between log(c / (1 - c)) and log(c (K - 1) / (1 - c))."""
+    gaps = {}
+    for confidence in (0.98, 0.9999, 1.0):
+        data = zq_plugin.synthesize(
+            tiny_plain_net,
+            "retro",
+            num_samples=6,
+            input_shape=(1, 8, 8),
+            progress=False,
+            confidence=confidence,
+            input_range=None,
+            input_weight=0.0,
+            tv_weight=0.0,
+        )
+        with torch.no_grad():
+            top2 = tiny_plain_net(data.images).topk(2, 1).values
+        gaps[confidence] = float((top2[:, 0] - top2[:, 1]).median())
+    for c in (0.98, 0.9999):
+        assert 0.9 * math.log(c / (1 - c)) < gaps[c] < 1.1 * math.log(c * 2 / (1 - c)), gaps
+    assert gaps[0.98] < gaps[0.9999] and gaps[0.98] < gaps[1.0], gaps
+
+
+def test_retro_rejects_a_confidence_outside_0_1(tiny_plain_net):
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="confidence"):
+            zq_plugin.synthesize(tiny_plain_net, "retro", num_samples=2, input_shape=(1, 8, 8), confidence=bad)
 
 
 def test_retro_bn_free_path_runs_on_a_model_without_bn(tiny_plain_net):

@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # tests/, for conftest's tiny model
-from conftest import TinyBNNet, randomize_bn  # noqa: E402
+from conftest import TinyBNNet, randomize_bn
 
-import zq_plugin  # noqa: E402
+import zq_plugin
 
 
 def main() -> None:
