@@ -40,7 +40,7 @@ from torch import nn
 from zq_plugin.errors import ConfigError
 from zq_plugin.synth.hooks import batchnorm_layers, bn_sums, bn_targets, capture_inputs
 from zq_plugin.synth.losses import MomentTargets, feature_stats, moment_distance
-from zq_plugin.synth.optimize import optimize_pixels
+from zq_plugin.synth.optimize import check_loop_config, optimize_pixels
 from zq_plugin.synth.registry import BatchContext, register
 from zq_plugin.synth.zeroq import init_pixels
 
@@ -90,24 +90,17 @@ class DSGConfig:
     batch_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"steps={self.steps} must be >= 1 (DSG uses 500).")
+        check_loop_config(self, "DSG")
         if self.batch_weight < 0:
             raise ConfigError(f"batch_weight={self.batch_weight} must be >= 0.")
-        if not self.lr > 0:
-            raise ConfigError(f"lr={self.lr} must be > 0.")
         if not 0 < self.epsilon <= 1:
             raise ConfigError(f"epsilon={self.epsilon} must lie in (0, 1] (DSG uses 0.9).")
-        if self.statistics not in ("per_sample", "batch"):
-            raise ConfigError(f"statistics={self.statistics!r}: use 'per_sample' (DSG) or 'batch'.")
         if self.lse_weight < 1:
             raise ConfigError(f"lse_weight={self.lse_weight} must be >= 1 (1 disables LSE; DSG uses 2).")
         if self.sci_weight < 0:
             raise ConfigError(f"sci_weight={self.sci_weight} must be >= 0.")
         if self.margin_samples < 16:
             raise ConfigError(f"margin_samples={self.margin_samples} must be >= 16.")
-        if self.init not in ("uniform", "gaussian"):
-            raise ConfigError(f"init={self.init!r}: use 'uniform' or 'gaussian'.")
 
 
 def statistic_margins(

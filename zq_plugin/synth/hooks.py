@@ -84,10 +84,10 @@ def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Te
 
 def _eval_slope(bn: nn.Module) -> torch.Tensor | None:
     """``[C]`` derivative of a frozen plain BatchNorm in eval mode, or None when that is not known."""
-    if type(bn) not in _PLAIN_BN or any(p.requires_grad for p in bn.parameters()):
+    # isinstance narrows the type; the exact-type test excludes subclasses with their own forward
+    if not isinstance(bn, _PLAIN_BN) or type(bn) not in _PLAIN_BN or bn.running_var is None:
         return None
-    assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
-    if bn.running_var is None:
+    if any(p.requires_grad for p in bn.parameters()):
         return None
     slope = torch.rsqrt(bn.running_var.detach() + bn.eps)
     return slope * bn.weight.detach() if bn.weight is not None else slope
@@ -128,7 +128,6 @@ def bn_sums(layers: dict[str, nn.Module]) -> Iterator[dict[str, Sums]]:
     try:
         for name, module in layers.items():
             slope = _eval_slope(module)
-            shaped: dict[int, torch.Tensor] = {}  # the slope viewed as [1, C, 1, ...] per input rank
 
             def hook(
                 m: nn.Module,
@@ -136,13 +135,10 @@ def bn_sums(layers: dict[str, nn.Module]) -> Iterator[dict[str, Sums]]:
                 y: torch.Tensor,
                 _name: str = name,
                 _slope: torch.Tensor | None = slope,
-                _shaped: dict[int, torch.Tensor] = shaped,
             ) -> torch.Tensor | None:
                 f = args[0]
                 if _slope is not None and not m.training:
-                    k = _shaped.get(f.dim())
-                    if k is None:
-                        k = _shaped[f.dim()] = _slope.reshape(1, -1, *([1] * (f.dim() - 2)))
+                    k = _slope.view(1, -1, *([1] * (f.dim() - 2)))  # [1, C, 1, ...] against f
                     y, out[_name] = sums_through_bn(f, y, k)
                     return y
                 out[_name] = sums(f)

@@ -19,20 +19,21 @@ the input image with target mean 0 and std 1 per channel (layer 0).
 stand in the way on CPU: ``torch.var_mean`` over ``(N, H, W)`` runs a Welford reduction that
 costs as much as the convolution before it, and autograd differentiates the mean and the
 variance separately (several passes over each feature map), then a dozen small ops per layer
-on ``[C]`` vectors. :func:`channel_moments` therefore takes *all* layers at once: the forward
-pass reads each feature map twice with vectorised reductions (``sum`` and the squared 2-norm
-over the spatial dims), and the backward pass writes each feature's gradient in one pass of a
-per-channel affine map, from
+on ``[C]`` vectors. Here each feature map is reduced once to per-sample sums ``sum_S F`` and
+``sum_S F^2`` (``[N, C]``: ``sum`` and the squared 2-norm, :func:`sums`), recorded by the hooks
+of :func:`zq_plugin.synth.hooks.bn_sums`. Their gradient is
 
-    d mean / dF = 1 / n,      d var / dF = 2 (F - mean) / (n - 1),
+    d (sum F) / dF = 1,      d (sum F^2) / dF = 2 F,
 
-so ``dL/dF = a F + b`` per channel with ``a = 2 g_var / (n - 1)`` and
-``b = g_mean / n - a mean``. The statistics of every layer come out concatenated (``[K]`` or
-``[N, K]`` with ``K`` the total channel count), and each method's loss is a handful of ops on
-those vectors whatever the depth. The variance is ``(sum F^2 - n mean^2) / (n - 1)`` in the
-feature's dtype: in float32 its relative error grows like ``3e-7 (mean / std)^2`` (3e-4 measured
-at ``|mean| = 30 std``, below 1e-4 up to ``15 std``; tested against ``torch.var_mean``), small
-next to the distances the losses penalise.
+so ``dL/dF = g1 + 2 g2 F`` per sample and channel, written in one pass of a per-channel
+affine map; for a frozen BatchNorm in eval mode :func:`sums_through_bn` also adds the layer's
+own ``k dy``, so its backward never runs. Means and variances of *all* layers are formed from
+the concatenated sums (``[N, K]``, ``K`` the total channel count, :meth:`MomentTargets.collect`),
+so each method's loss is a handful of ops on vectors whatever the depth. The variance is
+``(sum F^2 - n mean^2) / (n - 1)`` in the feature's dtype: in float32 it loses about
+``eps (mean^2 + var)`` to cancellation, a relative error of about ``3e-7 (mean / std)^2``
+(below 1e-4 up to ``|mean| = 15 std``; tested against ``torch.var_mean``), small next to the
+distances the losses penalise.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ INPUT = "<input>"  # the name of layer 0, the input image, in :class:`MomentTarg
 _VAR_EPS = 1e-6
 
 
-Moments = tuple[torch.Tensor, torch.Tensor]  # (mean, unbiased variance): [C] or [N, C] each
 Sums = tuple[torch.Tensor, torch.Tensor, int]  # per sample: (sum f [N, C], sum f^2 [N, C], positions)
 
 
@@ -163,7 +163,7 @@ class _Layout:
         self.sample_count = torch.where(self.own, positions, self.batch_count)  # [K]
 
 
-def _moments_from_sums(s1: torch.Tensor, s2: torch.Tensor, count: torch.Tensor) -> Moments:
+def _moments_from_sums(s1: torch.Tensor, s2: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``mean = s1 / n``, unbiased ``var = (s2 - s1 mean) / max(n - 1, 1)`` clamped at 0."""
     mean = s1 / count
     return mean, ((s2 - s1 * mean) / (count - 1).clamp_min(1)).clamp_min(0.0)
@@ -181,23 +181,6 @@ def _concat(parts: Sequence[Sums], statistics: Statistics, layout: _Layout) -> t
             s2 = torch.where(layout.own, s2, s2.sum(0, keepdim=True))
         mean, var = _moments_from_sums(s1, s2, layout.sample_count)  # [N, K] each
     return mean, torch.sqrt(var + _VAR_EPS)
-
-
-def moments(f: torch.Tensor, statistics: Statistics) -> Moments:
-    """Differentiable ``(mean, var)`` of ``f`` ``[N, C, *S]``: ``[C]`` each, or ``[N, C]`` per sample.
-
-    The variance is unbiased; features with fewer than two positions per sample fall back to
-    batch statistics (repeated per sample). See the module docstring for the cost.
-
-    Example:
-        >>> import torch
-        >>> f = torch.randn(4, 3, 8, 8)
-        >>> mean, var = moments(f, "per_sample")
-        >>> mean.shape, torch.allclose(var, f.var((2, 3)), atol=1e-5)
-        (torch.Size([4, 3]), True)
-    """
-    mean, std = channel_moments([f], statistics)
-    return mean, std.square() - _VAR_EPS
 
 
 def channel_moments(feats: Sequence[torch.Tensor], statistics: Statistics) -> tuple[torch.Tensor, torch.Tensor]:
@@ -322,20 +305,3 @@ def bn_statistics_loss(
     """Sum of :func:`stats_loss` over every BN layer named in ``targets``."""
     t = MomentTargets.build(targets)
     return moment_distance(*channel_moments(t.gather(feats), statistics), t, torch.ones(()))
-
-
-def zeroq_objective(
-    feats: Mapping[str, torch.Tensor],
-    targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-    x: torch.Tensor,
-    statistics: Statistics,
-    input_weight: float = 1.0,
-) -> torch.Tensor:
-    """ZeroQ's Eq. 3: :func:`bn_statistics_loss` plus ``input_weight`` times the input term (mean 0, std 1).
-
-    A reference on captured feature maps; the synthesis loops build a :class:`MomentTargets`
-    once and hook the moments with :func:`zq_plugin.synth.hooks.bn_sums`.
-    """
-    t = MomentTargets.build(targets, input_channels=x.shape[1])
-    weights = t.expand([input_weight] + [1.0] * len(targets))
-    return moment_distance(*channel_moments(t.gather(feats, x), statistics), t, weights)

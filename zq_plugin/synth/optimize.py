@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from zq_plugin.errors import ModelError
+from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.synth.registry import BatchContext
 
 
@@ -43,6 +43,32 @@ class LoopConfig(Protocol):
     def factor(self) -> float: ...  # noqa: D102
     @property
     def min_lr(self) -> float: ...  # noqa: D102
+    @property
+    def statistics(self) -> str: ...  # noqa: D102
+    @property
+    def init(self) -> str: ...  # noqa: D102
+
+
+def check_loop_config(config: LoopConfig, method: str) -> None:
+    """Raise :class:`ConfigError` for a bad option of the loop every pixel method shares.
+
+    Checks ``steps >= 1``, ``lr > 0``, ``patience >= 0``, ``0 < factor < 1``, ``min_lr >= 0``,
+    ``statistics`` in ``{"batch", "per_sample"}`` and ``init`` in ``{"uniform", "gaussian"}``;
+    each message names the value and the method's paper/code default.
+    """
+    if config.steps < 1:
+        raise ConfigError(f"steps={config.steps} must be >= 1 ({method} uses 500).")
+    if not config.lr > 0:
+        raise ConfigError(f"lr={config.lr} must be > 0 ({method} default: 0.5).")
+    if config.patience < 0 or not 0 < config.factor < 1 or config.min_lr < 0:
+        raise ConfigError(
+            f"patience={config.patience}, factor={config.factor}, min_lr={config.min_lr}: the plateau schedule "
+            "needs patience >= 0, 0 < factor < 1 and min_lr >= 0 (defaults 100, 0.1, 1e-4)."
+        )
+    if config.statistics not in ("per_sample", "batch"):
+        raise ConfigError(f"statistics={config.statistics!r}: use 'batch' or 'per_sample'.")
+    if config.init not in ("uniform", "gaussian"):
+        raise ConfigError(f"init={config.init!r}: use 'uniform' (ZeroQ's tiny grid) or 'gaussian' (N(0, 1)).")
 
 
 def optimize_pixels(

@@ -35,7 +35,7 @@ from torch import nn
 from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.synth.hooks import batchnorm_layers, bn_sums, bn_targets
 from zq_plugin.synth.losses import MomentTargets, Statistics, moment_distance
-from zq_plugin.synth.optimize import optimize_pixels
+from zq_plugin.synth.optimize import check_loop_config, optimize_pixels
 from zq_plugin.synth.registry import BatchContext, register
 from zq_plugin.synth.zeroq import init_pixels
 
@@ -80,19 +80,12 @@ class RetroConfig:
     min_lr: float = 1e-4
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"steps={self.steps} must be >= 1 (the paper uses about 500).")
-        if not self.lr > 0:
-            raise ConfigError(f"lr={self.lr} must be > 0.")
+        check_loop_config(self, "Retro-Synthesis")
         if not 0 < self.confidence <= 1:
             raise ConfigError(f"confidence={self.confidence} must lie in (0, 1] (1: hard labels, cross-entropy).")
         for name in ("output_weight", "bn_weight", "input_weight", "tv_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0.")
-        if self.statistics not in ("per_sample", "batch"):
-            raise ConfigError(f"statistics={self.statistics!r}: use 'batch' or 'per_sample'.")
-        if self.init not in ("uniform", "gaussian"):
-            raise ConfigError(f"init={self.init!r}: use 'gaussian' (the paper) or 'uniform'.")
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, confidence: float, gen: torch.Generator) -> torch.Tensor:

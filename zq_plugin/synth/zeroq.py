@@ -18,10 +18,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from zq_plugin.errors import ConfigError
 from zq_plugin.synth.hooks import batchnorm_layers, bn_sums, bn_targets
 from zq_plugin.synth.losses import MomentTargets, Statistics, moment_distance
-from zq_plugin.synth.optimize import optimize_pixels
+from zq_plugin.synth.optimize import check_loop_config, optimize_pixels
 from zq_plugin.synth.registry import BatchContext, register
 
 
@@ -56,14 +55,7 @@ class ZeroQConfig:
     input_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"steps={self.steps} must be >= 1 (ZeroQ uses 500).")
-        if not self.lr > 0:
-            raise ConfigError(f"lr={self.lr} must be > 0 (ZeroQ uses 0.5).")
-        if self.statistics not in ("per_sample", "batch"):
-            raise ConfigError(f"statistics={self.statistics!r}: use 'per_sample' or 'batch'.")
-        if self.init not in ("uniform", "gaussian"):
-            raise ConfigError(f"init={self.init!r}: use 'uniform' (ZeroQ's code) or 'gaussian'.")
+        check_loop_config(self, "ZeroQ")
 
 
 def init_pixels(init: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
