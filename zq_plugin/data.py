@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +170,27 @@ class SyntheticDataset(Dataset[torch.Tensor]):
                     "allow_mismatch=True to use it anyway."
                 )
         return data
+
+
+CalibrationData = SyntheticDataset | DataLoader[Any] | torch.Tensor | Iterable[Any]
+
+
+def iter_batches(data: CalibrationData, batch_size: int = 64) -> Iterator[torch.Tensor]:
+    """Yield input batches from a SyntheticDataset, a DataLoader, a tensor ``[N, ...]`` or an iterable.
+
+    From a loader of ``(x, y)`` pairs only ``x`` is used.
+    """
+    batches: Iterable[Any]
+    if isinstance(data, SyntheticDataset):
+        batches = data.loader(batch_size)
+    elif isinstance(data, torch.Tensor):
+        if data.dim() == 0 or data.shape[0] == 0:
+            raise ConfigError(f"calibration tensor of shape {tuple(data.shape)} holds no samples.")
+        batches = data.split(batch_size)
+    else:
+        batches = data
+    for batch in batches:
+        x = batch[0] if isinstance(batch, tuple | list) else batch
+        if not isinstance(x, torch.Tensor):
+            raise ConfigError(f"calibration batches must be tensors (or (x, y) pairs), got {type(x).__name__}.")
+        yield x

@@ -32,45 +32,22 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from zq_plugin import _compat
 from zq_plugin._utils import eval_mode
-from zq_plugin.data import SyntheticDataset
+from zq_plugin.data import CalibrationData, iter_batches
 from zq_plugin.errors import ConfigError
 from zq_plugin.fake_quant import FastFakeQuantize
 from zq_plugin.qparams import check_bits, quant_range
 
 logger = logging.getLogger(__name__)
 
-CalibrationData = SyntheticDataset | DataLoader[Any] | torch.Tensor | Iterable[Any]
 WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def iter_batches(data: CalibrationData, batch_size: int = 64) -> Iterator[torch.Tensor]:
-    """Yield input batches from a SyntheticDataset, a DataLoader, a tensor ``[N, ...]`` or an iterable.
-
-    From a loader of ``(x, y)`` pairs only ``x`` is used.
-    """
-    batches: Iterable[Any]
-    if isinstance(data, SyntheticDataset):
-        batches = data.loader(batch_size)
-    elif isinstance(data, torch.Tensor):
-        if data.dim() == 0 or data.shape[0] == 0:
-            raise ConfigError(f"calibration tensor of shape {tuple(data.shape)} holds no samples.")
-        batches = data.split(batch_size)
-    else:
-        batches = data
-    for batch in batches:
-        x = batch[0] if isinstance(batch, tuple | list) else batch
-        if not isinstance(x, torch.Tensor):
-            raise ConfigError(f"calibration batches must be tensors (or (x, y) pairs), got {type(x).__name__}.")
-        yield x
 
 
 def calibrate(
@@ -116,33 +93,55 @@ def qconfig(
     act_observer: Any = None,
     weight_observer: Any = None,
     fake_quant: bool = True,
+    granularity: str = "per_channel",
+    grid: str = "uniform",
+    tensor_weight_observer: Any = None,
 ) -> Any:
     """A ``QConfig`` for ``w_bits``-bit weights and ``a_bits``-bit activations.
 
-    Weights: per-channel symmetric, narrow signed range, ``qint8`` container, ``ch_axis=0``.
+    Weights: symmetric, narrow signed range, ``qint8`` container; per output channel
+    (``ch_axis=0``) or per tensor; on a uniform grid or on the clustered non-uniform grid of
+    :class:`zq_plugin.mixed_precision.nonuniform.NonUniformFakeQuantize` (fake quantization only).
     Activations: per-tensor affine ``[0, 2^a_bits - 1]``, ``quint8`` container.
 
     Args:
         w_bits: weight bits, 2 to 8.
         a_bits: activation bits, 2 to 8.
         act_observer: observer class for activations (default torch's ``MinMaxObserver``).
-        weight_observer: observer class for weights (default ``PerChannelMinMaxObserver``).
+        weight_observer: per-channel observer class for weights (default ``PerChannelMinMaxObserver``).
         fake_quant: wrap both in :class:`FastFakeQuantize` (for ``prepare_qat_fx``) instead of bare observers.
+        granularity: ``"per_channel"`` or ``"per_tensor"`` weights.
+        grid: ``"uniform"`` or ``"nonuniform"`` weights.
+        tensor_weight_observer: per-tensor observer class for weights (default ``MinMaxObserver``).
     """
     check_bits(w_bits, "w_bits")
     check_bits(a_bits, "a_bits")
+    if granularity not in ("per_channel", "per_tensor") or grid not in ("uniform", "nonuniform"):
+        raise ConfigError(
+            f"granularity={granularity!r}, grid={grid!r}: use 'per_channel'/'per_tensor' and 'uniform'/'nonuniform'."
+        )
+    per_channel = granularity == "per_channel"
     act_observer = act_observer or _compat.MinMaxObserver
-    weight_observer = weight_observer or _compat.PerChannelMinMaxObserver
+    if per_channel:
+        weight_observer = weight_observer or _compat.PerChannelMinMaxObserver
+    else:
+        weight_observer = tensor_weight_observer or _compat.MinMaxObserver
     a_min, a_max = quant_range(a_bits, signed=False)
     w_min, w_max = quant_range(w_bits, signed=True, narrow=True)
     act_kw = {"dtype": torch.quint8, "qscheme": torch.per_tensor_affine, "quant_min": a_min, "quant_max": a_max}
-    w_kw = {
-        "dtype": torch.qint8,
-        "qscheme": torch.per_channel_symmetric,
-        "ch_axis": 0,
-        "quant_min": w_min,
-        "quant_max": w_max,
-    }
+    w_kw: dict[str, Any] = {"dtype": torch.qint8, "quant_min": w_min, "quant_max": w_max}
+    w_kw.update(
+        {"qscheme": torch.per_channel_symmetric, "ch_axis": 0}
+        if per_channel
+        else {"qscheme": torch.per_tensor_symmetric}
+    )
+    if grid == "nonuniform":
+        if not fake_quant:
+            raise ConfigError("a non-uniform weight grid exists only as fake quantization: use fake_quant=True.")
+        from zq_plugin.mixed_precision.nonuniform import NonUniformFakeQuantize
+
+        weight = NonUniformFakeQuantize.with_args(bits=w_bits, per_channel=per_channel)
+        return _compat.QConfig(activation=FastFakeQuantize.with_args(observer=act_observer, **act_kw), weight=weight)
     if fake_quant:
         return _compat.QConfig(
             activation=FastFakeQuantize.with_args(observer=act_observer, **act_kw),

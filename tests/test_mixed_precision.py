@@ -1,0 +1,344 @@
+import copy
+import itertools
+import json
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from tests.conftest import assert_unchanged, snapshot
+from zq_plugin import _compat
+from zq_plugin.errors import ConfigError
+from zq_plugin.mixed_precision import (
+    BitPlan,
+    Budget,
+    LayerBits,
+    NonUniformFakeQuantize,
+    best_under,
+    clustered_quantize,
+    hybrid_plan,
+    measure_sensitivity,
+    pareto_frontier,
+    pareto_plan,
+    quantize_weight,
+)
+from zq_plugin.mixed_precision.emit import activation_owners, to_qconfig_mapping
+from zq_plugin.mixed_precision.sensitivity import bn_fold_factors
+
+# ---------------------------------------------------------------- Pareto DP
+
+
+@st.composite
+def instances(draw):
+    layers = draw(st.integers(1, 5))
+    costs, sens = [], []
+    for _ in range(layers):
+        k = draw(st.integers(1, 3))
+        costs.append(draw(st.lists(st.integers(0, 40), min_size=k, max_size=k)))
+        sens.append(draw(st.lists(st.floats(0, 10, allow_nan=False), min_size=k, max_size=k)))
+    return costs, sens
+
+
+@given(instances(), st.integers(0, 200))
+def test_dp_matches_brute_force(instance, budget):
+    costs, sens = instance
+    front = pareto_frontier(costs, sens)
+    # the frontier is strictly monotone and each point's choice gives its cost and sensitivity
+    for a, b in itertools.pairwise(front):
+        assert a.cost < b.cost and a.sensitivity > b.sensitivity
+    for p in front:
+        assert p.cost == sum(c[k] for c, k in zip(costs, p.choice, strict=True))
+        assert p.sensitivity == pytest.approx(sum(s[k] for s, k in zip(sens, p.choice, strict=True)), abs=1e-9)
+    brute = [
+        (sum(c[k] for c, k in zip(costs, ch, strict=True)), sum(s[k] for s, k in zip(sens, ch, strict=True)))
+        for ch in itertools.product(*(range(len(c)) for c in costs))
+    ]
+    feasible = [s for c, s in brute if c <= budget]
+    if not feasible:
+        with pytest.raises(ConfigError, match="below the smallest"):
+            best_under(front, budget)
+    else:
+        assert best_under(front, budget).sensitivity == pytest.approx(min(feasible), abs=1e-9)
+
+
+def test_dp_rejects_bad_input():
+    with pytest.raises(ConfigError):
+        pareto_frontier([], [])
+    with pytest.raises(ConfigError, match="layer 0"):
+        pareto_frontier([[1, 2]], [[1.0]])
+    with pytest.raises(ConfigError, match="non-negative integers"):
+        pareto_frontier([[-1]], [[1.0]])
+    with pytest.raises(ConfigError, match="non-negative integers"):
+        pareto_frontier([[1]], [[float("nan")]])
+
+
+def test_budget_parse_and_errors():
+    assert Budget.parse("MP4") == Budget(uniform_bits=4) == Budget.parse("4bit")
+    assert Budget.parse("4.5avg").bits(100) == 450
+    assert Budget.parse("1KiB").bits(10) == 8192
+    assert Budget(uniform_bits=6).bits(1000) == 6000
+    with pytest.raises(ConfigError, match="not understood"):
+        Budget.parse("four bits")
+    with pytest.raises(ConfigError, match="exactly one"):
+        Budget(bytes=10, uniform_bits=4)
+    with pytest.raises(ConfigError, match="positive"):
+        Budget(average_bits=-1)
+
+
+# ---------------------------------------------------------------- BitPlan
+
+
+@st.composite
+def plans(draw):
+    n = draw(st.integers(1, 6))
+    layers = {}
+    for i in range(n):
+        layers[f"block{i}.conv"] = LayerBits(
+            w_bits=draw(st.integers(2, 8)),
+            a_bits=draw(st.integers(2, 8)),
+            granularity=draw(st.sampled_from(["per_channel", "per_tensor"])),
+            grid=draw(st.sampled_from(["uniform", "nonuniform"])),
+            params=draw(st.integers(0, 10**6)),
+        )
+    return BitPlan(layers, {"source": "test"})
+
+
+@given(plans())
+def test_plan_json_round_trip(plan):
+    back = BitPlan.from_json(plan.to_json())
+    assert back == plan
+    assert list(back.layers) == list(plan.layers)
+    assert dict(back.meta) == dict(plan.meta)
+
+
+def test_plan_save_load_and_table(tmp_path, tiny_bn_net):
+    plan = BitPlan.uniform(tiny_bn_net, w_bits=4, a_bits=8)
+    path = tmp_path / "sub" / "plan.json"
+    plan.save(path)
+    assert BitPlan.load(path) == plan
+    assert [p.name for p in path.parent.iterdir()] == ["plan.json"]  # no temporary file left
+    assert plan.layers["conv1"].w_bits == 8 and plan.layers["conv2"].w_bits == 4 and plan.layers["fc"].w_bits == 8
+    assert plan.layers["conv2"].params == 8 * 4 * 9
+    assert "| conv2 | 288 | 4 | 8 | per_channel | uniform |" in repr(plan)
+
+
+def test_plan_bad_input(tiny_bn_net):
+    with pytest.raises(ConfigError, match="w_bits=9"):
+        LayerBits(w_bits=9, a_bits=8)
+    with pytest.raises(ConfigError, match="a_bits=1"):
+        LayerBits(w_bits=4, a_bits=1)
+    with pytest.raises(ConfigError, match="granularity"):
+        LayerBits(w_bits=4, a_bits=8, granularity="per_row")
+    with pytest.raises(ConfigError, match="does not exist"):
+        BitPlan({"conv9": LayerBits(w_bits=4, a_bits=8)}).check(tiny_bn_net)
+    with pytest.raises(ConfigError, match="BatchNorm2d; plans cover Conv1d"):
+        BitPlan({"bn1": LayerBits(w_bits=4, a_bits=8)}).check(tiny_bn_net)
+    with pytest.raises(ConfigError, match="format tag"):
+        BitPlan.from_json(json.dumps({"layers": {}}))
+    with pytest.raises(ConfigError, match="needs w_bits and a_bits"):
+        BitPlan.from_json(json.dumps({"format": "zq_plugin.BitPlan", "version": 1, "layers": {"a": {"w_bits": 4}}}))
+    with pytest.raises(ConfigError, match="w_bits=12"):
+        BitPlan.from_json(
+            json.dumps({"format": "zq_plugin.BitPlan", "version": 1, "layers": {"a": {"w_bits": 12, "a_bits": 8}}})
+        )
+    with pytest.raises(ConfigError, match="at least one layer"):
+        BitPlan({})
+
+
+# ---------------------------------------------------------------- sensitivity
+
+
+def test_sensitivity_nonnegative_and_decreasing(tiny_bn_net):
+    before = snapshot(tiny_bn_net)
+    data = torch.randn(64, 1, 8, 8)
+    sens = measure_sensitivity(tiny_bn_net, data, bits=(2, 4, 8), progress=False)
+    assert_unchanged(tiny_bn_net, before)
+    assert sens.layers == ("conv1", "conv2", "short", "dw", "fc")
+    assert sens.samples == 64
+    for row in sens.weight:
+        assert all(v >= 0 for v in row)
+        assert row[0] > row[1] > row[2]  # 2 > 4 > 8 bits
+    acts = measure_sensitivity(tiny_bn_net, data, bits=(2, 8), activations=True, progress=False).activation
+    assert acts is not None and all(r[0] > r[1] >= 0 for r in acts)
+
+
+def test_sensitivity_folds_bn(tiny_bn_net):
+    factors = bn_fold_factors(tiny_bn_net)
+    assert set(factors) == {"conv1", "conv2", "dw"}  # "short" has no BN
+    bn = tiny_bn_net.bn2
+    assert torch.allclose(factors["conv2"], bn.weight / torch.sqrt(bn.running_var + bn.eps))
+
+
+def test_quantize_weight_grids():
+    w = torch.randn(6, 3, 3, 3)
+    q = quantize_weight(w, 4)
+    scale = w.abs().amax((1, 2, 3), keepdim=True) / 7
+    assert torch.allclose(q, torch.round(w / scale) * scale)
+    qt = quantize_weight(w, 4, "per_tensor")
+    assert len(qt.unique()) <= 15
+    assert torch.equal(quantize_weight(w, 4, grid="nonuniform"), clustered_quantize(w, 4))
+
+
+def test_sensitivity_bad_input(tiny_bn_net):
+    with pytest.raises(ConfigError, match="no sample"):
+        measure_sensitivity(tiny_bn_net, [], progress=False)
+    with pytest.raises(ConfigError, match="holds no samples"):
+        measure_sensitivity(tiny_bn_net, torch.zeros(0, 1, 8, 8), progress=False)
+    with pytest.raises(ConfigError, match="bits=9"):
+        measure_sensitivity(tiny_bn_net, torch.randn(4, 1, 8, 8), bits=(4, 9), progress=False)
+    with pytest.raises(ConfigError, match="unknown layers"):
+        measure_sensitivity(tiny_bn_net, torch.randn(4, 1, 8, 8), layers=["nope"], progress=False)
+
+
+# ---------------------------------------------------------------- pareto_plan
+
+
+def test_pareto_plan_budgets(tiny_bn_net):
+    data = torch.randn(64, 1, 8, 8)
+    sens = measure_sensitivity(tiny_bn_net, data, progress=False)
+    total = sum(sens.params)
+    previous = None
+    for k in (2, 4, 6, 8):
+        result = pareto_plan(tiny_bn_net, budget=Budget(uniform_bits=k), sensitivity=sens)
+        assert result.plan.weight_bits() <= k * total
+        assert result.budget_bits == k * total
+        if previous is not None:
+            assert result.plan.meta["sensitivity"] <= previous
+        previous = result.plan.meta["sensitivity"]
+    assert pareto_plan(tiny_bn_net, budget="MP8", sensitivity=sens).plan.average_w_bits() == 8
+    fixed = pareto_plan(tiny_bn_net, budget="MP4", sensitivity=sens, fixed={"fc": 8}).plan
+    assert fixed.layers["fc"].w_bits == 8
+    # every frontier point gives a plan whose size is the point's cost
+    result = pareto_plan(tiny_bn_net, budget="MP4", sensitivity=sens)
+    for point in result.frontier:
+        assert result.plan_at(point).weight_bits() == point.cost
+
+
+def test_pareto_plan_bad_budgets(tiny_bn_net):
+    sens = measure_sensitivity(tiny_bn_net, torch.randn(16, 1, 8, 8), progress=False)
+    with pytest.raises(ConfigError, match="below the smallest possible plan"):
+        pareto_plan(tiny_bn_net, budget=Budget(average_bits=1.5), sensitivity=sens)
+    with pytest.raises(ConfigError, match="above the largest plan"):
+        pareto_plan(tiny_bn_net, budget=Budget(bytes=10**6), sensitivity=sens)
+    with pytest.raises(ConfigError, match="not Conv/Linear layers"):
+        pareto_plan(tiny_bn_net, torch.randn(4, 1, 8, 8), budget="MP4", fixed={"bn1": 8}, progress=False)
+    with pytest.raises(ConfigError, match="needs data"):
+        pareto_plan(tiny_bn_net, budget="MP4")
+
+
+def test_hybrid_plan(tiny_bn_net):
+    data = torch.randn(32, 1, 8, 8)
+    plan = BitPlan.uniform(tiny_bn_net, w_bits=4, a_bits=8)
+    loose, choice = hybrid_plan(tiny_bn_net, data, plan, threshold=1e9, progress=False)
+    assert loose.per_tensor_share() == 1.0 and choice.per_tensor_share == 1.0
+    strict, choice = hybrid_plan(tiny_bn_net, data, plan, threshold=0.0, progress=False)
+    for name, g in choice.granularity.items():
+        assert g == ("per_tensor" if choice.per_tensor[name] <= choice.per_channel[name] else "per_channel")
+        assert strict.layers[name].granularity == g and strict.layers[name].w_bits == plan.layers[name].w_bits
+    assert strict.meta["per_tensor_share"] == strict.per_tensor_share()
+
+
+# ---------------------------------------------------------------- non-uniform grid
+
+
+@given(st.integers(2, 8), st.integers(1, 6), st.integers(2, 80), st.integers(0, 2**31 - 1))
+def test_clustered_grid_levels(bits, channels, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(channels, n, generator=gen) * torch.rand(channels, 1, generator=gen)
+    q = clustered_quantize(w, bits)
+    assert q.shape == w.shape
+    for row, orig in zip(q, w, strict=True):
+        assert len(row.unique()) <= 2**bits
+        assert row.min() >= orig.min() - 1e-6 and row.max() <= orig.max() + 1e-6
+
+
+def test_nonuniform_beats_uniform_mse_on_gaussian_weights():
+    w = torch.randn(32, 3 * 3 * 16, generator=torch.Generator().manual_seed(0))
+    for bits in (3, 4):
+        nonuni = (clustered_quantize(w, bits) - w).square().mean()
+        uni = (quantize_weight(w, bits) - w).square().mean()
+        assert nonuni < uni
+
+
+def test_nonuniform_fake_quantize_in_qat_flow(tiny_bn_net):
+    fq = NonUniformFakeQuantize(bits=3)
+    w = torch.randn(4, 10, requires_grad=True)
+    out = fq(w)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))  # straight-through
+    fq.disable_fake_quant()
+    assert torch.equal(fq(w), w)
+    plan = BitPlan.uniform(tiny_bn_net, w_bits=4, a_bits=8, grid="nonuniform")
+    example = (torch.randn(1, 1, 8, 8),)
+    mapping = to_qconfig_mapping(plan, tiny_bn_net, example)
+    prepared = _compat.prepare_qat_fx(copy.deepcopy(tiny_bn_net), mapping, example).eval()
+    fqs = [m for m in prepared.modules() if isinstance(m, NonUniformFakeQuantize)]
+    assert len(fqs) == 5 and sorted(f.bits for f in fqs) == [4, 4, 4, 8, 8]
+
+
+# ---------------------------------------------------------------- emitter
+
+
+def _input_fq(prepared: nn.Module, layer: str):
+    """The activation fake-quant/observer module whose output reaches ``layer``'s input."""
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and node.target == layer:
+            arg = node.args[0]
+            while True:
+                if arg.op == "call_module" and "activation_post_process" in str(arg.target):
+                    return prepared.get_submodule(str(arg.target))
+                arg = next(a for a in arg.args if isinstance(a, torch.fx.Node))
+    raise AssertionError(layer)
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_emitter_producer_rule(tiny_bn_net, qat):
+    before = snapshot(tiny_bn_net)
+    example = (torch.randn(1, 1, 8, 8),)
+    plan = BitPlan(
+        {
+            "conv1": LayerBits(w_bits=8, a_bits=5),  # the image, quantized by conv1's config like its output
+            "conv2": LayerBits(w_bits=4, a_bits=5),  # reads conv1 (with short)
+            "short": LayerBits(w_bits=3, a_bits=5),
+            "dw": LayerBits(w_bits=6, a_bits=3, granularity="per_channel"),  # reads the add + relu2
+            "fc": LayerBits(w_bits=8, a_bits=6, granularity="per_tensor"),  # reads dw (via relu6, pool, flatten)
+        }
+    )
+    mapping = to_qconfig_mapping(plan, tiny_bn_net, example, fake_quant=qat)
+    prepare = _compat.prepare_qat_fx if qat else _compat.prepare_fx
+    prepared = prepare(copy.deepcopy(tiny_bn_net), mapping, example)
+    assert_unchanged(tiny_bn_net, before)
+    expected_input_bits = {"conv1": 5, "conv2": 5, "short": 5, "dw": 3, "fc": 6}
+    for layer, bits in expected_input_bits.items():
+        assert _input_fq(prepared, layer).quant_max == 2**bits - 1, layer
+    if qat:
+        modules = dict(prepared.named_modules())
+        for layer, b in plan.layers.items():
+            wfq = modules[layer].weight_fake_quant
+            assert (wfq.quant_min, wfq.quant_max) == (-(2 ** (b.w_bits - 1) - 1), 2 ** (b.w_bits - 1) - 1)
+            per_channel = wfq.qscheme in (torch.per_channel_symmetric, torch.per_channel_affine)
+            assert per_channel == (b.granularity == "per_channel"), layer
+
+
+def test_emitter_image_and_branch_conflicts_take_the_max(tiny_bn_net):
+    example = (torch.randn(1, 1, 8, 8),)
+    plan = BitPlan.uniform(tiny_bn_net, w_bits=4, a_bits=4, first_last_bits=None)
+    plan = plan.replace_layer("conv2", a_bits=6)  # conv2 and short read the same observer (conv1's output)
+    with pytest.warns(UserWarning, match=r"\['conv1', 'conv2', 'short'\].*all get 6 bits"):
+        owners = activation_owners(plan, tiny_bn_net, example)
+    assert owners["conv1"] == 6  # conv1's qconfig quantizes the image and conv1's output
+    with pytest.warns(UserWarning, match="all get 6 bits"):
+        mapping = to_qconfig_mapping(plan, tiny_bn_net, example)
+    prepared = _compat.prepare_fx(copy.deepcopy(tiny_bn_net), mapping, example)
+    assert _input_fq(prepared, "short").quant_max == 63 and _input_fq(prepared, "conv2").quant_max == 63
+
+
+def test_emitter_bad_plan(tiny_bn_net):
+    example = (torch.randn(1, 1, 8, 8),)
+    with pytest.raises(ConfigError, match="does not exist"):
+        to_qconfig_mapping(BitPlan({"nope": LayerBits(w_bits=4, a_bits=4)}), tiny_bn_net, example)
+    plan = BitPlan.uniform(tiny_bn_net, w_bits=4, a_bits=8, grid="nonuniform")
+    with pytest.raises(ConfigError, match="fake_quant=True"):
+        to_qconfig_mapping(plan, tiny_bn_net, example, fake_quant=False)

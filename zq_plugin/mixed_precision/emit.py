@@ -1,0 +1,193 @@
+"""BitPlan -> torch.ao ``QConfigMapping``, with input bits moved to each producer's output observer.
+
+A plan says "layer ``i`` reads ``a_i``-bit inputs"; in FX a node's activation qconfig sets its
+**output** observer, and the model input is quantized with its first consumer's activation
+config (integration-notes §1.3). So the bits of a layer's input must be set on whatever owns
+the observer in front of it: the producing conv, an ``add`` inside a residual block (whose
+qconfig comes from the enclosing module's name), a pooling chain that shares the producer's
+observer, or the first layer itself for the image.
+
+Who owns which observer is not guessed from op tables: :func:`activation_owners` runs
+``prepare_fx`` once on a copy with a probe mapping, in which every module name gets its own
+activation observer marked with a distinct ``eps``, and reads, for each planned layer, the
+mark of the observer on its input. The emitted mapping then sets only those names, with
+``set_module_name`` and ``set_global``, so torch.ao's own precedence applies:
+
+* each planned layer's name carries its weight bits, granularity and grid, and as activation
+  bits the highest input bits requested by the layers its observers feed (``default_bits``
+  when none: the logits);
+* a non-weight owner (a residual block's ``add``) gets the requested activation bits under its
+  module's name (the model's own ops: the global qconfig);
+* an observer feeding several layers that ask for different bits (a branch), and the first
+  layer's config, which quantizes both the image and the layer's output, get the highest
+  requested bits, with a warning naming the layers.
+
+Example:
+    >>> import torch
+    >>> from zq_plugin.mixed_precision.plan import BitPlan
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3)).eval()
+    >>> plan = BitPlan.uniform(net, w_bits=4, a_bits=6, first_last_bits=None)
+    >>> activation_owners(plan, net, (torch.randn(1, 1, 8, 8),))  # "0" quantizes the image and writes "2"'s input
+    {'0': 6}
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from zq_plugin import _compat
+from zq_plugin.backends.fx import qconfig
+from zq_plugin.errors import ConfigError
+from zq_plugin.mixed_precision.plan import BitPlan
+
+logger = logging.getLogger(__name__)
+
+GLOBAL = ""  # the key of the global qconfig
+_MARK = 2.0**-30  # eps step of the probe marks (float32-exact for ids up to 2^23)
+
+
+def _probe_mapping(keys: Sequence[str]) -> Any:
+    """Global + every module name, each with a MinMax activation observer marked ``eps = (id + 1) * _MARK``."""
+
+    def marked(i: int) -> Any:
+        act = _compat.MinMaxObserver.with_args(
+            dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0, quant_max=255, eps=(i + 1) * _MARK
+        )
+        return _compat.QConfig(activation=act, weight=_compat.PerChannelMinMaxObserver.with_args(dtype=torch.qint8))
+
+    mapping = _compat.QConfigMapping().set_global(marked(0))
+    for i, key in enumerate(keys[1:], start=1):
+        mapping.set_module_name(key, marked(i))
+    return mapping
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def _observer_before(arg: Any, prepared: nn.Module) -> Any:
+    """The activation observer whose output reaches ``arg``, walking back through ops that share it.
+
+    Ops such as max-pool, ReLU6, flatten or reshape reuse their input's observer (no node of
+    their own), so the walk follows each node's first tensor input until an observer call.
+    """
+    seen = 0
+    while isinstance(arg, torch.fx.Node) and seen < 1000:
+        module = prepared.get_submodule(str(arg.target)) if arg.op == "call_module" else None
+        if isinstance(module, _compat.ObserverBase) and hasattr(module, "eps"):
+            return module
+        inputs = [a for a in arg.args if isinstance(a, torch.fx.Node)]
+        if arg.op == "placeholder" or not inputs:
+            return None
+        arg, seen = inputs[0], seen + 1
+    return None
+
+
+def input_observer_owners(model: nn.Module, example_inputs: Any, layers: Sequence[str]) -> dict[str, str]:
+    """``layer -> key``: the module name (``""`` for global) whose qconfig sets the observer on each layer's input.
+
+    Layers whose input carries no observer (e.g. a float producer) are left out.
+    """
+    keys = [GLOBAL, *(name for name, _ in model.named_modules() if name)]
+    prepared = _compat.prepare_fx(copy.deepcopy(model).eval(), _probe_mapping(keys), _as_tuple(example_inputs))
+    wanted = set(layers)
+    owners: dict[str, str] = {}
+    for node in prepared.graph.nodes:
+        if node.op != "call_module" or str(node.target) not in wanted or not node.args:
+            continue
+        observer = _observer_before(node.args[0], prepared)
+        if observer is None:
+            logger.warning("layer %s: no activation observer on its input; its input bits cannot be set", node.target)
+            continue
+        owners[str(node.target)] = keys[round(float(observer.eps) / _MARK) - 1]
+    return owners
+
+
+def activation_owners(plan: BitPlan, model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """``key -> activation bits``: where each planned input bit width must be set, after the producer rule.
+
+    Keys are module names (``""``: the global qconfig). Conflicts (several layers reading one
+    observer, or one name owning several observers read at different bits) take the highest
+    bits, with a warning naming the layers.
+    """
+    plan.check(model)
+    owners = input_observer_owners(model, example_inputs, list(plan.layers))
+    requests: dict[str, dict[str, int]] = {}
+    for layer, key in owners.items():
+        requests.setdefault(key, {})[layer] = plan.layers[layer].a_bits
+    bits: dict[str, int] = {}
+    for key, asked in requests.items():
+        bits[key] = max(asked.values())
+        if len(set(asked.values())) > 1:
+            where = f"module {key!r}" if key else "the global qconfig"
+            message = (
+                f"layers {sorted(asked)} read activations quantized by one qconfig ({where}) but ask for "
+                f"{dict(sorted(asked.items()))} input bits; FX cannot give one observer two bit widths, so all "
+                f"get {bits[key]} bits."
+            )
+            warnings.warn(message, stacklevel=3)
+            logger.warning(message)
+    return bits
+
+
+def to_qconfig_mapping(
+    plan: BitPlan,
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    act_observer: Any = None,
+    weight_observer: Any = None,
+    tensor_weight_observer: Any = None,
+    fake_quant: bool = True,
+    default_bits: int = 8,
+) -> Any:
+    """A torch.ao ``QConfigMapping`` for ``plan``, ready for ``prepare_fx`` / ``prepare_qat_fx``.
+
+    Args:
+        plan: the per-layer plan (input bits per layer).
+        model: the float model the mapping is for (traced once on a copy; not changed).
+        example_inputs: an input batch (or a tuple of inputs) for the probe trace.
+        act_observer: activation observer class (default ``MinMaxObserver``).
+        weight_observer: per-channel weight observer class (default ``PerChannelMinMaxObserver``).
+        tensor_weight_observer: per-tensor weight observer class (default ``MinMaxObserver``).
+        fake_quant: FakeQuantize qconfigs (``prepare_qat_fx``, the clamping simulation) or bare
+            observers (``prepare_fx``; uniform grids only).
+        default_bits: bits of everything the plan does not set (global qconfig, the logits).
+
+    Raises:
+        ConfigError: layers the model does not have, bits outside 2-8, a non-uniform grid with
+            ``fake_quant=False``.
+    """
+    plan.check(model)
+    owners = activation_owners(plan, model, example_inputs)
+    kw = {"act_observer": act_observer, "fake_quant": fake_quant}
+
+    def layer_qconfig(w_bits: int, a_bits: int, granularity: str = "per_channel", grid: str = "uniform") -> Any:
+        if grid == "nonuniform" and not fake_quant:
+            raise ConfigError(
+                "a non-uniform weight grid exists only as fake quantization: use fake_quant=True and prepare_qat_fx."
+            )
+        return qconfig(
+            w_bits,
+            a_bits,
+            weight_observer=weight_observer,
+            tensor_weight_observer=tensor_weight_observer,
+            granularity=granularity,
+            grid=grid,
+            **kw,
+        )
+
+    mapping = _compat.QConfigMapping().set_global(layer_qconfig(default_bits, owners.get(GLOBAL, default_bits)))
+    for key, a_bits in owners.items():
+        if key != GLOBAL and key not in plan.layers:
+            mapping.set_module_name(key, layer_qconfig(default_bits, a_bits))
+    for name, b in plan.layers.items():
+        mapping.set_module_name(name, layer_qconfig(b.w_bits, owners.get(name, default_bits), b.granularity, b.grid))
+    return mapping

@@ -1,0 +1,332 @@
+"""Per-layer sensitivity to quantization, measured on (synthetic) data: ZeroQ's Omega (methods.md §2.4).
+
+For layer ``i`` and bit width ``k``::
+
+    Omega_i(k) = (1/N) sum_j KL( softmax M(x_j) || softmax M_i,k(x_j) )
+
+where ``M_i,k`` is the float model with **only** layer ``i``'s weights quantized to ``k`` bits
+(activations float). Weights are quantized the way the FX backend quantizes them: symmetric,
+narrow range, per output channel or per tensor, or on Retro-Synthesis's clustered grid
+(:mod:`zq_plugin.mixed_precision.nonuniform`), and **after folding** a following BatchNorm
+(``w * gamma / sqrt(var + eps)``, as ``prepare_qat_fx`` does), so per-tensor and non-uniform
+errors are those of the deployed weights. Optionally the same for each layer's input
+activation (per-tensor affine over the data's range, the other layers float).
+
+Cost: ``L * |bits|`` forward passes over the data (a few hundred images are enough); the
+model is deep-copied, never changed.
+
+Example:
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+    ...                           torch.nn.Linear(4 * 6 * 6, 10)).eval()
+    >>> sens = measure_sensitivity(net, torch.randn(32, 1, 8, 8), bits=(2, 8), progress=False)
+    >>> sens.layers, sens.bits, all(s[0] > s[1] >= 0 for s in sens.weight)
+    (('0', '3'), (2, 8), True)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from zq_plugin.data import CalibrationData, iter_batches
+from zq_plugin.errors import ConfigError
+from zq_plugin.mixed_precision.nonuniform import clustered_quantize
+from zq_plugin.mixed_precision.plan import Granularity, Grid, weight_layers
+from zq_plugin.qparams import check_bits, compute_qparams, fake_quantize, quant_range
+
+logger = logging.getLogger(__name__)
+
+
+def quantize_weight(
+    w: torch.Tensor, bits: int, granularity: Granularity = "per_channel", grid: Grid = "uniform"
+) -> torch.Tensor:
+    """Quantize-dequantize a weight ``[C_out, ...]``: symmetric narrow MinMax, or the clustered grid.
+
+    Uniform: ``scale = max|w| / (2^(b-1) - 1)`` per output channel (or per tensor), the grid of
+    torch's ``PerChannelMinMaxObserver`` with ``per_channel_symmetric`` and a narrow range.
+    """
+    per_channel = granularity == "per_channel"
+    if grid == "nonuniform":
+        return clustered_quantize(w, bits, per_channel=per_channel, ch_axis=0)
+    qmin, qmax = quant_range(bits, signed=True, narrow=True)
+    flat = w.detach().reshape(w.shape[0], -1) if per_channel else w.detach().reshape(1, -1)
+    scale, zp = compute_qparams(flat.amin(1), flat.amax(1), qmin, qmax, symmetric=True)
+    return fake_quantize(w.detach(), scale, zp, qmin, qmax, axis=0 if per_channel else None)
+
+
+def bn_fold_factors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``gamma / sqrt(running_var + eps)`` ``[C_out]`` for each Conv whose only consumer is a BatchNorm.
+
+    Found on an FX trace of ``model`` (the pattern ``prepare_qat_fx`` folds); empty when the model
+    does not trace.
+    """
+    modules = dict(model.named_modules())
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as e:  # untraceable models keep unfolded weights
+        logger.info("no BN folding for sensitivity: %s does not trace (%s)", type(model).__name__, e)
+        return {}
+    factors = {}
+    for node in graph.nodes:
+        bn = modules.get(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_var is None:
+            continue
+        producer = node.args[0]
+        if not isinstance(producer, torch.fx.Node) or producer.op != "call_module" or len(producer.users) != 1:
+            continue
+        conv = modules.get(str(producer.target))
+        if isinstance(conv, nn.modules.conv._ConvNd) and conv.out_channels == bn.num_features:
+            factor = torch.rsqrt(bn.running_var.detach() + bn.eps)
+            factor = factor * bn.weight.detach() if bn.weight is not None else factor
+            factors[str(producer.target)] = torch.where(factor == 0, torch.ones_like(factor), factor)
+    return factors
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """Sensitivities of every Conv/Linear layer at every candidate bit width.
+
+    Attributes:
+        layers: layer names (module order).
+        params: weight count of each layer.
+        bits: candidate bit widths.
+        weight: ``[L][K]`` Omega_i(k) for the weights.
+        granularity: weight granularity used.
+        grid: weight grid used.
+        activation: ``[L][K]`` the same for each layer's input, or None when not measured.
+        samples: number of images measured on.
+    """
+
+    layers: tuple[str, ...]
+    params: tuple[int, ...]
+    bits: tuple[int, ...]
+    weight: tuple[tuple[float, ...], ...]
+    granularity: Granularity = "per_channel"
+    grid: Grid = "uniform"
+    activation: tuple[tuple[float, ...], ...] | None = None
+    samples: int = 0
+
+    def of(self, layer: str, bits: int) -> float:
+        """Omega of ``layer``'s weights at ``bits``."""
+        return self.weight[self.layers.index(layer)][self.bits.index(bits)]
+
+    def table(self) -> str:
+        """A Markdown table: one row per layer, one column per bit width."""
+        head = "| layer | params | " + " | ".join(f"W{k}" for k in self.bits) + " |"
+        rows = [head, "|---|---|" + "---|" * len(self.bits)]
+        for name, p, row in zip(self.layers, self.params, self.weight, strict=True):
+            rows.append(f"| {name} | {p:,} | " + " | ".join(f"{v:.3g}" for v in row) + " |")
+        return "\n".join(rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values."""
+        return {
+            "layers": list(self.layers),
+            "params": list(self.params),
+            "bits": list(self.bits),
+            "weight": [list(r) for r in self.weight],
+            "granularity": self.granularity,
+            "grid": self.grid,
+            "activation": None if self.activation is None else [list(r) for r in self.activation],
+            "samples": self.samples,
+        }
+
+
+def _check_candidates(bits: Sequence[int]) -> tuple[int, ...]:
+    if not bits:
+        raise ConfigError("bits=() is empty: give the candidate bit widths, e.g. bits=(2, 4, 8).")
+    return tuple(sorted({check_bits(b, "candidate bits") for b in bits}))
+
+
+def _batches(data: CalibrationData, batch_size: int, max_batches: int | None) -> list[torch.Tensor]:
+    batches: list[torch.Tensor] = []
+    for x in iter_batches(data, batch_size):
+        if max_batches is not None and len(batches) >= max_batches:
+            break
+        if not torch.isfinite(x).all():
+            raise ConfigError(f"batch {len(batches)} of the data contains NaN or Inf; clean the data first.")
+        batches.append(x)
+    if not batches or sum(len(x) for x in batches) == 0:
+        raise ConfigError("the data yielded no sample: pass synthetic images (zq_plugin.synthesize) or a loader.")
+    return batches
+
+
+def _kl(model: nn.Module, batches: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    """Mean over samples of ``KL(p_ref || p_model)``, summed over classes; clipped at 0."""
+    total = 0.0
+    count = 0
+    for x, ref in zip(batches, refs, strict=True):
+        logq = F.log_softmax(model(x).flatten(1).float(), dim=1)  # [N, classes]
+        total += float(F.kl_div(logq, ref, log_target=True, reduction="sum"))
+        count += x.shape[0]
+    return max(total / count, 0.0)
+
+
+def measure_sensitivity(
+    model: nn.Module,
+    data: CalibrationData,
+    *,
+    bits: Sequence[int] = (2, 4, 8),
+    granularity: Granularity = "per_channel",
+    grid: Grid = "uniform",
+    activations: bool = False,
+    layers: Sequence[str] | None = None,
+    batch_size: int = 64,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> Sensitivity:
+    """Omega_i(k) for every Conv/Linear layer ``i`` and candidate ``k`` (see the module docstring).
+
+    Args:
+        model: the float model (not changed: a deep copy is measured).
+        data: synthetic or real images (any source :func:`zq_plugin.data.iter_batches` takes).
+        bits: candidate bit widths, each 2 to 8.
+        granularity: ``"per_channel"`` or ``"per_tensor"`` weights.
+        grid: ``"uniform"`` or ``"nonuniform"`` weights.
+        activations: also measure each layer's input at each bit width.
+        layers: restrict to these layers (default: all Conv/Linear).
+        batch_size: batch size for tensor/dataset data.
+        max_batches: use at most this many batches.
+        progress: show a tqdm bar on a terminal.
+
+    Returns:
+        A :class:`Sensitivity`.
+
+    Raises:
+        ConfigError: empty data, bad bit widths, unknown layers.
+    """
+    candidates = _check_candidates(bits)
+    if granularity not in ("per_channel", "per_tensor") or grid not in ("uniform", "nonuniform"):
+        raise ConfigError(
+            f"granularity={granularity!r}, grid={grid!r}: use 'per_channel'/'per_tensor' and 'uniform'/'nonuniform'."
+        )
+    batches = _batches(data, batch_size, max_batches)
+    work = copy.deepcopy(model).eval()
+    all_layers = weight_layers(work)
+    if layers is not None:
+        unknown = [n for n in layers if n not in all_layers]
+        if unknown:
+            raise ConfigError(f"unknown layers {unknown}; the model's Conv/Linear layers are {list(all_layers)}.")
+        all_layers = {n: all_layers[n] for n in layers}
+    if not all_layers:
+        raise ConfigError(f"{type(model).__name__} has no Conv/Linear layer to measure.")
+    fold = bn_fold_factors(work)
+    weight_rows: list[tuple[float, ...]] = []
+    act_rows: list[tuple[float, ...]] = []
+    total = len(all_layers) * len(candidates) * (2 if activations else 1)
+    bar = tqdm(total=total, desc="sensitivity", disable=None if progress else True, leave=False)
+    with torch.no_grad():
+        refs = [F.log_softmax(work(x).flatten(1).float(), dim=1) for x in batches]  # [N, classes] each
+        ranges = _input_ranges(work, all_layers, batches) if activations else {}
+        for name, module in all_layers.items():
+            w0 = module.weight.detach().clone()  # type: ignore[operator]
+            shape = [-1] + [1] * (w0.dim() - 1)
+            factor = fold[name].reshape(shape) if name in fold else None
+            row = []
+            for k in candidates:
+                folded = w0 * factor if factor is not None else w0
+                wq = quantize_weight(folded, k, granularity, grid)
+                module.weight.copy_(wq / factor if factor is not None else wq)  # type: ignore[operator]
+                row.append(_kl(work, batches, refs))
+                bar.update()
+            module.weight.copy_(w0)  # type: ignore[operator]
+            weight_rows.append(tuple(row))
+            if activations:
+                act_rows.append(tuple(_input_kl(work, module, ranges[name], k, batches, refs, bar) for k in candidates))
+    bar.close()
+    return Sensitivity(
+        layers=tuple(all_layers),
+        params=tuple(int(m.weight.numel()) for m in all_layers.values()),  # type: ignore[operator]
+        bits=candidates,
+        weight=tuple(weight_rows),
+        granularity=granularity,
+        grid=grid,
+        activation=tuple(act_rows) if activations else None,
+        samples=sum(x.shape[0] for x in batches),
+    )
+
+
+def _input_ranges(
+    model: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``(min, max)`` of each layer's input over all batches."""
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+
+    def make(name: str) -> Any:
+        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach()
+            lo, hi = x.amin(), x.amax()
+            if name in ranges:
+                lo, hi = torch.minimum(lo, ranges[name][0]), torch.maximum(hi, ranges[name][1])
+            ranges[name] = (lo, hi)
+
+        return hook
+
+    try:
+        for name, m in layers.items():
+            handles.append(m.register_forward_pre_hook(make(name)))
+        for x in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return ranges
+
+
+def _input_kl(
+    model: nn.Module,
+    module: nn.Module,
+    rng: tuple[torch.Tensor, torch.Tensor],
+    bits: int,
+    batches: list[torch.Tensor],
+    refs: list[torch.Tensor],
+    bar: Any,
+) -> float:
+    """KL with only ``module``'s input fake-quantized (per-tensor affine over ``rng``) at ``bits``."""
+    qmin, qmax = quant_range(bits, signed=False)
+    scale, zp = compute_qparams(rng[0].reshape(1), rng[1].reshape(1), qmin, qmax)
+
+    def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return (fake_quantize(args[0], scale, zp, qmin, qmax), *args[1:])
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        return _kl(model, batches, refs)
+    finally:
+        handle.remove()
+        bar.update()
+
+
+Decision = Literal["per_channel", "per_tensor"]
+
+
+@dataclass(frozen=True)
+class HybridChoice:
+    """Retro-Synthesis's hybrid granularity decision for each layer.
+
+    Attributes:
+        granularity: ``layer -> "per_tensor" | "per_channel"``.
+        per_tensor: ``layer -> Omega`` with per-tensor weights at the layer's bits.
+        per_channel: ``layer -> Omega`` with per-channel weights.
+        threshold: the tolerance used.
+    """
+
+    granularity: dict[str, Decision]
+    per_tensor: dict[str, float]
+    per_channel: dict[str, float]
+    threshold: float
+
+    @property
+    def per_tensor_share(self) -> float:
+        """Share of layers that take per-tensor weights."""
+        return sum(g == "per_tensor" for g in self.granularity.values()) / max(len(self.granularity), 1)
