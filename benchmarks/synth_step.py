@@ -10,11 +10,14 @@ For each model, in the same process and on a batch of the same size:
   timed step by step: the loop appends each step's loss to ``ctx.loss_log``, and a list that
   stamps the clock on every append gives the duration of each full step.
 
-Medians over all steps of several interleaved rounds (robust to the load spikes of a shared
-machine), and their ratio (goal: <= 1.10 for the pixel methods). BN-only methods skip the model
-without BN. Usage::
+The speed of this VM drifts by up to 25 % within seconds, so the two are measured in many short
+paired rounds (baseline steps, then method steps, alternating); each round gives the ratio of
+the two medians, and the reported ratio is the median over rounds, with the spread (lowest and
+highest round). Goal: <= 1.10 for the pixel methods. BN-only methods skip the model without BN.
+Usage::
 
-    python benchmarks/synth_step.py [--models ...] [--methods zeroq dsg retro genie] [--batch 64] [--steps 40]
+    python benchmarks/synth_step.py [--models ...] [--methods zeroq dsg retro genie]
+        [--batch 64] [--steps 12] [--rounds 12]
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ class StampedLog(list):  # type: ignore[type-arg]
         return [b - a for a, b in zip(self.stamps[:-1], self.stamps[1:], strict=True)]
 
 
-def bench(name: str, method: str, batch: int, steps: int, rounds: int = 3) -> tuple[float, float]:
-    """Median seconds of a bare forward+backward and of one step of ``method``."""
+def bench(name: str, method: str, batch: int, steps: int, rounds: int) -> tuple[float, float, list[float]]:
+    """Median seconds of a bare forward+backward and of one step of ``method``, and the per-round ratios."""
     model = zoo.load(name)
     spec = get_method(method)
     box = resolve_input_range(model, "auto")
@@ -62,12 +65,12 @@ def bench(name: str, method: str, batch: int, steps: int, rounds: int = 3) -> tu
             generator=torch.Generator().manual_seed(0),
             loss_log=log,
         )
-        spec.make_batch(model, spec.config({"steps": steps}), ctx)
-        return log.durations()[2:]  # the first steps warm the allocator
+        spec.make_batch(model, spec.config({"steps": steps + 2}), ctx)
+        return log.durations()[1:]  # the first steps warm the allocator
 
     def baseline_steps() -> list[float]:
         times = []
-        for _ in range(steps):
+        for _ in range(steps + 2):
             t = time.perf_counter()
             x.grad = None
             model(x).sum().backward()
@@ -76,11 +79,14 @@ def bench(name: str, method: str, batch: int, steps: int, rounds: int = 3) -> tu
 
     base: list[float] = []
     step: list[float] = []
+    ratios: list[float] = []
     with frozen(model):
-        for _ in range(rounds):  # interleaved, to share any drift in machine load
-            base += baseline_steps()
-            step += method_steps()
-    return statistics.median(base), statistics.median(step)
+        for _ in range(rounds):  # paired rounds: both see the same machine speed
+            b, m = baseline_steps(), method_steps()
+            base += b
+            step += m
+            ratios.append(statistics.median(m) / statistics.median(b))
+    return statistics.median(base), statistics.median(step), ratios
 
 
 def main() -> None:
@@ -88,17 +94,22 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=zoo.available())
     parser.add_argument("--methods", nargs="*", default=["zeroq", "dsg", "retro"])
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per round and side")
+    parser.add_argument("--rounds", type=int, default=12)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
-    print("| model | method | fwd+bwd ms | step ms | ratio |")
-    print("|---|---|---|---|---|")
+    print("| model | method | fwd+bwd ms | step ms | ratio (median of rounds) | lowest-highest round |")
+    print("|---|---|---|---|---|---|")
     for name in args.models:
         for method in args.methods:
             if get_method(method).needs_batchnorm and not zoo.has_batchnorm(name):
                 continue
-            base, step = bench(name, method, args.batch, args.steps)
-            print(f"| {name} | {method} | {base * 1e3:.2f} | {step * 1e3:.2f} | {step / base:.3f} |", flush=True)
+            base, step, ratios = bench(name, method, args.batch, args.steps, args.rounds)
+            print(
+                f"| {name} | {method} | {base * 1e3:.2f} | {step * 1e3:.2f} | {statistics.median(ratios):.3f} | "
+                f"{min(ratios):.2f}-{max(ratios):.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

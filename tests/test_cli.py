@@ -112,3 +112,28 @@ def test_observer_names_resolve():
         ao.observer_class("histogram", per_channel=True)
     with pytest.raises(zq_plugin.ConfigError, match="unknown observer"):
         ao.observer_class("kl")
+
+
+def test_plan_writes_plan_frontier_and_plot(data_file, tmp_path, capsys):
+    from zq_plugin.mixed_precision import BitPlan
+
+    out = tmp_path / "plan"
+    argv = ["plan", "--model", "resnet_s", "--data", str(data_file), "--budget", "MP4", "--bits", "2", "4", "8"]
+    assert cli.main([*argv, "--out", str(out)]) == 0
+    plan = BitPlan.load(out / "plan.json")
+    assert plan.weight_bits() <= 4 * sum(b.params for b in plan.layers.values())
+    doc = json.loads((out / "frontier.json").read_text())
+    assert doc["budget_bits"] == 4 * sum(b.params for b in plan.layers.values())
+    sizes = [r["bytes"] for r in doc["frontier"]]
+    assert sizes == sorted(sizes) and len(sizes) > 3
+    assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| layer1.conv1 |" in capsys.readouterr().out
+
+
+def test_plan_bad_budget_exits_2(data_file, tmp_path, capsys):
+    argv = ["plan", "--model", "resnet_s", "--data", str(data_file), "--out", str(tmp_path)]
+    assert cli.main([*argv, "--budget", "1avg"]) == 2
+    assert "below the smallest possible plan" in capsys.readouterr().err
+    assert cli.main([*argv, "--budget", "lots"]) == 2
+    assert "not understood" in capsys.readouterr().err
+    assert not (tmp_path / "plan.json").exists()

@@ -1,4 +1,4 @@
-"""The ``zq`` command: ``zq demo``, ``zq synthesize``, ``zq quantize``.
+"""The ``zq`` command: ``zq demo``, ``zq synthesize``, ``zq quantize``, ``zq plan``.
 
 Run ``zq <command> --help`` for the options of each.
 """
@@ -21,7 +21,7 @@ from torch import nn
 
 from zq_plugin import datasets, zoo
 from zq_plugin.backends.fx import convert_int8_fx, quantize_fx
-from zq_plugin.data import SyntheticDataset, model_fingerprint
+from zq_plugin.data import SyntheticDataset, iter_batches, model_fingerprint
 from zq_plugin.errors import ConfigError, ZQError
 from zq_plugin.evaluation import accuracy
 from zq_plugin.observers.ao import NAMES, observer_class
@@ -261,6 +261,115 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_data(model: nn.Module, args: argparse.Namespace) -> Any:
+    """``--data``: a file from ``zq synthesize``, ``real`` (training images), ``noise``, or a method to run now."""
+    from zq_plugin.synth import METHODS
+
+    shape = parse_shape(args.input_shape) if args.input_shape else zoo.INPUT_SHAPE
+    if args.data == "real":
+        return real_subset(args.num_samples, args.seed)
+    if args.data == "noise":
+        return synthesize(model, "noise", num_samples=args.num_samples, input_shape=shape, seed=args.seed)
+    if args.data in METHODS:
+        return synthesize(
+            model,
+            args.data,
+            num_samples=args.num_samples,
+            input_shape=shape,
+            seed=args.seed,
+            cache_dir=getattr(args, "cache_dir", None),
+        )
+    if not Path(args.data).is_file():
+        raise ConfigError(
+            f"--data {args.data!r} is neither a file nor one of real, noise, {', '.join(sorted(METHODS))}."
+        )
+    return SyntheticDataset.load(args.data, model, allow_mismatch=getattr(args, "allow_mismatch", False))
+
+
+def plot_frontier(path: Path, rows: list[dict[str, Any]], measured: list[dict[str, Any]], title: str) -> None:
+    """Write the frontier (weight size vs total sensitivity) as a PNG, measured top-1 on a second axis."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        from zq_plugin.errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            "the frontier plot needs matplotlib: pip install 'zq-plugin[plot]' (or pass --no-plot)."
+        ) from exc
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.step([r["average_bits"] for r in rows], [r["sensitivity"] for r in rows], where="post", color="tab:blue")
+    ax.set_xlabel("average weight bits (Conv/Linear)")
+    ax.set_ylabel("total sensitivity (sum of KL)", color="tab:blue")
+    ax.set_yscale("symlog", linthresh=1e-4)
+    if measured:
+        top = ax.twinx()
+        xs = [m["average_bits"] for m in measured]
+        top.plot(xs, [m["top1"] for m in measured], "o-", color="tab:red")
+        for m in measured:
+            top.annotate(f"{m['top1']:.2f}", (m["average_bits"], m["top1"]), textcoords="offset points", xytext=(4, 4))
+        top.set_ylabel("measured top-1 (%)", color="tab:red")
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``zq plan``."""
+    from zq_plugin.mixed_precision import Budget, hybrid_plan, pareto_plan
+    from zq_plugin.mixed_precision.emit import to_qconfig_mapping
+
+    budget = Budget.parse(args.budget)  # before the data and the measurement, which take a while
+    model = load_model(args.model, args.arch, args.checkpoint)
+    data = load_data(model, args)
+    result = pareto_plan(model, data, budget=budget, bits=args.bits, a_bits=args.a_bits, grid=args.grid, progress=True)
+    plan = result.plan
+    if args.hybrid_threshold is not None:
+        plan, _ = hybrid_plan(model, data, plan, threshold=args.hybrid_threshold)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plan.save(args.out / "plan.json")
+    rows = result.frontier_rows()
+    measured: list[dict[str, Any]] = []
+    if args.evaluate:
+        x_test, y_test = datasets.load_fashion_mnist("test")
+        example = next(iter(iter_batches(data, 1)))[:1]
+        picks = sorted(
+            {round(i * (len(result.frontier) - 1) / max(args.evaluate - 1, 1)) for i in range(args.evaluate)}
+        )
+        points = [(result.frontier[i], result.plan_at(result.frontier[i])) for i in picks]
+        points.append((None, plan))
+        for point, p in points:
+            sim = quantize_fx(model, data, mapping=to_qconfig_mapping(p, model, (example,)))
+            entry = {
+                "average_bits": p.average_w_bits(),
+                "bytes": p.weight_bytes(),
+                "top1": accuracy(sim, x_test, y_test),
+                "chosen": point is None,
+            }
+            measured.append(entry)
+            logger.info("plan of %.2f average bits: top-1 %.2f", entry["average_bits"], entry["top1"])
+    doc = {
+        "budget": args.budget,
+        "budget_bits": result.budget_bits,
+        "frontier": rows,
+        "measured": measured,
+        "sensitivity": result.sensitivity.to_dict(),
+    }
+    (args.out / "frontier.json").write_text(json.dumps(doc, indent=2) + "\n")
+    if not args.no_plot:
+        name = args.model or args.arch
+        plot_frontier(
+            args.out / "frontier.png", rows, [m for m in measured if not m["chosen"]], f"{name}: {args.budget}"
+        )
+    print(plan.table())
+    print(f"wrote {args.out / 'plan.json'}, {args.out / 'frontier.json'}" + ("" if args.no_plot else ", frontier.png"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``zq``."""
     parser = argparse.ArgumentParser(prog="zq", description="Zero-shot quantization for PyTorch CNNs.")
@@ -314,6 +423,25 @@ def build_parser() -> argparse.ArgumentParser:
     qua.add_argument("--evaluate", action="store_true", help="report top-1 on the Fashion-MNIST test set")
     qua.add_argument("--int8-out", type=Path, help="also write a TorchScript int8 model (W8A8 only)")
     qua.set_defaults(func=cmd_quantize)
+
+    pla = sub.add_parser("plan", help="mixed-precision plan from data: sensitivity, Pareto frontier, plot")
+    add_model_args(pla)
+    pla.add_argument("--budget", required=True, help="MP4 / 4bit (size of a uniform 4-bit model), 4.5avg, 120KB")
+    pla.add_argument(
+        "--data", default="zeroq", help="zeroq/dsg/retro/... (synthesized now), a 'zq synthesize' file, real, noise"
+    )
+    pla.add_argument("--cache-dir", type=Path, help="cache of synthesized batches")
+    pla.add_argument("--allow-mismatch", action="store_true", help="use a dataset file made for other weights")
+    pla.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8], help="candidate weight bits")
+    pla.add_argument("--a-bits", type=int, default=8, help="activation bits of every layer")
+    pla.add_argument("--grid", choices=["uniform", "nonuniform"], default="uniform")
+    pla.add_argument("--hybrid-threshold", type=float, help="also choose per-tensor weights within this KL")
+    pla.add_argument(
+        "--evaluate", type=int, default=0, metavar="K", help="measure top-1 (Fashion-MNIST) at K frontier points"
+    )
+    pla.add_argument("--no-plot", action="store_true")
+    pla.add_argument("--out", type=Path, default=Path("zq_out/plan"))
+    pla.set_defaults(func=cmd_plan)
     return parser
 
 
