@@ -342,3 +342,14 @@ def test_emitter_bad_plan(tiny_bn_net):
     plan = BitPlan.uniform(tiny_bn_net, w_bits=4, a_bits=8, grid="nonuniform")
     with pytest.raises(ConfigError, match="fake_quant=True"):
         to_qconfig_mapping(plan, tiny_bn_net, example, fake_quant=False)
+
+
+def test_pareto_plan_full_budget_with_non_monotone_sensitivity(tiny_bn_net):
+    from zq_plugin.mixed_precision import Sensitivity
+
+    # "fc" measures lower at 7 bits than at 8 (noise): the all-8 plan is dominated, yet MP8 is feasible
+    sens = Sensitivity(layers=("conv1", "fc"), params=(10, 20), bits=(7, 8), weight=((0.2, 0.1), (0.05, 0.06)))
+    plan = pareto_plan(tiny_bn_net, budget="MP8", sensitivity=sens).plan
+    assert (plan.layers["conv1"].w_bits, plan.layers["fc"].w_bits) == (8, 7)
+    with pytest.raises(ConfigError, match="above the largest plan"):
+        pareto_plan(tiny_bn_net, budget=Budget(average_bits=8.5), sensitivity=sens)

@@ -114,7 +114,6 @@ def test_unknown_option_lists_the_accepted_ones(tiny_bn_net):
         zq_plugin.synthesize(tiny_bn_net, "dsg", num_samples=2, input_shape=SHAPE, progress=False, epsilonn=0.9)
 
 
-
 def test_retro_is_class_balanced_and_targets_its_classes(tiny_plain_net):
     data = zq_plugin.synthesize(
         tiny_plain_net, "retro", num_samples=9, batch_size=4, input_shape=(1, 8, 8), progress=False, steps=60

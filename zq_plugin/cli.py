@@ -311,6 +311,7 @@ def plot_frontier(path: Path, rows: list[dict[str, Any]], measured: list[dict[st
         for m in measured:
             top.annotate(f"{m['top1']:.2f}", (m["average_bits"], m["top1"]), textcoords="offset points", xytext=(4, 4))
         top.set_ylabel("measured top-1 (%)", color="tab:red")
+        ax.set_xlim(right=max(r["average_bits"] for r in rows) + 0.6)  # room for the last label
     ax.set_title(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -163,6 +163,12 @@ class BitPlan:
             )
         return self
 
+    def to_qconfig_mapping(self, model: nn.Module, example_inputs: Any, **options: Any) -> Any:
+        """The torch.ao ``QConfigMapping`` of this plan (:func:`zq_plugin.mixed_precision.emit.to_qconfig_mapping`)."""
+        from zq_plugin.mixed_precision.emit import to_qconfig_mapping  # FX lives outside the plain value
+
+        return to_qconfig_mapping(self, model, example_inputs, **options)
+
     # summaries ---------------------------------------------------------------------------
     def weight_bits(self) -> int:
         """Total weight bits ``sum_i P_i w_bits_i``."""
