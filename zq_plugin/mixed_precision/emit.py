@@ -133,7 +133,6 @@ def activation_owners(plan: BitPlan, model: nn.Module, example_inputs: Any) -> d
                 f"get {bits[key]} bits."
             )
             warnings.warn(message, stacklevel=3)
-            logger.warning(message)
     return bits
 
 

@@ -15,11 +15,11 @@ codebook); torch.ao and Brevitas can only emulate it, which :class:`NonUniformFa
 Example:
     >>> import torch
     >>> w = torch.randn(4, 256)
-    >>> q = clustered_quantize(w, 4)
-    >>> bool((q.unique(dim=1).shape[1] <= 256) and all(len(row.unique()) <= 16 for row in q))
-    True
-    >>> float(((q - w) ** 2).mean()) < float(((torch.round(w / (w.abs().amax(1, keepdim=True) / 7))
-    ...     * (w.abs().amax(1, keepdim=True) / 7) - w) ** 2).mean())
+    >>> q = clustered_quantize(w, 4)  # 16 levels per row
+    >>> [len(row.unique()) <= 16 for row in q]
+    [True, True, True, True]
+    >>> scale = w.abs().amax(1, keepdim=True) / 7  # uniform symmetric 4-bit, 15 levels
+    >>> bool((q - w).square().mean() < (torch.round(w / scale) * scale - w).square().mean())
     True
 """
 
@@ -35,13 +35,11 @@ from zq_plugin.qparams import check_bits
 _QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99)
 
 
-def _cluster(
-    w: torch.Tensor, inside: torch.Tensor, levels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Uniform quantization of the values of ``w`` ``[C, n]`` selected by ``inside``, per row.
+def _cluster(w: torch.Tensor, inside: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Uniform quantization of the values of ``w`` ``[C, n]`` selected by ``inside``, ``levels[c]`` levels per row.
 
-    Returns the quantized values (garbage outside ``inside``), the cluster's low end and its
-    step, each per row.
+    The levels span the cluster's own extremes (one level: its middle); values outside
+    ``inside`` come out meaningless and are masked by the caller.
     """
     big = torch.finfo(w.dtype).max
     lo = torch.where(inside, w, big).amin(1, keepdim=True)  # [C, 1]
@@ -52,8 +50,7 @@ def _cluster(
     step = torch.where(n > 1, (hi - lo) / (n - 1).clamp_min(1), torch.zeros_like(hi))
     single = (lo + hi) / 2  # one level: the middle of the cluster
     index = torch.round((w - lo) / step.clamp_min(torch.finfo(w.dtype).tiny)).clamp(min=torch.zeros_like(n), max=n - 1)
-    q = torch.where(n > 1, lo + index * step, single)
-    return q, lo, step
+    return torch.where(n > 1, lo + index * step, single)
 
 
 def _allocate(counts: torch.Tensor, ranges: torch.Tensor, total: int) -> torch.Tensor:
@@ -91,8 +88,7 @@ def _quantize_at(w: torch.Tensor, t: torch.Tensor, bits: int) -> torch.Tensor:
     levels = _allocate(torch.stack(counts, 1), torch.stack(ranges, 1), 2**bits)  # [C, 3]
     out = torch.zeros_like(w)
     for j, m in enumerate(masks):
-        q, _, _ = _cluster(w, m, levels[:, j])
-        out = torch.where(m, q, out)
+        out = torch.where(m, _cluster(w, m, levels[:, j]), out)
     return out
 
 

@@ -41,6 +41,8 @@ class PlanResult:
         frontier: every Pareto-optimal point (cost in weight bits), cheapest first.
         sensitivity: the measured sensitivities.
         budget_bits: the budget in weight bits.
+        a_bits: the activation bits given to every layer.
+        options: the candidate bit widths searched for each layer (one entry for a fixed layer).
     """
 
     plan: BitPlan

@@ -30,7 +30,7 @@ import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -307,9 +307,6 @@ def _input_kl(
         bar.update()
 
 
-Decision = Literal["per_channel", "per_tensor"]
-
-
 @dataclass(frozen=True)
 class HybridChoice:
     """Retro-Synthesis's hybrid granularity decision for each layer.
@@ -321,7 +318,7 @@ class HybridChoice:
         threshold: the tolerance used.
     """
 
-    granularity: dict[str, Decision]
+    granularity: dict[str, Granularity]
     per_tensor: dict[str, float]
     per_channel: dict[str, float]
     threshold: float
