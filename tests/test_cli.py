@@ -119,7 +119,7 @@ def test_plan_writes_plan_frontier_and_plot(data_file, tmp_path, capsys):
 
     out = tmp_path / "plan"
     argv = ["plan", "--model", "resnet_s", "--data", str(data_file), "--budget", "MP4", "--bits", "2", "4", "8"]
-    assert cli.main([*argv, "--out", str(out)]) == 0
+    assert cli.main([*argv, "--out", str(out), "--evaluate", "2"]) == 0
     plan = BitPlan.load(out / "plan.json")
     assert plan.weight_bits() <= 4 * sum(b.params for b in plan.layers.values())
     doc = json.loads((out / "frontier.json").read_text())
@@ -127,11 +127,15 @@ def test_plan_writes_plan_frontier_and_plot(data_file, tmp_path, capsys):
     sizes = [r["bytes"] for r in doc["frontier"]]
     assert sizes == sorted(sizes) and len(sizes) > 3
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    # the cheapest and the least sensitive frontier points, then the chosen plan, measured on the test set
+    assert [m["chosen"] for m in doc["measured"]] == [False, False, True]
+    assert doc["measured"][0]["average_bits"] < doc["measured"][1]["average_bits"]
+    assert all(0 <= m["top1"] <= 100 for m in doc["measured"])
     assert "| layer1.conv1 |" in capsys.readouterr().out
 
 
 def test_plan_bad_budget_exits_2(data_file, tmp_path, capsys):
-    argv = ["plan", "--model", "resnet_s", "--data", str(data_file), "--out", str(tmp_path)]
+    argv = ["plan", "--model", "resnet_s", "--data", str(data_file), "--out", str(tmp_path), "--evaluate", "0"]
     assert cli.main([*argv, "--budget", "1avg"]) == 2
     assert "below the smallest possible plan" in capsys.readouterr().err
     assert cli.main([*argv, "--budget", "lots"]) == 2

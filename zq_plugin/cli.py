@@ -335,7 +335,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     plan.save(args.out / "plan.json")
     rows = result.frontier_rows()
     measured: list[dict[str, Any]] = []
-    if args.evaluate:
+    evaluate = args.evaluate if args.evaluate is not None else (4 if args.model else 0)
+    if evaluate:
         x_test, y_test = datasets.load_fashion_mnist("test")
         example = next(iter(iter_batches(data, 1)))[:1]
         picks = sorted(
@@ -438,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     pla.add_argument("--grid", choices=["uniform", "nonuniform"], default="uniform")
     pla.add_argument("--hybrid-threshold", type=float, help="also choose per-tensor weights within this KL")
     pla.add_argument(
-        "--evaluate", type=int, default=0, metavar="K", help="measure top-1 (Fashion-MNIST) at K frontier points"
+        "--evaluate",
+        type=int,
+        metavar="K",
+        help="measure top-1 on the Fashion-MNIST test set at K frontier points (default: 4 for zoo models, else 0)",
     )
     pla.add_argument("--no-plot", action="store_true")
     pla.add_argument("--out", type=Path, default=Path("zq_out/plan"))
