@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything zq_plugin needs on a fresh Debian machine; safe to run again.
 #   1. the Fashion-MNIST IDX files (Debian package dataset-fashion-mnist) when missing;
-#   2. a virtual environment in .venv with the project installed (editable, dev extra),
+#   2. a virtual environment in .venv with the project installed (editable; dev, plot, pt2e,
+#      brevitas and onnx extras),
 #      torch pinned to the CPU wheel through constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.zq-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev,plot,pt2e]'
+  .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev,plot,pt2e,brevitas,onnx]'
   touch "$stamp"
 fi
