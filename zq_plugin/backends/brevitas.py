@@ -284,7 +284,8 @@ def gptq(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> nn
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` as QCDQ ONNX (TorchScript exporter: int32 bias and sub-8-bit ``Clip`` bounds kept).
 
-    Written to a temporary file beside ``path`` and renamed, so a failed export leaves nothing.
+    The batch dimension is dynamic (input ``"input"``, output ``"output"``). Written to a
+    temporary file beside ``path`` and renamed, so a failed export leaves nothing.
     """
     _brevitas()
     if uncalibrated(model):
@@ -303,7 +304,15 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     try:
         with warnings.catch_warnings(), _no_grad_eval(model):
             warnings.simplefilter("ignore")
-            export_onnx_qcdq(model, args=example, export_path=str(tmp), dynamo=False)
+            export_onnx_qcdq(
+                model,
+                args=example,
+                export_path=str(tmp),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            )
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(OSError):
