@@ -68,6 +68,16 @@ def test_w8a8_close_to_float_and_bias_correction_runs(tiny_bn_net):
     assert sqnr_bc > 25
 
 
+def test_gptq_runs_after_calibration_and_keeps_the_output_close(tiny_bn_net):
+    x = _data(128)
+    q = zb.calibrate(zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=8), x)
+    ref = tiny_bn_net(x)
+    before = 10 * torch.log10(ref.pow(2).mean() / (q(x) - ref).pow(2).mean())
+    zb.gptq(q, x)
+    after = 10 * torch.log10(ref.pow(2).mean() / (q(x) - ref).pow(2).mean())
+    assert after > before - 1.0  # GPTQ minimises each layer's output error; it must not wreck the model
+
+
 def test_backend_does_not_care_where_data_come_from(tiny_bn_net):
     x = _data(96)
     sources = [

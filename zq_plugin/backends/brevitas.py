@@ -269,10 +269,15 @@ def bias_correct(model: nn.Module, data: CalibrationData, *, batch_size: int = 6
 
 
 def gptq(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> nn.Module:
-    """Brevitas's GPTQ on every quant layer over ``data`` (float inputs to each layer); returns ``model``."""
+    """Brevitas's GPTQ on every quant layer over ``data`` (float inputs to each layer); returns ``model``.
+
+    Call it after :func:`calibrate` (and before :func:`bias_correct`).
+    """
     _brevitas()
     gptq_mode = importlib.import_module("brevitas.graph.gptq").gptq_mode
     batches = _batches(data, batch_size)
+    with _no_grad_eval(model):
+        model(batches[0])  # initialises the weight scales (calibration runs with quantization off)
     with _no_grad_eval(model), gptq_mode(model, use_quant_activations=False) as g:
         for _ in range(g.num_layers):
             for x in batches:
