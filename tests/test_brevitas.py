@@ -144,3 +144,25 @@ def test_depthwise_and_linear_kinds(tiny_bn_net):
     kinds = {n: type(m).__name__ for n, m in q.named_modules() if n in {"conv1", "dw", "fc"}}
     assert kinds == {"conv1": "QuantConv2d", "dw": "QuantConv2d", "fc": "QuantLinear"}
     assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())  # merged into the convs
+
+
+@pytest.mark.parametrize("stat", ["zq-mse", "zq-percentile", "zq-aciq", "zq-entropy"])
+def test_plugin_statistics_drive_brevitas_scales(tiny_bn_net, stat):
+    x = _data(128)
+    q = zb.calibrate(zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4, act_stats=stat), x)
+    assert any(isinstance(m, zb.PluginStatistic) for m in q.modules())
+    ref = tiny_bn_net(x)
+    assert 10 * torch.log10(ref.pow(2).mean() / (q(x) - ref).pow(2).mean()) > 25
+
+
+def test_plugin_statistic_threshold_matches_the_observer_statistic():
+    from zq_plugin.observers import stats
+    from zq_plugin.observers.histogram import observe
+
+    x = torch.cat([torch.rand(5000), torch.tensor([30.0])])  # one outlier
+    stat = zb.PluginStatistic("zq-mse", bit_width=4, signed=False, narrow_range=False)
+    _, hi = stats.lp_range(observe(None, x), 0, 15, False)
+    assert float(stat(x)) == pytest.approx(float(hi))
+    assert float(stat(x)) < 30.0  # the MSE search clips the outlier
+    signed = zb.PluginStatistic("zq-percentile", bit_width=8, signed=True, narrow_range=True)
+    assert float(signed(torch.linspace(-3, 1, 1001))) == pytest.approx(3.0, rel=0.01)

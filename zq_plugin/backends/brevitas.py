@@ -46,6 +46,7 @@ from torch import nn
 from zq_plugin.data import CalibrationData, iter_batches
 from zq_plugin.errors import ConfigError, MissingDependencyError, NotCalibratedError
 from zq_plugin.mixed_precision.plan import WEIGHT_LAYERS, BitPlan
+from zq_plugin.qparams import quant_range
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,48 @@ _PASS_THROUGH_MODULES: tuple[type[nn.Module], ...] = (
 _PASS_THROUGH_FUNCTIONS = {"flatten", "reshape", "view", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "dropout"}
 _NONNEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax)
 _NONNEGATIVE_FUNCTIONS = {"relu", "relu6", "relu_", "sigmoid", "softmax"}
+
+
+PLUGIN_STATS = ("zq-mse", "zq-percentile", "zq-aciq", "zq-entropy")
+
+
+def _plugin_range(name: str) -> Any:
+    """The :mod:`zq_plugin.observers.stats` range function behind a ``"zq-..."`` statistic name."""
+    from zq_plugin.observers import stats
+
+    return {
+        "zq-mse": stats.lp_range,
+        "zq-percentile": stats.percentile_range,
+        "zq-aciq": stats.aciq_range,
+        "zq-entropy": stats.entropy_range,
+    }[name]
+
+
+class PluginStatistic(nn.Module):
+    """A Brevitas scaling statistic computed by one of the plugin's range statistics.
+
+    Brevitas resolves the constructor arguments by name from the quantizer (``bit_width``,
+    ``signed``, ``narrow_range``; ``zq_statistic`` is set with ``.let``). On each calibration
+    batch, ``forward`` histograms the batch (:func:`zq_plugin.observers.histogram.observe`), takes
+    the statistic's clipping range for the quantizer's real integer grid, and returns the
+    threshold Brevitas expects: ``max(-lo, hi)`` for a signed quantizer, ``hi`` for an unsigned
+    one. Brevitas averages the per-batch thresholds over calibration.
+    """
+
+    def __init__(self, zq_statistic: str, bit_width: Any, signed: bool, narrow_range: bool) -> None:
+        super().__init__()
+        self.range_fn = _plugin_range(zq_statistic)
+        self.grid = quant_range(int(bit_width), signed=bool(signed), narrow=bool(narrow_range))
+        self.signed = bool(signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The threshold of one batch (a scalar tensor)."""
+        from zq_plugin.observers.histogram import observe
+
+        hist = observe(None, x.detach().float().flatten())
+        lo, hi = self.range_fn(hist, self.grid[0], self.grid[1], self.signed)
+        threshold = torch.maximum(-lo, hi) if self.signed else hi
+        return threshold.reshape(()).to(x.dtype).clamp_min(torch.finfo(torch.float32).eps)
 
 
 def _brevitas() -> dict[str, Any]:
@@ -131,8 +174,14 @@ def _layer_kwargs(plan: BitPlan, unsigned: dict[str, bool], act_stats: str, b: d
         signed_act, unsigned_act = quant.Int8ActPerTensorFloat, quant.Uint8ActPerTensorFloat
     elif act_stats == "mse":
         signed_act, unsigned_act = quant.Int8ActPerTensorFloatMSE, quant.Uint8ActPerTensorFloatMSE
+    elif act_stats in PLUGIN_STATS:
+        signed_act = quant.Int8ActPerTensorFloat.let(scaling_stats_impl=PluginStatistic, zq_statistic=act_stats)
+        unsigned_act = quant.Uint8ActPerTensorFloat.let(scaling_stats_impl=PluginStatistic, zq_statistic=act_stats)
     else:
-        raise ConfigError(f"act_stats={act_stats!r}: use 'max', 'percentile' (Brevitas's 99.999 %) or 'mse'.")
+        raise ConfigError(
+            f"act_stats={act_stats!r}: use 'max', 'percentile' (Brevitas's 99.999 %), 'mse' (Brevitas's), "
+            f"or one of the plugin's statistics {PLUGIN_STATS}."
+        )
     layers = plan.layers
 
     def bits(name: str, field: str) -> int:
@@ -169,7 +218,10 @@ def to_brevitas(
         a_bits: uniform input bits when no plan is given.
         first_last_bits: bits of the first and last layer of the uniform plan.
         act_stats: statistic of the activation ranges: ``"max"`` (average of per-batch maxima,
-            closest to torch's MinMax), ``"percentile"`` (Brevitas's 99.999 %) or ``"mse"``.
+            closest to torch's MinMax), ``"percentile"`` (Brevitas's 99.999 %), ``"mse"``
+            (Brevitas's), or the plugin's own ``"zq-mse"``, ``"zq-percentile"``, ``"zq-aciq"``,
+            ``"zq-entropy"`` (:class:`PluginStatistic`, the statistics of ``docs/observers.md``
+            on the quantizer's real bit width).
 
     Returns:
         The Brevitas model in eval mode; :func:`calibrate` it before use.
