@@ -1,9 +1,11 @@
 """Brevitas backend against the FX backend, with bias correction, GPTQ and the ONNX export checked in onnxruntime.
 
-For each zoo model with BN and each uniform plan (W8A8, W4A8, W4A4; first and last layer
-8-bit), the same 256 ZeroQ images (seed 0, cached) calibrate:
+For each zoo model with BN and each plan (uniform W8A8, W4A8, W4A4 with the first and last
+layer 8-bit, and the mixed-precision plan at the size of a uniform 4-bit model with A8,
+``pareto_plan(..., bits=2..8)``), the same 256 ZeroQ images (seed 0, cached) calibrate:
 
-* the FX clamping simulation (``quantize_fx``, MinMax activations, per-channel weights);
+* the FX clamping simulation (``quantize_fx``, MinMax activations, per-channel weights; the
+  mixed plan through ``to_qconfig_mapping``);
 * the Brevitas model (``to_brevitas`` + ``calibrate``, ``act_stats="max"``), then the same after
   ``bias_correct``, and a fresh one after ``gptq`` + ``bias_correct``.
 
@@ -30,6 +32,8 @@ from zq_plugin import datasets, synthesize, zoo
 from zq_plugin.backends import brevitas as zb
 from zq_plugin.backends.fx import quantize_fx
 from zq_plugin.evaluation import accuracy
+from zq_plugin.mixed_precision import BitPlan, pareto_plan
+from zq_plugin.mixed_precision.emit import to_qconfig_mapping
 
 OUT = Path("zq_out")
 BITS = ((8, 8), (4, 8), (4, 4))
@@ -52,15 +56,19 @@ def main() -> None:
             model, "zeroq", num_samples=256, input_shape=zoo.INPUT_SHAPE, seed=0, progress=False,
             cache_dir=OUT / "cache",
         )  # fmt: skip
-        for w, a in BITS:
+        mixed = pareto_plan(model, data, budget="MP4", bits=range(2, 9), progress=False).plan
+        plans = {f"W{w}A{a}": BitPlan.uniform(model, w_bits=w, a_bits=a) for w, a in BITS}
+        plans["MP4 A8 (plan)"] = mixed
+        for label, plan in plans.items():
             start = time.perf_counter()
-            row: dict[str, Any] = {"model": name, "bits": f"W{w}A{a}"}
-            row["fx"] = accuracy(quantize_fx(model, data, w_bits=w, a_bits=a), x_test, y_test)
-            q = zb.calibrate(zb.to_brevitas(model, w_bits=w, a_bits=a), data)
+            row: dict[str, Any] = {"model": name, "bits": label}
+            mapping = to_qconfig_mapping(plan, model, (data.images[:1],))
+            row["fx"] = accuracy(quantize_fx(model, data, mapping=mapping), x_test, y_test)
+            q = zb.calibrate(zb.to_brevitas(model, plan), data)
             row["brevitas"] = accuracy(q, x_test, y_test)
             zb.bias_correct(q, data)
             row["brevitas + bias corr."] = accuracy(q, x_test, y_test)
-            g = zb.calibrate(zb.to_brevitas(model, w_bits=w, a_bits=a), data)
+            g = zb.calibrate(zb.to_brevitas(model, plan), data)
             zb.gptq(g, data)
             zb.bias_correct(g, data)
             row["brevitas + GPTQ + bias corr."] = accuracy(g, x_test, y_test)
