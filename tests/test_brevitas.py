@@ -146,11 +146,26 @@ def test_missing_extra_is_named(tiny_bn_net, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", fake_import)
+    zb._brevitas.cache_clear()  # imported by earlier tests
+    monkeypatch.setattr(zb, "_brevitas", zb._brevitas.__wrapped__)
     monkeypatch.setattr(
         zb.importlib, "import_module", lambda name: fake_import(name) if name.startswith("brevitas") else None
     )
     with pytest.raises(MissingDependencyError, match=r"zq-plugin\[brevitas\]"):
         zb.to_brevitas(copy.deepcopy(tiny_bn_net))
+
+
+def test_untraceable_model_is_a_model_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else -self.conv(x)  # data-dependent control flow
+
+    with pytest.raises(zb.ModelError, match="could not trace Branchy"):
+        zb.to_brevitas(Branchy().eval())
 
 
 def test_depthwise_and_linear_kinds(tiny_bn_net):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib
 import logging
 import os
@@ -44,7 +45,7 @@ import torch
 from torch import nn
 
 from zq_plugin.data import CalibrationData, iter_batches
-from zq_plugin.errors import ConfigError, MissingDependencyError, NotCalibratedError
+from zq_plugin.errors import ConfigError, MissingDependencyError, ModelError, NotCalibratedError
 from zq_plugin.mixed_precision.plan import WEIGHT_LAYERS, BitPlan
 from zq_plugin.qparams import quant_range
 
@@ -101,8 +102,9 @@ class PluginStatistic(nn.Module):
         return threshold.reshape(()).to(x.dtype).clamp_min(torch.finfo(torch.float32).eps)
 
 
+@functools.lru_cache(maxsize=1)
 def _brevitas() -> dict[str, Any]:
-    """The Brevitas pieces used here, imported on first use."""
+    """The Brevitas pieces used here, imported on first use (a missing install is not cached)."""
     try:
         with warnings.catch_warnings():  # brevitas.fx announces its own deprecation on import
             warnings.simplefilter("ignore")
@@ -245,7 +247,13 @@ def to_brevitas(
     work = copy.deepcopy(model).eval()  # preprocess_for_quantize rewrites weights in place
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = b["preprocess"](work, relu6_to_relu=False, equalize_iters=0)
+        try:
+            graph = b["preprocess"](work, relu6_to_relu=False, equalize_iters=0)
+        except Exception as exc:  # Brevitas's own FX tracer: data-dependent control flow fails here
+            raise ModelError(
+                f"Brevitas could not trace {type(model).__name__} ({type(exc).__name__}: {exc}). Its graph "
+                "quantization needs a model without data-dependent Python control flow in forward."
+            ) from exc
         kwargs = _layer_kwargs(plan, unsigned, act_stats, b)
         qnn = b["qnn"]
         layer_map = {
