@@ -141,3 +141,26 @@ def test_plan_bad_budget_exits_2(data_file, tmp_path, capsys):
     assert cli.main([*argv, "--budget", "lots"]) == 2
     assert "not understood" in capsys.readouterr().err
     assert not (tmp_path / "plan.json").exists()
+
+
+def test_quantize_with_plan_on_both_backends(data_file, tmp_path, capsys):
+    pytest.importorskip("brevitas")
+    pytest.importorskip("onnxruntime")
+    from zq_plugin.mixed_precision import BitPlan
+
+    model = zoo.load("resnet_s")
+    plan = BitPlan.uniform(model, w_bits=4, a_bits=8).replace_layer("layer3.conv2", w_bits=3)
+    plan.save(tmp_path / "plan.json")
+    base = ["quantize", "--model", "resnet_s", "--data", str(data_file), "--plan", str(tmp_path / "plan.json")]
+    assert cli.main(base) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["plan"].endswith("plan.json") and report["average_w_bits"] < 4.0
+    onnx = tmp_path / "m.onnx"
+    argv = [*base, "--backend", "brevitas", "--bias-correction", "--act-stats", "zq-mse", "--onnx-out", str(onnx)]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["backend"] == "brevitas" and report["bias_correction"] and onnx.is_file()
+    assert cli.main([*base, "--int8-out", str(tmp_path / "x.pt")]) == 2
+    assert "--int8-out" in capsys.readouterr().err
+    assert cli.main([*base, "--onnx-out", str(onnx)]) == 2  # FX backend has no ONNX export here
+    assert "--backend brevitas" in capsys.readouterr().err

@@ -234,21 +234,43 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     else:
         data = SyntheticDataset.load(args.data, model, allow_mismatch=args.allow_mismatch)
     report: dict[str, Any] = {"w_bits": args.w_bits, "a_bits": args.a_bits, "data": args.data}
-    report["act_observer"], report["weight_observer"] = args.act_observer, args.weight_observer
-    sim = quantize_fx(
-        model,
-        data,
-        w_bits=args.w_bits,
-        a_bits=args.a_bits,
-        first_last_bits=args.first_last_bits,
-        act_observer=observer_class(args.act_observer),
-        weight_observer=observer_class(args.weight_observer, per_channel=True),
-    )
+    plan = None
+    if args.plan:
+        from zq_plugin.mixed_precision import BitPlan
+
+        plan = BitPlan.load(args.plan).with_params(model)
+        report["plan"] = str(args.plan)
+        report["average_w_bits"] = round(plan.average_w_bits(), 3)
+    if args.backend == "brevitas":
+        sim = _quantize_brevitas(model, data, plan, args, report)
+    else:
+        if args.onnx_out or args.bias_correction or args.gptq:
+            raise ConfigError("--onnx-out, --bias-correction and --gptq belong to --backend brevitas.")
+        report["act_observer"], report["weight_observer"] = args.act_observer, args.weight_observer
+        act, wt = observer_class(args.act_observer), observer_class(args.weight_observer, per_channel=True)
+        mapping = None
+        if plan is not None:
+            from zq_plugin.mixed_precision.emit import to_qconfig_mapping
+
+            example = next(iter(iter_batches(data, 1)))[:1]
+            mapping = to_qconfig_mapping(plan, model, (example,), act_observer=act, weight_observer=wt)
+        sim = quantize_fx(
+            model,
+            data,
+            w_bits=args.w_bits,
+            a_bits=args.a_bits,
+            first_last_bits=args.first_last_bits,
+            act_observer=act,
+            weight_observer=wt,
+            mapping=mapping,
+        )
     if args.evaluate:
         x_test, y_test = datasets.load_fashion_mnist("test")
         report["fp32_top1"] = accuracy(model, x_test, y_test)
         report["quantized_top1"] = accuracy(sim, x_test, y_test)
     if args.int8_out:
+        if args.plan or args.backend != "fx":
+            raise ConfigError("--int8-out is the FX int8 model of uniform W8A8: drop --plan and --backend brevitas.")
         if (args.w_bits, args.a_bits) != (8, 8):
             raise ConfigError(
                 "--int8-out needs --w-bits 8 --a-bits 8: torch's int8 kernels do not clamp to fewer bits."
@@ -259,6 +281,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         report["int8_out"] = str(args.int8_out)
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _quantize_brevitas(
+    model: nn.Module, data: Any, plan: Any, args: argparse.Namespace, report: dict[str, Any]
+) -> nn.Module:
+    """``zq quantize --backend brevitas``: Brevitas layers, calibration, bias correction / GPTQ, ONNX."""
+    from zq_plugin.backends import brevitas as zb
+
+    qmodel = zb.to_brevitas(
+        model,
+        plan,
+        w_bits=args.w_bits,
+        a_bits=args.a_bits,
+        first_last_bits=args.first_last_bits,
+        act_stats=args.act_stats,
+    )
+    zb.calibrate(qmodel, data)
+    if args.gptq:
+        zb.gptq(qmodel, data)
+    if args.bias_correction:
+        zb.bias_correct(qmodel, data)
+    report.update(backend="brevitas", act_stats=args.act_stats, gptq=args.gptq, bias_correction=args.bias_correction)
+    if args.onnx_out:
+        example = next(iter(iter_batches(data, 1)))[:1]
+        report["onnx_out"] = str(zb.export_onnx(qmodel, example, args.onnx_out))
+    return qmodel
 
 
 def load_data(model: nn.Module, args: argparse.Namespace) -> Any:
@@ -424,6 +472,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qua.add_argument("--evaluate", action="store_true", help="report top-1 on the Fashion-MNIST test set")
     qua.add_argument("--int8-out", type=Path, help="also write a TorchScript int8 model (W8A8 only)")
+    qua.add_argument("--plan", type=Path, help="a BitPlan JSON (e.g. from 'zq plan') instead of uniform bits")
+    qua.add_argument("--backend", choices=["fx", "brevitas"], default="fx", help="FX simulation or Brevitas layers")
+    qua.add_argument(
+        "--act-stats",
+        default="max",
+        choices=["max", "percentile", "mse", "zq-mse", "zq-percentile", "zq-aciq", "zq-entropy"],
+        help="Brevitas activation statistic (docs/brevitas.md)",
+    )
+    qua.add_argument("--bias-correction", action="store_true", help="Brevitas bias correction after calibration")
+    qua.add_argument("--gptq", action="store_true", help="Brevitas GPTQ after calibration")
+    qua.add_argument("--onnx-out", type=Path, help="write the Brevitas model as QCDQ ONNX")
     qua.set_defaults(func=cmd_quantize)
 
     pla = sub.add_parser("plan", help="mixed-precision plan from data: sensitivity, Pareto frontier, plot")
