@@ -226,13 +226,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     """``zq quantize``."""
     model = load_model(args.model, args.arch, args.checkpoint)
-    if args.data == "real":
-        data: Any = real_subset(args.num_samples, args.seed)
-    elif args.data == "noise":
-        shape = parse_shape(args.input_shape) if args.input_shape else zoo.INPUT_SHAPE
-        data = synthesize(model, "noise", num_samples=args.num_samples, input_shape=shape, seed=args.seed)
-    else:
-        data = SyntheticDataset.load(args.data, model, allow_mismatch=args.allow_mismatch)
+    data = load_data(model, args)
     report: dict[str, Any] = {"w_bits": args.w_bits, "a_bits": args.a_bits, "data": args.data}
     plan = None
     if args.plan:
@@ -276,7 +270,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 "--int8-out needs --w-bits 8 --a-bits 8: torch's int8 kernels do not clamp to fewer bits."
             )
         int8 = convert_int8_fx(model, data)
-        example = next(iter(data.loader(1))) if isinstance(data, SyntheticDataset) else data[:1]
+        example = next(iter(iter_batches(data, 1)))[:1]
         torch.jit.save(torch.jit.trace(int8, example), args.int8_out)
         report["int8_out"] = str(args.int8_out)
     print(json.dumps(report, indent=2))
@@ -326,10 +320,6 @@ def load_data(model: nn.Module, args: argparse.Namespace) -> Any:
             input_shape=shape,
             seed=args.seed,
             cache_dir=getattr(args, "cache_dir", None),
-        )
-    if not Path(args.data).is_file():
-        raise ConfigError(
-            f"--data {args.data!r} is neither a file nor one of real, noise, {', '.join(sorted(METHODS))}."
         )
     return SyntheticDataset.load(args.data, model, allow_mismatch=getattr(args, "allow_mismatch", False))
 
@@ -458,7 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     qua = sub.add_parser("quantize", help="calibrate an FX simulation (and optionally an int8 model)")
     add_model_args(qua)
-    qua.add_argument("--data", required=True, help="a dataset file from 'zq synthesize', or 'real' or 'noise'")
+    qua.add_argument(
+        "--data", required=True, help="a dataset file from 'zq synthesize', 'real', 'noise', or a method to run now"
+    )
     qua.add_argument("--allow-mismatch", action="store_true", help="use a dataset file made for other weights")
     qua.add_argument("--w-bits", type=int, default=8)
     qua.add_argument("--a-bits", type=int, default=8)

@@ -19,9 +19,9 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -43,14 +43,18 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: readers never see half a file."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, then rename: readers never see half a file.
+
+    Parent folders are created; on any error (Ctrl-C included) the temporary file is removed
+    and ``path`` is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -58,6 +62,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class SyntheticDataset(Dataset[torch.Tensor]):
@@ -194,3 +203,23 @@ def iter_batches(data: CalibrationData, batch_size: int = 64) -> Iterator[torch.
         if not isinstance(x, torch.Tensor):
             raise ConfigError(f"calibration batches must be tensors (or (x, y) pairs), got {type(x).__name__}.")
         yield x
+
+
+def collect_batches(data: CalibrationData, batch_size: int = 64, max_batches: int | None = None) -> list[torch.Tensor]:
+    """The batches of ``data`` (:func:`iter_batches`) as a list, for code that passes over them several times.
+
+    Raises:
+        ConfigError: no sample at all, or a batch with NaN/Inf.
+    """
+    batches: list[torch.Tensor] = []
+    for x in iter_batches(data, batch_size):
+        if max_batches is not None and len(batches) >= max_batches:
+            break
+        if not torch.isfinite(x).all():
+            raise ConfigError(f"batch {len(batches)} of the data contains NaN or Inf; clean the data first.")
+        batches.append(x)
+    if sum(len(x) for x in batches) == 0:
+        raise ConfigError(
+            "the data yielded no sample (no batch): pass synthetic images (zq_plugin.synthesize), a tensor or a loader."
+        )
+    return batches

@@ -37,16 +37,16 @@ import importlib
 import logging
 import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from zq_plugin.data import CalibrationData, iter_batches
+from zq_plugin._utils import WEIGHT_LAYERS, eval_mode
+from zq_plugin.data import CalibrationData, collect_batches
 from zq_plugin.errors import ConfigError, MissingDependencyError, ModelError, NotCalibratedError
-from zq_plugin.mixed_precision.plan import WEIGHT_LAYERS, BitPlan
+from zq_plugin.mixed_precision.plan import BitPlan
 from zq_plugin.qparams import quant_range
 
 logger = logging.getLogger(__name__)
@@ -265,6 +265,8 @@ def to_brevitas(
         qmodel = b["layerwise_quantize"](graph, compute_layer_map=layer_map)
     qmodel.eval()
     qmodel.zq_plan = plan
+    # the activation scalers, listed once (a plain attribute: deepcopy-safe, not a submodule)
+    qmodel.zq_scalers = [m for m in qmodel.modules() if isinstance(m, b["runtime_scaling"])]
     qmodel.register_forward_pre_hook(_require_calibration)
     return qmodel
 
@@ -281,8 +283,7 @@ def uncalibrated(model: nn.Module) -> list[str]:
 
 
 def _require_calibration(model: nn.Module, _args: Any) -> None:
-    cls = _brevitas()["runtime_scaling"]
-    scalers = [m for m in model.modules() if isinstance(m, cls)]
+    scalers: list[nn.Module] = getattr(model, "zq_scalers", [])
     if not model.training and any(_seen_no_data(m) and not m.training for m in scalers):
         raise NotCalibratedError(
             "this Brevitas model has not been calibrated: its activation quantizers would run with Brevitas's "
@@ -290,42 +291,22 @@ def _require_calibration(model: nn.Module, _args: Any) -> None:
         )
 
 
-@contextlib.contextmanager
-def _no_grad_eval(model: nn.Module) -> Iterator[None]:
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was)
-
-
-def _batches(data: CalibrationData, batch_size: int) -> list[torch.Tensor]:
-    batches = list(iter_batches(data, batch_size))
-    if not batches:
-        raise ConfigError("the calibration data yielded no batch; pass at least one sample.")
-    return batches
+def _run(model: nn.Module, mode: Any, batches: list[torch.Tensor]) -> nn.Module:
+    """Run ``model`` over ``batches`` in eval mode, without grad, inside a Brevitas ``mode`` context."""
+    with eval_mode(model), torch.no_grad(), mode:
+        for x in batches:
+            model(x)
+    return model
 
 
 def calibrate(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> nn.Module:
     """Collect activation ranges over ``data`` in Brevitas's ``calibration_mode``; returns ``model``."""
-    b = _brevitas()
-    batches = _batches(data, batch_size)
-    with _no_grad_eval(model), b["calibration_mode"](model):
-        for x in batches:
-            model(x)
-    return model
+    return _run(model, _brevitas()["calibration_mode"](model), collect_batches(data, batch_size))
 
 
 def bias_correct(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> nn.Module:
     """Brevitas's ``bias_correction_mode``: shift each layer's bias by its mean output error over ``data``."""
-    b = _brevitas()
-    batches = _batches(data, batch_size)
-    with _no_grad_eval(model), b["bias_correction_mode"](model):
-        for x in batches:
-            model(x)
-    return model
+    return _run(model, _brevitas()["bias_correction_mode"](model), collect_batches(data, batch_size))
 
 
 def gptq(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> nn.Module:
@@ -335,10 +316,9 @@ def gptq(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> nn
     """
     _brevitas()
     gptq_mode = importlib.import_module("brevitas.graph.gptq").gptq_mode
-    batches = _batches(data, batch_size)
-    with _no_grad_eval(model):
-        model(batches[0])  # initialises the weight scales (calibration runs with quantization off)
-    with _no_grad_eval(model), gptq_mode(model, use_quant_activations=False) as g:
+    batches = collect_batches(data, batch_size)
+    _run(model, contextlib.nullcontext(), batches[:1])  # initialises the weight scales (calibration ran unquantized)
+    with eval_mode(model), torch.no_grad(), gptq_mode(model, use_quant_activations=False) as g:
         for _ in range(g.num_layers):
             for x in batches:
                 g.model(x)
@@ -367,7 +347,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with warnings.catch_warnings(), _no_grad_eval(model):
+        with warnings.catch_warnings(), eval_mode(model), torch.no_grad():
             warnings.simplefilter("ignore")
             export_onnx_qcdq(
                 model,

@@ -39,15 +39,15 @@ import torch
 from torch import nn
 
 from zq_plugin import _compat
+from zq_plugin._utils import WEIGHT_LAYERS as WEIGHT_LAYERS  # re-exported: part of this module's API
 from zq_plugin._utils import eval_mode
+from zq_plugin._utils import weight_layer_names as weight_layer_names
 from zq_plugin.data import CalibrationData, iter_batches
 from zq_plugin.errors import ConfigError
 from zq_plugin.fake_quant import FastFakeQuantize
 from zq_plugin.qparams import check_bits, quant_range
 
 logger = logging.getLogger(__name__)
-
-WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def calibrate(
@@ -137,7 +137,9 @@ def qconfig(
     )
     if grid == "nonuniform":
         if not fake_quant:
-            raise ConfigError("a non-uniform weight grid exists only as fake quantization: use fake_quant=True.")
+            raise ConfigError(
+                "a non-uniform weight grid exists only as fake quantization: use fake_quant=True and prepare_qat_fx."
+            )
         from zq_plugin.mixed_precision.nonuniform import NonUniformFakeQuantize
 
         weight = NonUniformFakeQuantize.with_args(bits=w_bits, per_channel=per_channel)
@@ -148,21 +150,6 @@ def qconfig(
             weight=FastFakeQuantize.with_args(observer=weight_observer, **w_kw),
         )
     return _compat.QConfig(activation=act_observer.with_args(**act_kw), weight=weight_observer.with_args(**w_kw))
-
-
-def weight_layer_names(model: nn.Module) -> list[str]:
-    """Names of Conv/Linear modules in execution order (FX trace; module order if tracing fails)."""
-    modules = dict(model.named_modules())
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-        names = [
-            str(n.target)
-            for n in graph.nodes
-            if n.op == "call_module" and isinstance(modules.get(str(n.target)), WEIGHT_LAYERS)
-        ]
-    except Exception:
-        names = []
-    return list(dict.fromkeys(names)) or [n for n, m in modules.items() if isinstance(m, WEIGHT_LAYERS)]
 
 
 def uniform_qconfig_mapping(

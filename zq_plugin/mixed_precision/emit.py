@@ -44,7 +44,6 @@ from torch import nn
 
 from zq_plugin import _compat
 from zq_plugin.backends.fx import qconfig
-from zq_plugin.errors import ConfigError
 from zq_plugin.mixed_precision.plan import BitPlan
 
 logger = logging.getLogger(__name__)
@@ -169,11 +168,7 @@ def to_qconfig_mapping(
     kw = {"act_observer": act_observer, "fake_quant": fake_quant}
 
     def layer_qconfig(w_bits: int, a_bits: int, granularity: str = "per_channel", grid: str = "uniform") -> Any:
-        if grid == "nonuniform" and not fake_quant:
-            raise ConfigError(
-                "a non-uniform weight grid exists only as fake quantization: use fake_quant=True and prepare_qat_fx."
-            )
-        return qconfig(
+        return qconfig(  # raises ConfigError for a non-uniform grid without fake quantization
             w_bits,
             a_bits,
             weight_observer=weight_observer,

@@ -22,10 +22,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,6 +32,8 @@ from typing import Any, Literal
 
 from torch import nn
 
+from zq_plugin._utils import WEIGHT_LAYERS, weight_layer_names
+from zq_plugin.data import atomic_write
 from zq_plugin.errors import ConfigError
 from zq_plugin.qparams import check_bits
 
@@ -41,7 +41,6 @@ Granularity = Literal["per_channel", "per_tensor"]
 Grid = Literal["uniform", "nonuniform"]
 FORMAT = "zq_plugin.BitPlan"
 FORMAT_VERSION = 1
-WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,12 +116,15 @@ class BitPlan:
         granularity: Granularity = "per_channel",
         grid: Grid = "uniform",
     ) -> BitPlan:
-        """Every Conv/Linear at ``w_bits``/``a_bits``; the first and last (module order) at ``first_last_bits``."""
+        """Every Conv/Linear at ``w_bits``/``a_bits``; the first and last (execution order) at ``first_last_bits``.
+
+        First and last are found as :func:`zq_plugin.backends.fx.uniform_qconfig_mapping` finds them.
+        """
         layers = weight_layers(model)
         if not layers:
             raise ConfigError(f"{type(model).__name__} has no Conv/Linear layer to plan.")
-        names = list(layers)
-        ends = {names[0], names[-1]} if first_last_bits is not None else set()
+        order = weight_layer_names(model)
+        ends = {order[0], order[-1]} if first_last_bits is not None else set()
         plan = {}
         for name, module in layers.items():
             w, a = (
@@ -248,18 +250,8 @@ class BitPlan:
         return cls(parsed, doc.get("meta") or {})
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the JSON atomically (a temporary file beside ``path``, then a rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        """Write the JSON atomically (:func:`zq_plugin.data.atomic_write`)."""
+        atomic_write(path, lambda f: f.write(self.to_json().encode()))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> BitPlan:

@@ -37,11 +37,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from zq_plugin.data import CalibrationData, iter_batches
+from zq_plugin.data import CalibrationData, collect_batches
 from zq_plugin.errors import ConfigError
 from zq_plugin.mixed_precision.nonuniform import clustered_quantize
 from zq_plugin.mixed_precision.plan import Granularity, Grid, weight_layers
 from zq_plugin.qparams import check_bits, compute_qparams, fake_quantize, quant_range
+from zq_plugin.synth.hooks import capture_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -147,19 +148,6 @@ def _check_candidates(bits: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({check_bits(b, "candidate bits") for b in bits}))
 
 
-def _batches(data: CalibrationData, batch_size: int, max_batches: int | None) -> list[torch.Tensor]:
-    batches: list[torch.Tensor] = []
-    for x in iter_batches(data, batch_size):
-        if max_batches is not None and len(batches) >= max_batches:
-            break
-        if not torch.isfinite(x).all():
-            raise ConfigError(f"batch {len(batches)} of the data contains NaN or Inf; clean the data first.")
-        batches.append(x)
-    if not batches or sum(len(x) for x in batches) == 0:
-        raise ConfigError("the data yielded no sample: pass synthetic images (zq_plugin.synthesize) or a loader.")
-    return batches
-
-
 def _kl(model: nn.Module, batches: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
     """Mean over samples of ``KL(p_ref || p_model)``, summed over classes; clipped at 0."""
     total = 0.0
@@ -209,7 +197,7 @@ def measure_sensitivity(
         raise ConfigError(
             f"granularity={granularity!r}, grid={grid!r}: use 'per_channel'/'per_tensor' and 'uniform'/'nonuniform'."
         )
-    batches = _batches(data, batch_size, max_batches)
+    batches = collect_batches(data, batch_size, max_batches)
     work = copy.deepcopy(model).eval()
     all_layers = weight_layers(work)
     if layers is not None:
@@ -258,28 +246,16 @@ def measure_sensitivity(
 def _input_ranges(
     model: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``(min, max)`` of each layer's input over all batches."""
+    """``(min, max)`` of each layer's input over all batches (inputs recorded by ``capture_inputs``)."""
     ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
-
-    def make(name: str) -> Any:
-        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach()
-            lo, hi = x.amin(), x.amax()
-            if name in ranges:
-                lo, hi = torch.minimum(lo, ranges[name][0]), torch.maximum(hi, ranges[name][1])
-            ranges[name] = (lo, hi)
-
-        return hook
-
-    try:
-        for name, m in layers.items():
-            handles.append(m.register_forward_pre_hook(make(name)))
+    with capture_inputs(dict(layers)) as feats:
         for x in batches:
             model(x)
-    finally:
-        for h in handles:
-            h.remove()
+            for name, f in feats.items():
+                lo, hi = f.detach().amin(), f.detach().amax()
+                if name in ranges:
+                    lo, hi = torch.minimum(lo, ranges[name][0]), torch.maximum(hi, ranges[name][1])
+                ranges[name] = (lo, hi)
     return ranges
 
 
