@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import zq_plugin
 from zq_plugin.errors import ConfigError, ModelError
@@ -210,3 +211,15 @@ def test_swing_convolution_hooks_only_strided_convs_and_are_removed(tiny_bn_net)
         out = tiny_bn_net(torch.randn(2, *SHAPE))
     assert out.shape == (2, 3)
     assert all(len(m._forward_pre_hooks) == 0 for m in tiny_bn_net.modules())
+
+
+@pytest.mark.parametrize("method", ["zeroq", "dsg", "retro", "genie"])
+@pytest.mark.parametrize(
+    "act", [nn.ReLU(inplace=True), nn.ReLU6(inplace=True), nn.Hardswish(inplace=True), nn.SiLU(inplace=True)]
+)
+def test_every_bn_method_runs_with_an_inplace_activation_after_bn(method, act):
+    """The issue's smallest input: torchvision's in-place activations right after a BatchNorm."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), act, nn.Flatten(), nn.Linear(144, 3)).eval()
+    data = zq_plugin.synthesize(m, method, num_samples=4, input_shape=(1, 8, 8), steps=5, progress=False)
+    assert data.images.shape == (4, 1, 8, 8) and torch.isfinite(data.images).all()

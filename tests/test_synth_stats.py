@@ -161,3 +161,59 @@ def test_hook_leaves_the_model_unchanged_and_outputs_identical():
     assert torch.equal(got, want)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert not model.training and all(p.requires_grad for p in model.parameters())
+
+
+class InplaceAfterBN(nn.Module):
+    """Every in-place pattern torchvision uses after a BatchNorm, and a BN output read by two branches."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.act = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), act
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv3, self.bn3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(identity))
+        out += identity  # in place on a BN output
+        out = torch.nn.functional.relu(out, inplace=True)
+        y = self.bn3(self.conv3(out))
+        branch = torch.tanh(y).mean((2, 3)) + y.mean((2, 3))  # the BN output read by two branches
+        y.add_(1.0)
+        return self.fc(branch + y.mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    "act", [nn.ReLU(inplace=True), nn.ReLU6(inplace=True), nn.Hardswish(inplace=True), nn.SiLU(inplace=True)]
+)
+def test_inplace_ops_after_bn_get_the_plain_autograd_gradient(act):
+    """The fast path hands the BN output back as a fresh tensor: in-place ops after it run and stay exact."""
+    model = randomize_model_bn(InplaceAfterBN(act).double())
+    bns = batchnorm_layers(model)
+    targets = losses.MomentTargets.build(bn_targets(bns), input_channels=1)
+    x = torch.randn(3, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+
+    def step(collect):
+        x.grad = None
+        out = model(x)
+        loss = losses.moment_distance(*collect(), targets, torch.ones(())) + out.square().mean()
+        loss.backward()
+        return loss.detach(), x.grad.clone()
+
+    with frozen(model):
+        with capture_inputs(dict(bns)) as feats:
+            want = step(lambda: reference([f.clone() for f in targets.gather(feats, x)], "per_sample"))
+        with bn_sums(dict(bns)) as sums:
+            got = step(lambda: targets.collect(sums, x, "per_sample"))
+    torch.testing.assert_close(got, want)
+
+
+def randomize_model_bn(model):
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.normal_(m.weight)
+    return model.eval()

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+from zq_plugin.errors import ModelError
+
+logger = logging.getLogger(__name__)
 
 # the layers that carry quantized weights, everywhere in the package
 WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -40,3 +47,74 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+OutputFn = Callable[[Any], torch.Tensor]
+
+
+def select_output(output: Any, output_fn: OutputFn | None = None) -> torch.Tensor:
+    """The logits of a model's ``output``: the one rule every entry point applies.
+
+    ``output_fn(output)`` when given; otherwise the output itself when it is a tensor, the
+    first tensor of a tuple/list (``(logits, aux)``, torchvision's ``GoogLeNetOutputs``), the
+    ``"logits"`` or ``"out"`` entry of a dict, else its first tensor value; nested containers
+    are searched depth-first in the same way.
+
+    Raises:
+        ModelError: no tensor in the output, or ``output_fn`` returned something else.
+
+    Example:
+        >>> import torch
+        >>> select_output((torch.ones(2, 3), torch.zeros(2))).shape
+        torch.Size([2, 3])
+        >>> select_output({"aux": torch.zeros(1), "logits": torch.ones(2)}).tolist()
+        [1.0, 1.0]
+    """
+    if output_fn is not None:
+        picked = output_fn(output)
+        if not isinstance(picked, torch.Tensor):
+            raise ModelError(f"output_fn returned {type(picked).__name__}; it must return the logits tensor.")
+        return picked
+    found = _first_tensor(output)
+    if found is None:
+        raise ModelError(
+            f"the model returned {type(output).__name__} with no tensor in it; pass output_fn=... that picks "
+            "the logits tensor from its output."
+        )
+    return found
+
+
+def _first_tensor(output: Any) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        for key in ("logits", "out"):
+            if isinstance(output.get(key), torch.Tensor):
+                return output[key]  # type: ignore[no-any-return]
+        values: Any = output.values()
+    elif isinstance(output, tuple | list):
+        values = output
+    else:
+        return None
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
+def report_float_layers(qmodel: nn.Module, names: Sequence[str], entry: str) -> None:
+    """Record on ``qmodel.zq_float_layers`` the weight layers ``entry`` left in float, and warn if any.
+
+    Every quantized-model entry point calls this, so low-bit accuracy is never reported for a
+    model that still computes some of its weight layers in float without saying so.
+    """
+    qmodel.zq_float_layers = tuple(names)  # type: ignore[assignment]
+    if names:
+        shown = ", ".join(list(names)[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        message = (
+            f"{entry}: {len(names)} weight layer(s) left in float ({shown}): its accuracy is not that of a "
+            "fully quantized model. They are listed in .zq_float_layers."
+        )
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=3)

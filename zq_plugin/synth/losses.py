@@ -110,6 +110,10 @@ class _SumsThroughBN(torch.autograd.Function):
         ctx: Any, f: torch.Tensor, y: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ctx.save_for_backward(f, k)
+        # y is handed back as the same tensor with this node as its history (as an in-place op
+        # does): returned plainly it would be a view of an input, which every in-place op after
+        # the BatchNorm (ReLU(inplace=True), out += identity) refuses to modify.
+        ctx.mark_dirty(y)
         return (y, *_partial_sums(f))
 
     @staticmethod
