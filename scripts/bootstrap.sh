@@ -3,7 +3,7 @@
 #   1. the Fashion-MNIST IDX files (Debian package dataset-fashion-mnist) when missing;
 #   2. a virtual environment in .venv with the project installed (editable; dev, plot, pt2e,
 #      brevitas and onnx extras),
-#      torch pinned to the CPU wheel through constraints.txt.
+#      torch pinned to the CPU wheel through constraints.txt, and torchvision (tests only, --no-deps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,5 +23,8 @@ fi
 stamp=.venv/.zq-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev,plot,pt2e,brevitas,onnx]'
+  # torchvision: test dependency for the conformance matrix (its models are pure Python). PyPI's
+  # wheel is a CUDA build: --no-deps keeps the pinned CPU torch; tests/conformance.py makes it import.
+  .venv/bin/python -m pip install -q --no-deps 'torchvision==0.28.0'
   touch "$stamp"
 fi

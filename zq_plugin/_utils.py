@@ -90,7 +90,7 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     if isinstance(output, Mapping):
         for key in ("logits", "out"):
             if isinstance(output.get(key), torch.Tensor):
-                return output[key]  # type: ignore[no-any-return]
+                return output[key]
         values: Any = output.values()
     elif isinstance(output, tuple | list):
         values = output

@@ -1,0 +1,209 @@
+"""Models this project did not write, for the conformance matrix: torchvision architectures and user patterns.
+
+torchvision is a test dependency (``pip install --no-deps torchvision==0.28.*``, matched to the
+pinned torch). PyPI's wheel is a CUDA build whose compiled ops do not load beside the CPU torch,
+but its classification models are pure Python: :func:`import_torchvision` defines the two
+operator schemas its import registers fake kernels for (``nms``, ``qnms``), in the test set-up
+only, so ``torchvision.models`` imports. The library itself never imports torchvision.
+
+Every builder returns a float32 model in eval mode whose BatchNorm running statistics were
+warmed on noise (random weights otherwise), small enough for 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+
+@functools.lru_cache(maxsize=1)
+def import_torchvision() -> Any:
+    """``torchvision.models``, or skip the test when torchvision is not installed."""
+    try:
+        torch.ops.torchvision.nms  # noqa: B018  (already registered: a working torchvision)
+    except (AttributeError, RuntimeError):
+        lib = torch.library.Library("torchvision", "DEF")  # noqa: TID251
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        import_torchvision.lib = lib  # type: ignore[attr-defined]  # keep the library alive
+    try:
+        import torchvision.models as models
+    except ImportError:
+        pytest.skip("torchvision is not installed (pip install --no-deps 'torchvision==0.28.*')")
+    return models
+
+
+def warm_bn(model: nn.Module, input_shape: tuple[int, ...], *, seed: int = 0, batches: int = 3) -> nn.Module:
+    """Fill BatchNorm running statistics from noise batches (momentum None: a cumulative average)."""
+    gen = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(8, *input_shape, generator=gen))
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval()
+
+
+# name -> (builder kwargs, input shape); small inputs that every architecture still accepts
+TORCHVISION: dict[str, tuple[dict[str, Any], tuple[int, int, int]]] = {
+    "resnet18": ({}, (3, 32, 32)),
+    "resnet50": ({}, (3, 32, 32)),
+    "mobilenet_v2": ({}, (3, 32, 32)),
+    "mobilenet_v3_small": ({}, (3, 32, 32)),
+    "efficientnet_b0": ({}, (3, 32, 32)),
+    "shufflenet_v2_x0_5": ({}, (3, 32, 32)),
+    "regnet_y_400mf": ({}, (3, 32, 32)),
+    "densenet121": ({}, (3, 32, 32)),
+    "squeezenet1_1": ({}, (3, 32, 32)),
+    "googlenet": ({"aux_logits": False, "init_weights": True}, (3, 32, 32)),
+    "mnasnet0_5": ({}, (3, 32, 32)),
+    "convnext_tiny": ({}, (3, 32, 32)),
+}
+FAST_TORCHVISION = ("resnet18", "mobilenet_v3_small")  # the default test run's share of the matrix
+
+
+def torchvision_model(name: str, num_classes: int = 10) -> tuple[nn.Module, tuple[int, ...]]:
+    """A randomly initialised torchvision classifier with warmed BN statistics, and its input shape."""
+    models = import_torchvision()
+    kwargs, shape = TORCHVISION[name]
+    torch.manual_seed(0)
+    model = getattr(models, name)(num_classes=num_classes, **kwargs)
+    return warm_bn(model, shape), shape
+
+
+# --- small constructed models: one per pattern users have -------------------------------------------------
+
+
+class InplaceResidual(nn.Module):
+    """torchvision's BasicBlock idiom: ReLU(inplace=True) after BN, ``out += identity``, F.relu(inplace=True)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(True)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(identity))
+        out += identity
+        out = F.relu(out, inplace=True)
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
+class Functional(nn.Module):
+    """Activations, pooling and the classifier as functional calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.bn1(self.conv1(x)))
+        x = F.hardswish(self.bn2(self.conv2(x)))
+        x = F.adaptive_avg_pool2d(F.max_pool2d(x, 2), 1).flatten(1)
+        return F.linear(x, self.fc.weight, self.fc.bias)
+
+
+class TwoHeads(nn.Module):
+    """Returns ``(logits, aux)`` (or a dict with ``as_dict``)."""
+
+    def __init__(self, as_dict: bool = False) -> None:
+        super().__init__()
+        self.as_dict = as_dict
+        self.conv, self.bn, self.relu = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.pool, self.fc, self.aux = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 10), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        h = torch.flatten(self.pool(self.relu(self.bn(self.conv(x)))), 1)
+        if self.as_dict:
+            return {"logits": self.fc(h), "aux": self.aux(h)}
+        return self.fc(h), self.aux(h)
+
+
+def conv_transpose_net() -> nn.Module:
+    """The issue's smallest ConvTranspose model, with a classifier head."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 3, stride=2, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 10),
+    )
+
+
+def bn1d_head() -> nn.Module:
+    """Conv features, then Linear -> BatchNorm1d -> ReLU -> Linear."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, 10),
+    )
+
+
+def no_bn() -> nn.Module:
+    """Conv-ReLU without any BatchNorm (BN methods must refuse it by name)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+    )
+
+
+PATTERNS: dict[str, Callable[[], nn.Module]] = {
+    "inplace_residual": InplaceResidual,
+    "functional": Functional,
+    "tuple_output": TwoHeads,
+    "dict_output": lambda: TwoHeads(as_dict=True),
+    "conv_transpose": conv_transpose_net,
+    "bn1d_head": bn1d_head,
+    "no_bn": no_bn,
+}
+PATTERN_SHAPE = (1, 8, 8)
+
+
+def pattern_model(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """A small constructed model of one user pattern, BN warmed, and its input shape."""
+    torch.manual_seed(0)
+    return warm_bn(PATTERNS[name](), PATTERN_SHAPE), PATTERN_SHAPE
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """What no entry point may change: state, modes, requires_grad, hooks."""
+    return {
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
+    """Fail when ``model`` differs from its :func:`snapshot`."""
+    after = snapshot(model)
+    assert before["state"].keys() == after["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(v, after["state"][k]), f"{k} changed"
+    assert before["training"] == after["training"], "module modes changed"
+    assert before["requires_grad"] == after["requires_grad"], "requires_grad changed"
+    assert before["hooks"] == after["hooks"], "hooks left behind"
