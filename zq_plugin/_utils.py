@@ -16,7 +16,11 @@ from zq_plugin.errors import ModelError
 logger = logging.getLogger(__name__)
 
 # the layers that carry quantized weights, everywhere in the package
-WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (
+    *(nn.Conv1d, nn.Conv2d, nn.Conv3d),
+    *(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+    nn.Linear,
+)
 
 
 def weight_layer_names(model: nn.Module) -> list[str]:
