@@ -170,3 +170,63 @@ def test_per_sample_stats_match_definition():
     bmean, bstd = losses.feature_stats(f, "batch")
     torch.testing.assert_close(bmean, f.mean((0, 2, 3)))
     torch.testing.assert_close(bstd, torch.sqrt(f.transpose(0, 1).reshape(2, -1).var(1) + 1e-6))
+
+
+def _inplace_bn_net(dtype):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(144, 3))
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(16, 1, 8, 8) * 2 + 1)
+    return m.eval().to(dtype)
+
+
+@pytest.mark.parametrize("method", ["zeroq", "dsg", "retro", "genie"])
+def test_float64_model_is_distilled_in_float64_like_float32(method):
+    """A .double() model was refused with a ConfigError blaming input_shape; now it runs in its own dtype."""
+    kw = {"num_samples": 4, "input_shape": (1, 8, 8), "steps": 20, "progress": False}
+    want = zq_plugin.synthesize(_inplace_bn_net(torch.float32), method, **kw).images
+    got = zq_plugin.synthesize(_inplace_bn_net(torch.float64), method, **kw).images
+    assert got.dtype == torch.float32 and got.device.type == "cpu"
+    tol = 2e-2 if method == "genie" else 1e-3  # a generator's 20 Adam steps amplify rounding more than pixels'
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["zeroq", "genie"])
+def test_low_precision_model_converges_with_float32_sums(dtype, method):
+    """bfloat16/float16 models are distilled with float32 pixels, sums and targets: the loss falls as in float32."""
+    from zq_plugin.synth.registry import BatchContext, get_method
+
+    spec = get_method(method)
+    config = spec.config({"steps": 60})
+    logs = {}
+    for dt in (dtype, torch.float32):
+        model, logs[dt] = _inplace_bn_net(dt), []
+        ctx = BatchContext(
+            batch_size=4, input_shape=(1, 8, 8), input_range=None, generator=torch.Generator().manual_seed(0),
+            loss_log=logs[dt], dtype=dt,
+        )
+        with frozen(model):
+            images = spec.make_batch(model, config, ctx)
+        assert images.dtype == torch.float32
+    assert logs[dtype][-1] < 0.5 * logs[dtype][0]
+    assert logs[dtype][-1] < 2 * logs[torch.float32][-1] + 0.05
+
+
+def test_mixed_dtypes_and_extra_inputs_are_refused_by_name():
+    net = _inplace_bn_net(torch.float32)
+    net[4].to(torch.float64)
+    with pytest.raises(ConfigError, match="mixes floating dtypes"):
+        zq_plugin.synthesize(net, "zeroq", num_samples=2, input_shape=(1, 8, 8), steps=1, progress=False)
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _inplace_bn_net(torch.float32)
+
+        def forward(self, x, mask):
+            return self.net(x * mask)
+
+    with pytest.raises(ConfigError, match=r"forward\(x, mask\) needs more than one input.*mask"):
+        zq_plugin.synthesize(Masked(), "zeroq", num_samples=2, input_shape=(1, 8, 8), steps=1, progress=False)

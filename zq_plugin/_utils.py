@@ -122,3 +122,33 @@ def report_float_layers(qmodel: nn.Module, names: Sequence[str], entry: str) -> 
         )
         logger.warning(message)
         warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of ``model``'s parameters and buffers (CPU float32 when it has none).
+
+    Raises:
+        ConfigError: the model's tensors lie on several devices or have several floating dtypes.
+
+    Example:
+        >>> model_device_dtype(torch.nn.Linear(2, 2).double())
+        (device(type='cpu'), torch.float64)
+    """
+    from zq_plugin.errors import ConfigError
+
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    devices = sorted({str(t.device) for t in tensors})
+    dtypes = sorted({str(t.dtype) for t in tensors})
+    if len(devices) > 1:
+        raise ConfigError(
+            f"{type(model).__name__} has tensors on several devices ({', '.join(devices)}); move it to one "
+            "device first, e.g. model.to('cuda')."
+        )
+    if len(dtypes) > 1:
+        raise ConfigError(
+            f"{type(model).__name__} mixes floating dtypes ({', '.join(dtypes)}); convert it to one first, "
+            "e.g. model.float() (or model.to(torch.bfloat16))."
+        )
+    if not tensors:
+        return torch.device("cpu"), torch.float32
+    return tensors[0].device, tensors[0].dtype

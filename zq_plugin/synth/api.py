@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -12,6 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from zq_plugin._utils import model_device_dtype
 from zq_plugin.data import SyntheticDataset, model_fingerprint
 from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.synth.hooks import frozen, require_batchnorm
@@ -65,12 +67,35 @@ def resolve_input_range(
     return (lo, hi)
 
 
-def _check_model_output(model: nn.Module, input_shape: tuple[int, ...]) -> None:
-    probe = torch.zeros(2, *input_shape)
+def _check_single_input(model: nn.Module) -> None:
+    """Refuse a model whose ``forward`` needs more than the one image tensor synthesis feeds it."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # builtins or C++ modules: nothing to inspect
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [
+        p.name
+        for p in params
+        if p.default is inspect.Parameter.empty and (p.kind in positional or p.kind == inspect.Parameter.KEYWORD_ONLY)
+    ]
+    if len(required) > 1:
+        extra = ", ".join(required[1:])
+        raise ConfigError(
+            f"{type(model).__name__}.forward({', '.join(required)}) needs more than one input, but synthesis "
+            f"feeds it one image batch. Wrap it so the image is the only input and the other inputs ({extra}) "
+            "are fixed, e.g. a module whose forward(x) calls model(x, mask) (docs/compatibility.md)."
+        )
+
+
+def _check_model_output(
+    model: nn.Module, input_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> None:
+    probe = torch.zeros(2, *input_shape, device=device, dtype=dtype)
     try:
         with torch.no_grad():
             out = model(probe)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:
         raise ConfigError(
             f"the model cannot run on input_shape={input_shape} (a batch of shape {tuple(probe.shape)} failed: "
             f"{exc}). Pass the shape of one input image, channels first."
@@ -111,6 +136,18 @@ def synthesize(
       rank ``r`` makes the batches ``b`` with ``b % world_size == r`` and the ranks exchange them:
       every rank returns the same dataset as a single process.
 
+    **Devices and dtypes.** Images, generators and probes are made on the model's device and run
+    through the model in its dtype (float32, float64, bfloat16, float16; one device, one dtype).
+    Random draws come from a CPU generator, so the starting points do not depend on the device.
+    For float16/bfloat16 models the optimized tensors, BN sums and targets are float32 (Adam
+    steps vanish below bfloat16's resolution and ``sum f^2 - n mean^2`` cancels to noise); the
+    model still runs in its own dtype. The dataset is returned on the CPU in float32.
+
+    **Inputs and outputs.** The model takes one image batch; a ``forward(x, mask)`` with more
+    required inputs is refused (wrap it). Class-targeted methods read the logits by the rule of
+    :func:`zq_plugin._utils.select_output` (a tensor, the first tensor of a tuple, ``"logits"``
+    of a dict).
+
     Args:
         model: the trained float model (read its BN statistics before any prepare/fusion).
         method: a registered method: ``"zeroq"``, ``"dsg"``, ``"retro"``, ``"genie"``, ``"noise"`` (see
@@ -126,7 +163,12 @@ def synthesize(
         **options: the method's own options (e.g. ``steps=200`` for ZeroQ); unknown names raise.
 
     Returns:
-        A :class:`~zq_plugin.data.SyntheticDataset`; ``.images`` is float32 ``[N, *input_shape]``.
+        A :class:`~zq_plugin.data.SyntheticDataset`; ``.images`` is float32 ``[N, *input_shape]`` on the CPU.
+
+    Raises:
+        ConfigError: bad options, an ``input_shape`` the model cannot run on, a model on several
+            devices or with mixed dtypes, or a forward needing more than one input.
+        ModelError: a BN-statistics method on a model without BatchNorm, non-finite outputs.
 
     Example:
         >>> import torch
@@ -143,6 +185,8 @@ def synthesize(
         raise ConfigError(f"batch_size={batch_size!r} must be a positive int (e.g. 64).")
     shape = _check_input_shape(input_shape)
     box = resolve_input_range(model, input_range)
+    _check_single_input(model)
+    device, dtype = model_device_dtype(model)
     if spec.needs_batchnorm:
         require_batchnorm(model, method)
     num_batches = math.ceil(num_samples / batch_size)
@@ -163,7 +207,7 @@ def synthesize(
     rank, world = dist_info()
     mine: dict[int, Batch] = {}
     with frozen(model):
-        _check_model_output(model, shape)
+        _check_model_output(model, shape, device, dtype)
         for b in range(rank, num_batches, world):
             n = min(batch_size, num_samples - b * batch_size)
             cached = store.load(b, n, shape) if store is not None else None
@@ -179,10 +223,13 @@ def synthesize(
                 progress=progress,
                 desc=f"{method} batch {b + 1}/{num_batches}",
                 offset=b * batch_size,
+                device=device,
+                dtype=dtype,
             )
             out = spec.make_batch(model, config, ctx)
             images, labels = out if isinstance(out, tuple) else (out, None)
-            mine[b] = (images.detach(), labels)
+            # stored and returned on the CPU in float32, whatever the model's device and dtype
+            mine[b] = (images.detach().to("cpu", torch.float32), None if labels is None else labels.cpu())
             if store is not None:
                 store.save(b, *mine[b])
     batches = gather_batches(mine)

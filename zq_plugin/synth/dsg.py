@@ -196,7 +196,7 @@ def make_dsg(model: nn.Module, config: DSGConfig, ctx: BatchContext) -> torch.Te
     spatial_in = math.prod(ctx.input_shape[1:])
     # layer sizes from one probe forward; margins from a fixed seed (a property of the model)
     with capture_inputs(dict(bns)) as feats, torch.no_grad():
-        model(torch.zeros(1, *ctx.input_shape))
+        model(torch.zeros(1, *ctx.input_shape, device=ctx.device, dtype=ctx.dtype))
         sizes = {name: math.prod(f.shape[2:]) if f.dim() > 2 else 0 for name, f in feats.items()}
     gen = torch.Generator().manual_seed(_MARGIN_SEED)
     per_sample = config.statistics == "per_sample"
@@ -212,7 +212,7 @@ def make_dsg(model: nn.Module, config: DSGConfig, ctx: BatchContext) -> torch.Te
         torch.ones(channels), count(spatial_in), config.epsilon, config.margin_samples, gen
     )
     # every layer's statistics concatenated channel-wise: K = C_in + sum_l C_l
-    stacked = MomentTargets.build(targets, input_channels=channels)
+    stacked = MomentTargets.build(targets, input_channels=channels, device=ctx.device, dtype=ctx.work_dtype)
     layer_margins = [input_margins, *(margins[name] for name in targets)]
     delta = stacked.expand([d for d, _ in layer_margins])  # [K]
     gamma = stacked.expand([g for _, g in layer_margins])  # [K]
@@ -222,12 +222,12 @@ def make_dsg(model: nn.Module, config: DSGConfig, ctx: BatchContext) -> torch.Te
     else:
         weights = stacked.expand(layer_weight)  # [K]
     anchor = stacked.expand(layer_weight) if config.batch_weight > 0 else None  # [K]
-    noise = torch.randn(n, *ctx.input_shape, generator=ctx.generator) if config.sci_weight > 0 else None
+    noise = ctx.place(torch.randn(n, *ctx.input_shape, generator=ctx.generator)) if config.sci_weight > 0 else None
 
     with bn_sums(dict(bns)) as stats:
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
-            model(x)
+            model(ctx.feed(x))
             m, s = stacked.collect(stats, x, config.statistics)  # [N, K] or [K]
             hinge = slack_hinge(m, s, stacked.mean, stacked.std, delta, gamma) * weights
             loss = hinge.sum() / n if per_sample else hinge.sum()

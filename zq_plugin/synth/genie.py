@@ -141,12 +141,18 @@ class GenieObjective:
     """
 
     def __init__(
-        self, targets: dict[str, tuple[torch.Tensor, torch.Tensor]], channels: int, input_weight: float
+        self,
+        targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        channels: int,
+        input_weight: float,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        self.bn = MomentTargets.build(targets)
+        self.bn = MomentTargets.build(targets, device=device, dtype=dtype)
         self.bn_weights = self.bn.expand([1.0 / c for c in self.bn.channels])  # [K]: each layer / C
-        self.input = MomentTargets.build({}, input_channels=channels)
-        self.input_weights = torch.full((channels,), float(input_weight))
+        self.input = MomentTargets.build({}, input_channels=channels, device=device, dtype=dtype)
+        self.input_weights = self.input.expand([float(input_weight)])  # [C], on the targets' device
 
     def __call__(self, stats: dict[str, Sums], x: torch.Tensor) -> torch.Tensor:
         """The loss (a scalar) of images ``x`` ``[N, C, H, W]`` whose BN inputs have batch sums ``stats``."""
@@ -162,12 +168,14 @@ def make_genie(model: nn.Module, config: GenieConfig, ctx: BatchContext) -> torc
     if len(ctx.input_shape) != 3:
         raise ConfigError(f"genie generates images [C, H, W]; input_shape={ctx.input_shape} is not 3-d.")
     bns = batchnorm_layers(model)
-    objective = GenieObjective(bn_targets(bns), ctx.input_shape[0], config.input_weight)
+    objective = GenieObjective(
+        bn_targets(bns), ctx.input_shape[0], config.input_weight, device=ctx.device, dtype=ctx.work_dtype
+    )
     seed = int(torch.randint(0, 2**62, (1,), generator=ctx.generator))
     with torch.random.fork_rng(devices=[]):  # the generator's init draws from torch's global RNG
         torch.manual_seed(seed)
-        generator = Generator(ctx.input_shape, config.latent_dim, config.width)
-    z = torch.randn(ctx.batch_size, config.latent_dim, generator=ctx.generator).requires_grad_(True)
+        generator = Generator(ctx.input_shape, config.latent_dim, config.width).to(ctx.device, ctx.work_dtype)
+    z = ctx.place(torch.randn(ctx.batch_size, config.latent_dim, generator=ctx.generator)).requires_grad_(True)
     opt_z = torch.optim.Adam([z], lr=config.lr_latent)
     opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr_generator)
     sched_z = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, patience=config.patience, min_lr=config.min_lr)
@@ -183,7 +191,7 @@ def make_genie(model: nn.Module, config: GenieConfig, ctx: BatchContext) -> torc
             x = generator(z)
             if ctx.input_range is not None:
                 x = x.clamp(*ctx.input_range)
-            model(x)
+            model(ctx.feed(x))
             loss = objective(stats, x)
             value = float(loss.detach())
             if not math.isfinite(value):

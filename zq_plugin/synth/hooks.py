@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 from torch import nn
 
 from zq_plugin._utils import eval_mode
 from zq_plugin.errors import ModelError
-from zq_plugin.synth.losses import Sums, sums, sums_through_bn
+from zq_plugin.synth.losses import Sums, stat_dtype, sums, sums_through_bn
 
 # BatchNorm types whose eval forward is exactly ``(x - running_mean) / sqrt(running_var + eps) * w + b``
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -43,11 +44,16 @@ def require_batchnorm(model: nn.Module, method: str) -> dict[str, nn.modules.bat
 
 
 def bn_targets(layers: dict[str, nn.modules.batchnorm._BatchNorm]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Running ``(mean, std)`` per BN layer, ``std = sqrt(running_var + 1e-6)`` as in ZeroQ; each ``[C]``."""
-    return {
-        name: (bn.running_mean.detach().clone(), torch.sqrt(bn.running_var.detach() + 1e-6))  # type: ignore[union-attr]
-        for name, bn in layers.items()
-    }
+    """Running ``(mean, std)`` per BN layer, ``std = sqrt(running_var + 1e-6)`` as in ZeroQ; each ``[C]``.
+
+    On the buffers' device, in :func:`~zq_plugin.synth.losses.stat_dtype` of their dtype.
+    """
+    out = {}
+    for name, bn in layers.items():
+        mean, var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)  # tracked layers only
+        dtype = stat_dtype(mean.dtype)
+        out[name] = (mean.detach().to(dtype, copy=True), torch.sqrt(var.detach().to(dtype) + 1e-6))
+    return out
 
 
 @contextlib.contextmanager

@@ -51,10 +51,26 @@ _VAR_EPS = 1e-6
 
 
 Sums = tuple[torch.Tensor, torch.Tensor, int]  # per sample: (sum f [N, C], sum f^2 [N, C], positions)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are taken in: float32 for float16/bfloat16 features, else the feature's own.
+
+    ``sum f^2 - n mean^2`` in bfloat16 (8 significant bits) cancels to noise, and Adam steps on
+    bfloat16 pixels vanish below their resolution, so low-precision models are distilled with
+    float32 sums, targets and pixels (the model itself runs in its own dtype).
+
+    Example:
+        >>> stat_dtype(torch.bfloat16), stat_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
 def _partial_sums(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample ``(sum f, sum f^2)`` over the spatial dims of ``f`` ``[N, C, *S]``: ``[N, C]`` each."""
+    f = f.to(stat_dtype(f.dtype))
     if f.dim() == 2:
         return f.clone(), f.square()
     spatial = (2, 3) if f.dim() == 4 else tuple(range(2, f.dim()))
@@ -62,8 +78,8 @@ def _partial_sums(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=64)
-def _zeros_ones(size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.zeros(size, dtype=dtype), torch.ones(size, dtype=dtype)
+def _zeros_ones(size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(size, dtype=dtype, device=device), torch.ones(size, dtype=dtype, device=device)
 
 
 def _sums_grad(f: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
@@ -72,14 +88,16 @@ def _sums_grad(f: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Ten
     Runs as an eval-mode ``batch_norm`` (mean 0, variance 1), whose vectorised CPU kernel is 2-3x
     faster than a broadcasting ``addcmul``: per channel when the gradients are the same for
     every sample (batch statistics: they arrive expanded, with stride 0), else on ``f`` viewed
-    as ``[1, N C, *S]``.
+    as ``[1, N C, *S]``. A low-precision ``f`` is computed on in float32 and the result cast back.
     """
+    if f.dtype != g1.dtype:
+        return _sums_grad(f.to(g1.dtype), g1, g2).to(f.dtype)
     if f.dim() == 2:
         return torch.addcmul(g1, g2, f, value=2.0)
     if g1.stride(0) == 0 and g2.stride(0) == 0:  # one coefficient per channel
-        zeros, ones = _zeros_ones(f.shape[1], f.dtype)
+        zeros, ones = _zeros_ones(f.shape[1], f.dtype, f.device)
         return torch.batch_norm(f, 2.0 * g2[0], g1[0], zeros, ones, False, 0.0, 0.0, False)
-    zeros, ones = _zeros_ones(g1.numel(), f.dtype)
+    zeros, ones = _zeros_ones(g1.numel(), f.dtype, f.device)
     flat = f.reshape(1, -1, *f.shape[2:])  # [1, N C, *S], a view for contiguous f
     return torch.batch_norm(flat, 2.0 * g2.reshape(-1), g1.reshape(-1), zeros, ones, False, 0.0, 0.0, False).view_as(f)
 
@@ -158,8 +176,8 @@ class _Layout:
     """Per-channel counts of a list of layers' sums (cached per batch shape by :class:`MomentTargets`)."""
 
     def __init__(self, parts: Sequence[Sums], dtype: torch.dtype) -> None:
-        n = parts[0][0].shape[0]
-        positions = torch.cat([torch.full((p[0].shape[1],), float(p[2]), dtype=dtype) for p in parts])  # [K]
+        n, device = parts[0][0].shape[0], parts[0][0].device
+        positions = torch.cat([torch.full((p[0].shape[1],), float(p[2]), dtype=dtype, device=device) for p in parts])
         self.batch_count = n * positions  # [K]
         # per sample: layers with one position per sample fall back to batch statistics
         self.own = positions > 1  # [K]
@@ -201,7 +219,7 @@ def channel_moments(feats: Sequence[torch.Tensor], statistics: Statistics) -> tu
         (torch.Size([5]), True)
     """
     parts = [sums(f) for f in feats]
-    return _concat(parts, statistics, _Layout(parts, feats[0].dtype))
+    return _concat(parts, statistics, _Layout(parts, parts[0][0].dtype))
 
 
 def feature_stats(feat: torch.Tensor, statistics: Statistics) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,27 +248,39 @@ class MomentTargets:
     channels: tuple[int, ...]
     mean: torch.Tensor
     std: torch.Tensor
-    _layouts: dict[tuple[int, ...], _Layout] = field(default_factory=dict, compare=False, repr=False)
+    _layouts: dict[tuple[object, ...], _Layout] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(
-        cls, targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]], input_channels: int | None = None
+        cls,
+        targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        input_channels: int | None = None,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> MomentTargets:
-        """From ``name -> (mu, sigma)``; with ``input_channels``, the input (mean 0, std 1) comes first."""
+        """From ``name -> (mu, sigma)``; with ``input_channels``, the input (mean 0, std 1) comes first.
+
+        The targets lie on ``device`` (default: the given tensors', CPU when there are none) in
+        ``dtype`` (default: :func:`stat_dtype` of theirs, float32 for bfloat16 BN buffers).
+        """
         items = list(targets.items())
+        first = items[0][1][0] if items else torch.zeros(0)
+        device, dtype = device or first.device, dtype or stat_dtype(first.dtype)
         if input_channels is not None:
-            items.insert(0, (INPUT, (torch.zeros(input_channels), torch.ones(input_channels))))
+            ones = torch.ones(input_channels, device=device, dtype=dtype)
+            items.insert(0, (INPUT, (torch.zeros_like(ones), ones)))
         return cls(
             names=tuple(name for name, _ in items),
             channels=tuple(int(mu.shape[0]) for _, (mu, _) in items),
-            mean=torch.cat([mu.detach() for _, (mu, _) in items]),
-            std=torch.cat([sigma.detach() for _, (_, sigma) in items]),
+            mean=torch.cat([mu.detach().to(device, dtype) for _, (mu, _) in items]),
+            std=torch.cat([sigma.detach().to(device, dtype) for _, (_, sigma) in items]),
         )
 
     def expand(self, per_layer: Sequence[float] | torch.Tensor) -> torch.Tensor:
         """Per-layer values ``[L]`` (or ``[N, L]``) repeated for each layer's channels: ``[K]`` (or ``[N, K]``)."""
-        values = torch.as_tensor(per_layer, dtype=self.mean.dtype)
-        return values.repeat_interleave(torch.tensor(self.channels), dim=-1)
+        values = torch.as_tensor(per_layer, dtype=self.mean.dtype, device=self.mean.device)
+        return values.repeat_interleave(torch.tensor(self.channels, device=self.mean.device), dim=-1)
 
     def gather(self, feats: Mapping[str, torch.Tensor], x: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The feature maps in layer order (``x`` for :data:`INPUT`)."""
@@ -264,7 +294,7 @@ class MomentTargets:
         ``layer_sums`` is what :func:`zq_plugin.synth.hooks.bn_sums` records on a forward.
         """
         parts = [sums(x) if name == INPUT and x is not None else layer_sums[name] for name in self.names]
-        key = (parts[0][0].shape[0], *(p[2] for p in parts))
+        key = (parts[0][0].shape[0], str(parts[0][0].device), *(p[2] for p in parts))
         if key not in self._layouts:  # changes only with the batch shape
             self._layouts[key] = _Layout(parts, self.mean.dtype)
         return _concat(parts, statistics, self._layouts[key])

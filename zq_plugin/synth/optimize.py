@@ -81,7 +81,7 @@ def optimize_pixels(
     """Minimise ``loss_fn(x)`` over the pixels ``x`` ``[N, *input_shape]``, starting from ``x0`` (clamped).
 
     Args:
-        x0: initial pixels.
+        x0: initial pixels (on the CPU; moved to the model's device in ``ctx.work_dtype``).
         loss_fn: runs the model on ``x`` and returns the scalar loss.
         ctx: the batch's context (input box, progress, loss log).
         config: ``steps`` (Adam steps), ``lr`` (Adam), ``patience``, ``factor``, ``min_lr``
@@ -94,7 +94,7 @@ def optimize_pixels(
     Raises:
         ModelError: the loss became NaN or Inf.
     """
-    x = ctx.clamp_(x0)
+    x = ctx.clamp_(ctx.place(x0))
     x.requires_grad_(True)
     opt = torch.optim.Adam([x], lr=config.lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(

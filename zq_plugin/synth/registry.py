@@ -36,6 +36,24 @@ class BatchContext:
     desc: str = ""
     loss_log: list[float] | None = None  # when a list, optimizing methods append each step's loss
     offset: int = 0  # index of the batch's first sample in the whole set (class-balanced methods)
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))  # the model's
+    dtype: torch.dtype = torch.float32  # the model's floating dtype
+
+    @property
+    def work_dtype(self) -> torch.dtype:
+        """The dtype of the optimized tensors: the model's, float32 for float16/bfloat16 models."""
+        return torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+
+    def place(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` moved to the model's device in :attr:`work_dtype`.
+
+        Random draws are made on the CPU from :attr:`generator`, so images do not depend on the device.
+        """
+        return x.to(device=self.device, dtype=self.work_dtype)
+
+    def feed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the model's dtype, as the model's forward takes it (differentiable cast)."""
+        return x if x.dtype == self.dtype else x.to(self.dtype)
 
     def clamp_(self, x: torch.Tensor) -> torch.Tensor:
         """Project ``x`` in place onto the valid input box (no-op without one)."""

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zq_plugin._utils import select_output
 from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.synth.hooks import batchnorm_layers, bn_sums, bn_targets
 from zq_plugin.synth.losses import MomentTargets, Statistics, moment_distance
@@ -117,7 +118,7 @@ def make_retro(model: nn.Module, config: RetroConfig, ctx: BatchContext) -> tupl
     """One class-balanced batch ``([n, *input_shape], labels [n])`` of class-targeted images."""
     n = ctx.batch_size
     with torch.no_grad():
-        probe = model(torch.zeros(1, *ctx.input_shape))
+        probe = select_output(model(torch.zeros(1, *ctx.input_shape, device=ctx.device, dtype=ctx.dtype)))
     if not isinstance(probe, torch.Tensor) or probe.dim() != 2:
         raise ModelError(
             f"retro needs a classifier returning logits [N, K]; {type(model).__name__} returned "
@@ -125,17 +126,22 @@ def make_retro(model: nn.Module, config: RetroConfig, ctx: BatchContext) -> tupl
         )
     num_classes = probe.shape[1]
     labels = (ctx.offset + torch.arange(n)) % num_classes  # round-robin over the whole set
-    target = soft_targets(labels, num_classes, config.confidence, ctx.generator)
+    target = ctx.place(soft_targets(labels, num_classes, config.confidence, ctx.generator))
     bns = batchnorm_layers(model)
     # the input term and (with BN) the BN terms, concatenated: one fused statistics pass per step
     bn_weight = config.bn_weight if bns else 0.0
-    targets = MomentTargets.build(bn_targets(bns) if bn_weight > 0 else {}, input_channels=ctx.input_shape[0])
+    targets = MomentTargets.build(
+        bn_targets(bns) if bn_weight > 0 else {},
+        input_channels=ctx.input_shape[0],
+        device=ctx.device,
+        dtype=ctx.work_dtype,
+    )
     weights = targets.expand([config.input_weight] + [bn_weight] * (len(targets.names) - 1))  # [K]
 
     with bn_sums(dict(bns) if bn_weight > 0 else {}) as stats:
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
-            logits = model(x)
+            logits = select_output(model(ctx.feed(x))).to(x.dtype)
             loss = config.output_weight * F.kl_div(F.log_softmax(logits, 1), target, reduction="batchmean")
             loss = loss + moment_distance(*targets.collect(stats, x, config.statistics), targets, weights)
             if config.tv_weight > 0:

@@ -69,12 +69,14 @@ def init_pixels(init: str, shape: tuple[int, ...], gen: torch.Generator) -> torc
 def make_zeroq(model: nn.Module, config: ZeroQConfig, ctx: BatchContext) -> torch.Tensor:
     """Distill one batch ``[n, *input_shape]`` from ``model`` (frozen, eval) by BN-statistics matching."""
     bns = batchnorm_layers(model)
-    targets = MomentTargets.build(bn_targets(bns), input_channels=ctx.input_shape[0])
+    targets = MomentTargets.build(
+        bn_targets(bns), input_channels=ctx.input_shape[0], device=ctx.device, dtype=ctx.work_dtype
+    )
     weights = targets.expand([config.input_weight] + [1.0] * len(bns))  # [K]
     with bn_sums(dict(bns)) as stats:
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
-            model(x)
+            model(ctx.feed(x))
             return moment_distance(*targets.collect(stats, x, config.statistics), targets, weights)
 
         return optimize_pixels(
