@@ -76,7 +76,7 @@ def margins_vs_real(name: str = "resnet_s") -> None:
             mean, std = feature_stats(feat, "per_sample")  # [N, C] each
             real_m = float((mean - mu).abs().flatten().quantile(0.9))
             real_s = float((std - sigma).abs().flatten().quantile(0.9))
-            delta, gamma = statistic_margins(sigma, math.prod(feat.shape[2:]), 0.9, 1024, gen)
+            delta, gamma = statistic_margins(sigma, math.prod(feat.shape[2:]), 0.9)
             print(f"| {layer} | {real_m:.3f} | {delta:.3f} | {real_s:.3f} | {gamma:.3f} |")
 
 

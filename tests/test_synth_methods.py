@@ -51,16 +51,26 @@ def test_method_lowers_its_loss(tiny_bn_net, method, options):
 
 def test_margins_grow_with_epsilon_and_shrink_with_more_values():
     sigma = torch.rand(16) + 0.5
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    d5, g5 = dsg.statistic_margins(sigma, 49, 0.5, 2048, gen())
-    d9, g9 = dsg.statistic_margins(sigma, 49, 0.9, 2048, gen())
+    d5, g5 = dsg.statistic_margins(sigma, 49, 0.5)
+    d9, g9 = dsg.statistic_margins(sigma, 49, 0.9)
     assert d9 > d5 > 0 and g9 > g5 > 0
-    d_big, g_big = dsg.statistic_margins(sigma, 4900, 0.9, 2048, gen())
+    d_big, g_big = dsg.statistic_margins(sigma, 4900, 0.9)
     assert d_big < d9 / 5 and g_big < g9 / 5  # 1/sqrt(n) scaling
-    # Wilson-Hilferty (n > 64) agrees with exact chi-square draws near the switch
-    _, g_exact = dsg.statistic_margins(sigma, 64, 0.9, 8192, gen())
-    _, g_wh = dsg.statistic_margins(sigma, 65, 0.9, 8192, gen())
-    assert abs(g_exact - g_wh) / g_exact < 0.05
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 49, 400])
+def test_margins_are_the_quantiles_of_sampled_feature_maps(n):
+    """The closed-form margins equal the epsilon-quantiles of |mean - mu|, |std - sigma| of real Gaussian maps."""
+    gen = torch.Generator().manual_seed(0)
+    sigma = torch.rand(6, generator=gen, dtype=torch.float64) * 2 + 0.2
+    maps = torch.randn(20000, 6, n, generator=gen, dtype=torch.float64) * sigma[:, None]  # mean 0
+    mean_dev = maps.mean(2).abs()
+    std = maps.std(2) if n > 1 else maps.squeeze(2).abs()  # k = 1 for one value: |x| ~ sigma sqrt(chi2_1)
+    std_dev = (std - sigma).abs()
+    delta, gamma = dsg.statistic_margins(sigma, n, 0.9)
+    assert delta == pytest.approx(float(mean_dev.flatten().quantile(0.9)), rel=0.02)
+    assert gamma == pytest.approx(float(std_dev.flatten().quantile(0.9)), rel=0.02)
+
 
 
 def test_slack_loss_is_zero_inside_the_margins():
