@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -28,7 +28,7 @@ def import_torchvision() -> Any:
     try:
         torch.ops.torchvision.nms  # noqa: B018  (already registered: a working torchvision)
     except (AttributeError, RuntimeError):
-        lib = torch.library.Library("torchvision", "DEF")  # noqa: TID251
+        lib = torch.library.Library("torchvision", "DEF")
         lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         import_torchvision.lib = lib  # type: ignore[attr-defined]  # keep the library alive
@@ -207,3 +207,53 @@ def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
     assert before["training"] == after["training"], "module modes changed"
     assert before["requires_grad"] == after["requires_grad"], "requires_grad changed"
     assert before["hooks"] == after["hooks"], "hooks left behind"
+
+
+class _CLIArch:
+    """``--arch conformance:TV_<name>`` for the CLI: a class whose no-argument construction gives the model."""
+
+    name = ""
+
+    def __new__(cls) -> nn.Module:  # type: ignore[misc]
+        return build(cls.name)[0]
+
+
+def build(name: str) -> tuple[nn.Module, tuple[int, ...]]:
+    """Any matrix model by name (torchvision or pattern)."""
+    return torchvision_model(name) if name in TORCHVISION else pattern_model(name)
+
+
+def __getattr__(attr: str) -> Any:
+    if attr.startswith("TV_") and attr[3:] in {*TORCHVISION, *PATTERNS}:
+        return type(attr, (_CLIArch,), {"name": attr[3:]})
+    raise AttributeError(attr)
+
+
+def pt2e_quantize(model: nn.Module, calib: torch.Tensor, act: Any, wt: Any, a_bits: int = 8, w_bits: int = 8) -> Any:
+    """torch.export (dynamic batch) -> prepare_pt2e with torchao's X86 quantizer and our observers -> convert."""
+    import copy
+
+    from zq_plugin import _compat
+
+    ns = _compat.torchao_pt2e()
+    act_spec = ns.QuantizationSpec(
+        dtype=torch.uint8,
+        quant_min=0,
+        quant_max=2**a_bits - 1,
+        qscheme=torch.per_tensor_affine,
+        observer_or_fake_quant_ctr=act,
+    )
+    wt_spec = ns.QuantizationSpec(
+        dtype=torch.int8,
+        quant_min=-(2 ** (w_bits - 1)) + 1,
+        quant_max=2 ** (w_bits - 1) - 1,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+        observer_or_fake_quant_ctr=wt,
+    )
+    config = ns.QuantizationConfig(act_spec, None, wt_spec, None, False)
+    exported = torch.export.export(
+        copy.deepcopy(model), (calib[:2],), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},)
+    ).module()
+    prepared = ns.prepare_pt2e(exported, ns.X86InductorQuantizer().set_global(config))
+    return prepared, ns

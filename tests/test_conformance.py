@@ -1,0 +1,294 @@
+"""The conformance matrix: every public entry point on models this project did not write.
+
+Rows: torchvision classifiers (random weights, BN warmed on noise, 3x32x32) and small models of
+user patterns (tests/conformance.py). Columns: the public entry points. Each cell asserts that the
+entry point runs (or raises the documented named error), leaves the source model unchanged,
+gives finite outputs, keeps quantized tensors within their level counts, and that ONNX agrees
+with PyTorch. The default run covers FAST_TORCHVISION and every pattern; the other architectures
+run with ``-m conformance`` (CI runs both). docs/compatibility.md is this matrix as a table.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+from conformance import FAST_TORCHVISION, PATTERNS, TORCHVISION, assert_unchanged, build, pt2e_quantize, snapshot
+from torch import nn
+
+import zq_plugin
+from zq_plugin import _compat
+from zq_plugin._utils import select_output, weight_layer_names
+from zq_plugin.errors import ModelError
+from zq_plugin.observers import ao as zo
+from zq_plugin.synth.hooks import batchnorm_layers
+
+ROWS = [*TORCHVISION, *PATTERNS]
+
+
+def rows(select=lambda name: True):
+    """Matrix rows: the fast ones in the default run, the rest under the ``conformance`` marker."""
+    out = []
+    for name in ROWS:
+        if not select(name):
+            continue
+        fast = name in FAST_TORCHVISION or name in PATTERNS
+        out.append(pytest.param(name, marks=() if fast else pytest.mark.conformance))
+    return out
+
+
+@functools.cache
+def _cached(name):
+    return build(name)
+
+
+def model_of(name):
+    """A fresh copy is not needed: each cell checks that the shared model stays unchanged."""
+    return _cached(name)
+
+
+def calib_of(shape, n=8):
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(1))
+
+
+def has_bn(model):
+    return bool(batchnorm_layers(model))
+
+
+def logits(model, x):
+    with torch.no_grad():
+        out = select_output(model(x))
+    assert torch.isfinite(out).all()
+    return out
+
+
+def fq_levels_respected(qmodel, x):
+    """Every FakeQuantize output holds at most quant_max - quant_min + 1 values (per channel for weights)."""
+    seen = {}
+    handles = []
+    for name, m in qmodel.named_modules():
+        if isinstance(m, _compat.FakeQuantize):
+
+            def hook(mod, _args, out, _name=name):
+                seen[_name] = (mod, out.detach())
+
+            handles.append(m.register_forward_hook(hook))
+    try:
+        logits(qmodel, x)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, (mod, out) in seen.items():
+        if not bool(mod.fake_quant_enabled[0]):
+            continue
+        allowed = int(mod.quant_max) - int(mod.quant_min) + 1
+        if mod.is_per_channel:
+            flat = out.transpose(0, mod.ch_axis).reshape(out.shape[mod.ch_axis], -1)
+            worst = max(len(torch.unique(row)) for row in flat)
+        else:
+            worst = len(torch.unique(out))
+        assert worst <= allowed, f"{name}: {worst} values > {allowed}"
+
+
+def weight_levels_respected(sim, model, w_bits, first_last_bits=8):
+    """Weights of the simulation's plain weight modules: <= 2^b - 1 levels per output channel."""
+    names = weight_layer_names(model)
+    edge = {names[0], names[-1]} if names else set()
+    floats = set(getattr(sim, "zq_float_layers", ()))
+    for name, m in sim.named_modules():
+        if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or name in floats:
+            continue
+        if getattr(m, "weight_fake_quant", None) is not None:
+            continue  # quantized on the fly: checked by fq_levels_respected
+        base = name[:-2] if name.endswith(".0") else name  # folded Conv+ReLU: Sequential(conv, relu)
+        bits = first_last_bits if base in edge else w_bits
+        axis = 1 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 0
+        w = m.weight.detach().transpose(0, axis).reshape(m.weight.shape[axis], -1)
+        worst = max(len(torch.unique(row)) for row in w)
+        assert worst <= 2**bits - 1, f"{name}: {worst} weight values at {bits} bits"
+
+
+# --- synthesis -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["zeroq", "dsg", "retro", "genie", "noise"])
+@pytest.mark.parametrize("name", rows())
+def test_synthesize(name, method):
+    model, shape = model_of(name)
+    before = snapshot(model)
+    options = {} if method == "noise" else {"steps": 2}
+    if method == "genie":
+        options.update(width=16, latent_dim=16)
+    if method in ("zeroq", "dsg", "genie") and not has_bn(model):
+        with pytest.raises(ModelError, match="no BatchNorm"):
+            zq_plugin.synthesize(
+                model, method, num_samples=4, batch_size=4, input_shape=shape, progress=False, **options
+            )
+    else:
+        data = zq_plugin.synthesize(
+            model, method, num_samples=4, batch_size=4, input_shape=shape, progress=False, **options
+        )
+        assert data.images.shape == (4, *shape) and torch.isfinite(data.images).all()
+    assert_unchanged(model, before)
+
+
+# --- torch.ao FX -----------------------------------------------------------------------------------------
+
+OBSERVERS = ["minmax", "mse", "percentile", "aciq", "entropy"]
+
+
+@pytest.mark.parametrize("observer", OBSERVERS)
+@pytest.mark.parametrize("name", rows())
+def test_quantize_fx(name, observer):
+    model, shape = model_of(name)
+    before = snapshot(model)
+    x = calib_of(shape)
+    kw = {}
+    if observer != "minmax":
+        kw = {"act_observer": zo.observer_class(observer), "weight_observer": zo.observer_class(observer, True)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim = zq_plugin.quantize_fx(model, x, w_bits=4, a_bits=4, **kw)
+    assert getattr(sim, "zq_float_layers", ()) == ()
+    fq_levels_respected(sim, x)
+    weight_levels_respected(sim, model, 4)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", rows())
+def test_users_own_prepare_fx_calibrate_convert_fx(name):
+    import copy
+
+    model, shape = model_of(name)
+    before = snapshot(model)
+    x = calib_of(shape)
+    from torch.ao.quantization import QConfigMapping, get_default_qconfig
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    mapping = QConfigMapping().set_global(get_default_qconfig("x86"))  # README, FX usage step 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(copy.deepcopy(model), mapping, (x[:1],))
+        zq_plugin.calibrate(prepared, x)
+        logits(convert_fx(prepared), x)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", rows())
+def test_convert_int8_fx(name):
+    model, shape = model_of(name)
+    before = snapshot(model)
+    x = calib_of(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = zq_plugin.convert_int8_fx(model, x)
+    out = logits(q, x)
+    ref = logits(model, x)
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.9, f"int8 logits far from float: cosine {float(cos):.3f}"
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", rows())
+def test_pareto_plan_emitted_mapping_and_hybrid_plan(name):
+    from zq_plugin.mixed_precision import hybrid_plan, pareto_plan
+    from zq_plugin.mixed_precision.emit import to_qconfig_mapping
+
+    model, shape = model_of(name)
+    before = snapshot(model)
+    x = calib_of(shape, 4)
+    result = pareto_plan(model, x, budget="MP4", bits=(4, 8), progress=False)
+    mapping = to_qconfig_mapping(result.plan, model, (x[:1],))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim = zq_plugin.quantize_fx(model, x, mapping=mapping)
+    fq_levels_respected(sim, x)
+    hybrid = hybrid_plan(model, x, result.plan, progress=False)
+    assert set(hybrid) == set(result.plan)
+    assert_unchanged(model, before)
+
+
+# --- Brevitas --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", rows())
+def test_brevitas_calibrate_bias_correct_export_run_onnx(name, tmp_path):
+    pytest.importorskip("brevitas")
+    pytest.importorskip("onnxruntime")
+    from zq_plugin.backends import brevitas as zb
+
+    model, shape = model_of(name)
+    before = snapshot(model)
+    x = calib_of(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = zb.to_brevitas(model, w_bits=4, a_bits=8)
+        zb.calibrate(qmodel, x)
+        zb.bias_correct(qmodel, x)
+        path = zb.export_onnx(qmodel, x[:1], tmp_path / "m.onnx")
+    assert getattr(qmodel, "zq_float_layers", ()) == ()
+    ref = logits(qmodel, x)
+    got = zb.run_onnx(path, x)
+    assert torch.isfinite(got).all()
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.99, f"ONNX disagrees with PyTorch: cosine {float(cos):.4f}"
+    assert_unchanged(model, before)
+
+
+# --- torchao PT2E ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not _compat.has_torchao(), reason="torchao is not installed")
+@pytest.mark.parametrize("name", rows())
+def test_pt2e_observers_prepare_calibrate_convert(name):
+    from zq_plugin.observers import pt2e
+
+    model, shape = model_of(name)
+    before = snapshot(model)
+    x = calib_of(shape)
+    prepared, ns = pt2e_quantize(model, x, pt2e.MSEObserver, pt2e.PerChannelMSEObserver, a_bits=8, w_bits=8)
+    zq_plugin.calibrate(prepared, x)
+    converted = ns.convert_pt2e(prepared)
+    out = logits(converted, x)
+    ref = logits(model, x)
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.9, f"PT2E W8A8 logits far from float: cosine {float(cos):.3f}"
+    assert_unchanged(model, before)
+
+
+# --- CLI with --arch -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", rows(lambda n: n in ("resnet18", "inplace_residual", "tuple_output", "densenet121")))
+def test_cli_arch_synthesize_and_quantize(name, tmp_path, monkeypatch):
+    from zq_plugin import cli
+
+    model, shape = model_of(name)
+    checkpoint = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), checkpoint)
+    arch = ["--arch", f"conformance:TV_{name}", "--checkpoint", str(checkpoint)]
+    dims = ",".join(str(d) for d in shape)
+    data = tmp_path / "data.pt"
+    rc = cli.main(
+        [
+            "synthesize",
+            *arch,
+            "--input-shape",
+            dims,
+            "--num-samples",
+            "4",
+            "--batch-size",
+            "4",
+            "--option",
+            "steps=2",
+            "--out",
+            str(data),
+        ]
+    )
+    assert rc == 0 and data.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = cli.main(["quantize", *arch, "--input-shape", dims, "--data", str(data), "--w-bits", "4", "--a-bits", "4"])
+    assert rc == 0
