@@ -11,6 +11,12 @@ A second table gives the time of the range search alone (one ``calculate_qparams
 activation and on two weight shapes.
 
 Run: ``.venv/bin/python benchmarks/observers_speed.py [--signed]`` (under a minute on 2 cores).
+
+``--arch resnet50 [--arch convnext_tiny ...]`` times ``zq_plugin.quantize_fx`` (W4A4) on torchvision
+architectures instead (random weights, BN warmed on noise; ``tests/conformance.py`` builds them,
+torchvision must be installed): each observer pair as a ratio to MinMax in the same process, and
+the share of its range searches (activations per tensor, weights per channel). ``--size`` and
+``--images`` set the input (default 3x64x64, 16 images); at 224 px this takes minutes per model.
 """
 
 from __future__ import annotations
@@ -81,14 +87,65 @@ def search_times(data: torch.Tensor, bits: int) -> None:
 STATS = ("MSE", "Percentile", "ACIQ", "Entropy")
 
 
+def arch_times(arch: str, size: int, images: int, bits: int) -> None:
+    """Print ``quantize_fx`` seconds per observer pair on a torchvision ``arch``, as ratios to MinMax."""
+    import sys
+    from pathlib import Path
+
+    import zq_plugin
+    from zq_plugin.observers import _core
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conformance import import_torchvision, warm_bn
+
+    models = import_torchvision()
+    torch.manual_seed(0)
+    shape = (3, size, size)
+    model = warm_bn(getattr(models, arch)(num_classes=10), shape)
+    data = torch.randn(images, *shape, generator=torch.Generator().manual_seed(0))
+    spent = {"act": 0.0, "wt": 0.0}
+    original = _core.RangeObserverMixin.calculate_range
+
+    def timed(self: Any) -> Any:
+        t0 = time.perf_counter()
+        out = original(self)
+        spent["wt" if self.per_channel else "act"] += time.perf_counter() - t0
+        return out
+
+    _core.RangeObserverMixin.calculate_range = timed  # type: ignore[method-assign]
+    pairs: dict[str, tuple[Any, Any]] = {"MinMax (torch)": (None, None)}
+    for stat in STATS:
+        pairs[stat] = (ao.observer_class(stat.lower()), ao.observer_class(stat.lower(), per_channel=True))
+    print(f"\n{arch}, {images} images of {shape}, W{bits}A{bits}, {torch.get_num_threads()} threads")
+    print("| observers | quantize_fx s | ratio to MinMax | act search s | weight search s |")
+    print("|---|---|---|---|---|")
+    zq_plugin.quantize_fx(model, data, w_bits=bits, a_bits=bits)  # warm-up
+    base = 0.0
+    for name, (act, wt) in pairs.items():
+        spent.update(act=0.0, wt=0.0)
+        t0 = time.perf_counter()
+        zq_plugin.quantize_fx(model, data, w_bits=bits, a_bits=bits, act_observer=act, weight_observer=wt)
+        sec = time.perf_counter() - t0
+        base = base or sec
+        print(f"| {name} | {sec:.2f} | {sec / base:.1f} | {spent['act']:.2f} | {spent['wt']:.2f} |")
+    _core.RangeObserverMixin.calculate_range = original  # type: ignore[method-assign]
+
+
 def main() -> None:
     """Print the ratio table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", action="append", help="torchvision architecture(s): time quantize_fx instead")
+    parser.add_argument("--size", type=int, default=64, help="input height/width with --arch")
+    parser.add_argument("--images", type=int, default=16, help="calibration images with --arch")
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--signed", action="store_true", help="Gaussian batches instead of post-ReLU ones")
     args = parser.parse_args()
+    if args.arch:
+        for arch in args.arch:
+            arch_times(arch, args.size, args.images, args.bits)
+        return
     torch.manual_seed(0)
     data = batches(args.batches, args.signed)
     kw = {"dtype": torch.quint8, "quant_min": 0, "quant_max": 2**args.bits - 1}

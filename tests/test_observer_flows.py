@@ -175,3 +175,37 @@ def test_prepare_pt2e_convert_pt2e(tiny_bn_net, calib, stat):
     assert (0, 15) in ranges
     with torch.no_grad():
         assert torch.isfinite(q4(calib)).all()
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fast_fake_quantize_scripts_like_torch_fake_quantize(calib, per_channel):
+    """torch.jit.script of FastFakeQuantize with torch's observer works and computes the same values."""
+    from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
+
+    if per_channel:
+        kw = {"observer": PerChannelMinMaxObserver, "quant_min": -8, "quant_max": 7, "dtype": torch.qint8}
+        kw.update(qscheme=torch.per_channel_symmetric, ch_axis=1)
+    else:
+        kw = {"observer": MinMaxObserver, "quant_min": 0, "quant_max": 15}
+    eager, ref = FastFakeQuantize(**kw), FakeQuantize(**kw)
+    scripted = torch.jit.script(FastFakeQuantize(**kw))
+    for m in (eager, ref, scripted):
+        m.disable_fake_quant()
+        for batch in calib.split(16):
+            m(batch)
+        m.disable_observer()
+        m.enable_fake_quant()
+    x = 1.5 * calib[:8]
+    with torch.no_grad():
+        out = scripted(x)
+        assert torch.equal(out, eager(x)) and torch.equal(out, ref(x))
+    assert torch.equal(scripted.scale, ref.scale) and torch.equal(scripted.zero_point, ref.zero_point)
+    assert torch.unique(out[:, :1] if per_channel else out).numel() <= 16
+
+
+def test_fast_fake_quantize_with_our_observer_refuses_scripting_by_name():
+    from zq_plugin.errors import ModelError
+
+    fq = FastFakeQuantize(observer=ao.PercentileObserver, quant_min=0, quant_max=15)
+    with pytest.raises(ModelError, match=r"PercentileObserver cannot be compiled by torch\.jit\.script"):
+        torch.jit.script(fq)

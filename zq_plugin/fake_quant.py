@@ -37,15 +37,26 @@ from zq_plugin.qparams import fake_quantize
 
 
 class FastFakeQuantize(FakeQuantize):
-    """Drop-in ``FakeQuantize`` (same constructor) with an in-place no-grad path and deferred qparams."""
+    """Drop-in ``FakeQuantize`` (same constructor) with an in-place no-grad path and deferred qparams.
 
-    _stale: bool = False
+    ``torch.jit.script`` works as for torch's ``FakeQuantize`` when the observer is scriptable
+    (torch's own); with a zq_plugin observer it raises :class:`~zq_plugin.errors.ModelError` naming
+    the observer (their statistics are Python code). The scripted module computes the same values.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Same arguments as ``torch.ao.quantization.FakeQuantize``."""
+        super().__init__(*args, **kwargs)
+        self._stale: bool = False  # set here, not as a class annotation: TorchScript reads those
 
     def sync_qparams(self) -> None:
         """Compute ``scale``/``zero_point`` from the observer now if observations arrived since the last time."""
         if not self._stale:
             return
         self._stale = False
+        self._update_qparams()
+
+    def _update_qparams(self) -> None:
         scale, zero_point = self.calculate_qparams()
         scale, zero_point = scale.to(self.scale.device), zero_point.to(self.zero_point.device)
         if self.scale.shape != scale.shape:
@@ -54,17 +65,19 @@ class FastFakeQuantize(FakeQuantize):
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
 
+    @torch.jit.export
     def enable_observer(self, enabled: bool = True) -> None:
         """Switch observing; switching it off settles the deferred qparams."""
         if not enabled:
             self.sync_qparams()
-        super().enable_observer(enabled)
+        self.observer_enabled[0] = 1 if enabled else 0  # FakeQuantizeBase's; no super() in TorchScript
 
+    @torch.jit.export
     def enable_fake_quant(self, enabled: bool = True) -> None:
         """Switch fake quantization; switching it on settles the deferred qparams."""
         if enabled:
             self.sync_qparams()
-        super().enable_fake_quant(enabled)
+        self.fake_quant_enabled[0] = 1 if enabled else 0
 
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
         self.sync_qparams()
@@ -72,17 +85,29 @@ class FastFakeQuantize(FakeQuantize):
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         """Observe and/or fake-quantize ``X`` with ``FakeQuantize.forward``'s results."""
-        if bool(self.observer_enabled[0] == 1) and bool(self.fake_quant_enabled[0] != 1):
+        observing = bool(self.observer_enabled[0] == 1)
+        quantizing = bool(self.fake_quant_enabled[0] == 1)
+        if observing and not quantizing:
             self.activation_post_process(X.detach())
             self._stale = True
             return X
         self.sync_qparams()
-        if (
-            (torch.is_grad_enabled() and X.requires_grad)
-            or self.is_dynamic
-            or bool(self.observer_enabled[0] == 1)
-            or bool(self.fake_quant_enabled[0] != 1)
-        ):
-            return super().forward(X)
-        axis = self.ch_axis if self.is_per_channel else None
+        if (torch.is_grad_enabled() and X.requires_grad) or self.is_dynamic or observing or not quantizing:
+            return self._torch_forward(X, observing, quantizing)
+        axis: int | None = None
+        if self.is_per_channel:
+            axis = self.ch_axis
         return fake_quantize(X, self.scale, self.zero_point, self.quant_min, self.quant_max, axis=axis)
+
+    def _torch_forward(self, X: torch.Tensor, observing: bool, quantizing: bool) -> torch.Tensor:
+        """What ``FakeQuantize.forward`` computes (written out: TorchScript cannot call ``super()``)."""
+        if observing:
+            self.activation_post_process(X.detach())
+            self._update_qparams()
+        if quantizing:
+            if self.is_per_channel:
+                return torch.fake_quantize_per_channel_affine(
+                    X, self.scale, self.zero_point, self.ch_axis, self.quant_min, self.quant_max
+                )
+            return torch.fake_quantize_per_tensor_affine(X, self.scale, self.zero_point, self.quant_min, self.quant_max)
+        return X

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from zq_plugin.errors import ConfigError
+from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.observers import stats
 from zq_plugin.observers.histogram import DEFAULT_BINS, E_MIN, Histogram, check_bins, observe
 from zq_plugin.qparams import EPS
@@ -182,12 +182,20 @@ class RangeObserverMixin:
         for key in list(options):
             if key in kwargs:
                 options[key] = kwargs.pop(key)
-        options["bins"] = check_bins(options["bins"])
+        resolution = check_bins(options["bins"])
         options = cls.check_options(options)  # type: ignore[attr-defined]
         schemes = PER_CHANNEL_SCHEMES if cls.per_channel else PER_TENSOR_SCHEMES
         qscheme = kwargs.get("qscheme")
         if qscheme is None:
             kwargs["qscheme"] = schemes[0]
+        elif qscheme == torch.per_channel_affine_float_qparams:
+            raise ConfigError(
+                f"{cls.__name__} does not support qscheme=torch.per_channel_affine_float_qparams (float zero "
+                "points, torch's scheme for embedding weights): use torch.ao.quantization.PerChannelMinMaxObserver"
+                "(qscheme=torch.per_channel_affine_float_qparams) for it "
+                "(torchao.quantization.pt2e.PerChannelMinMaxObserver in PT2E; torch's "
+                f"float_qparams_weight_only_qconfig does so), or qscheme in {list(schemes)} here."
+            )
         elif qscheme not in schemes:
             other = "PerChannel" + cls.__name__ if not cls.per_channel else cls.__name__.replace("PerChannel", "")
             raise ConfigError(
@@ -204,6 +212,8 @@ class RangeObserverMixin:
             raise ConfigError(f"{cls.__name__}({kwargs}) was rejected by the observer base: {err}") from err
         obs.ch_axis = ch_axis if cls.per_channel else None
         obs.stat_options = options
+        obs.bins = options["bins"]  # as requested (torch's attribute); the grid has histogram_bins >= bins
+        obs.histogram_bins = resolution
         obs.search_calls = 0
         obs._qparams_cache = None
         channels = 0 if cls.per_channel else 1
@@ -211,7 +221,7 @@ class RangeObserverMixin:
         device = factory.get("device")
         obs.register_buffer("min_val", torch.full((channels,), float("inf"), device=device))
         obs.register_buffer("max_val", torch.full((channels,), float("-inf"), device=device))
-        obs.register_buffer("histogram", torch.zeros(channels, options["bins"], dtype=torch.int64, device=device))
+        obs.register_buffer("histogram", torch.zeros(channels, resolution, dtype=torch.int64, device=device))
         obs.register_buffer("exponent", torch.full((channels,), E_MIN, dtype=torch.int64, device=device))
 
     @property
@@ -226,15 +236,18 @@ class RangeObserverMixin:
     def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
         """Add ``x_orig`` to the statistics and return it unchanged; an empty tensor is ignored.
 
+        ``+inf``/``-inf`` values are left out with a warning, as torch's HistogramObserver does (a
+        quantizer clamps them to the range found for the rest; attention masks hold ``-inf``).
+
         Raises:
-            ConfigError: ``x_orig`` holds NaN or Inf.
+            ConfigError: ``x_orig`` holds NaN (the statistics are left as they were).
         """
         obs: Any = self
         if x_orig.numel() == 0:
             return x_orig
         x = x_orig.detach().to(obs.min_val.dtype)
         empty = obs.histogram.shape[0] == 0
-        hist = observe(None if empty else self._histogram(), x, obs.ch_axis, obs.stat_options["bins"])
+        hist = observe(None if empty else self._histogram(), x, obs.ch_axis, obs.histogram_bins)
         if empty:
             for name in _BUFFERS:
                 getattr(obs, name).resize_(getattr(hist, _FIELD[name]).shape)
@@ -268,6 +281,9 @@ class RangeObserverMixin:
             if obs.histogram.shape[0] > 0 and not bool((obs.min_val > obs.max_val).all()):
                 obs.search_calls += 1
             lo, hi = self.calculate_range()
+            empty = lo > hi
+            if bool(empty.any()) and not bool(empty.all()):  # a channel that held only +-inf: range [0, 0]
+                lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
             if not self.per_channel:
                 lo, hi = lo.reshape(()), hi.reshape(())
             obs._qparams_cache = obs._calculate_qparams(lo, hi)
@@ -280,7 +296,7 @@ class RangeObserverMixin:
         channels = 0 if self.per_channel else 1
         obs.min_val.resize_(channels).fill_(float("inf"))
         obs.max_val.resize_(channels).fill_(float("-inf"))
-        obs.histogram.resize_(channels, obs.stat_options["bins"]).zero_()
+        obs.histogram.resize_(channels, obs.histogram_bins).zero_()
         obs.exponent.resize_(channels).fill_(E_MIN)
         obs._qparams_cache = None
 
@@ -302,6 +318,19 @@ class RangeObserverMixin:
         obs._qparams_cache = None
         super()._load_from_state_dict(  # type: ignore[misc]
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def __prepare_scriptable__(self) -> Any:
+        """Refuse ``torch.jit.script`` with a named error (called by torch before it compiles anything).
+
+        Raises:
+            ModelError: always; the statistics (an exact histogram and a range search) are Python code.
+        """
+        raise ModelError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script: its statistics (an exact streaming "
+            "histogram and a range search) run in Python. Calibrate first, then script the converted model "
+            "(convert_fx / convert_pt2e replace observers by fixed quantize ops), or use torch.export; to script a "
+            "model that still observes, use torch's own observers (e.g. MinMaxObserver)."
         )
 
     def extra_repr(self) -> str:

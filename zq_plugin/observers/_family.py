@@ -7,10 +7,12 @@ defaults of the statistic and a docstring listing its options.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 
+from zq_plugin.errors import ConfigError
 from zq_plugin.observers._core import (
     ACIQStatistic,
     EntropyStatistic,
@@ -29,40 +31,77 @@ STATISTICS: dict[str, type[Statistic]] = {
 }
 
 
+# torch's positional orders: MinMaxObserver, HistogramObserver (bins first), PerChannelMinMaxObserver
+TENSOR_ORDER = ("dtype", "qscheme", "reduce_range", "quant_min", "quant_max", "factory_kwargs", "eps", "is_dynamic")
+HISTOGRAM_ORDER = ("bins", *TENSOR_ORDER)
+CHANNEL_ORDER = ("ch_axis", *TENSOR_ORDER)
+_DEFAULTS: dict[str, Any] = {
+    "dtype": torch.quint8,
+    "qscheme": None,
+    "reduce_range": False,
+    "quant_min": None,
+    "quant_max": None,
+    "factory_kwargs": None,
+    "eps": EPS,
+    "is_dynamic": False,
+}
+
+
+def bind_arguments(cls_name: str, per_channel: bool, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Name the positional ``args`` as torch's observers do, merge ``kwargs``; return every argument by name.
+
+    Per-channel classes follow ``PerChannelMinMaxObserver(ch_axis, dtype, qscheme, reduce_range, quant_min,
+    quant_max, factory_kwargs, eps, is_dynamic)``. Per-tensor classes follow ``MinMaxObserver(dtype, qscheme,
+    ...)``, or ``HistogramObserver(bins, dtype, qscheme, ...)`` when the first positional argument is an
+    integer (a dtype never is, so the two orders cannot be confused).
+
+    Raises:
+        ConfigError: too many positional arguments, or one given both by position and by keyword.
+    """
+    order: tuple[str, ...]
+    if per_channel:
+        order = CHANNEL_ORDER
+    elif args and isinstance(args[0], int) and not isinstance(args[0], bool):
+        order = HISTOGRAM_ORDER
+    else:
+        order = TENSOR_ORDER
+    if len(args) > len(order):
+        raise ConfigError(
+            f"{cls_name} takes at most {len(order)} positional arguments {list(order)} (torch's order), got "
+            f"{len(args)}; pass the statistic's options (p=, percentile=, ...) by keyword."
+        )
+    twice = [name for name in order[: len(args)] if name in kwargs]
+    if twice:
+        raise ConfigError(f"{cls_name} got {twice} both by position and by keyword; pass each once.")
+    return {**_DEFAULTS, **dict(zip(order, args, strict=False)), **kwargs}
+
+
 def family_base(base: Any, name: str) -> Any:
-    """``class <name>(RangeObserverMixin, base)`` with torch's observer signature.
+    """``class <name>(RangeObserverMixin, base)`` with torch's observer signatures (:func:`bind_arguments`).
 
     The keywords are those of torch's observers (``dtype``, ``qscheme``, ``reduce_range``,
     ``quant_min``, ``quant_max``, ``factory_kwargs``, ``eps``, ``is_dynamic``, ``ch_axis``); every other
     keyword must be an option of the statistic (``p``, ``percentile``, ``bins``, ...).
     """
 
-    def __init__(
-        self: Any,
-        dtype: torch.dtype = torch.quint8,
-        qscheme: torch.qscheme | None = None,
-        reduce_range: bool = False,
-        quant_min: int | None = None,
-        quant_max: int | None = None,
-        factory_kwargs: dict[str, Any] | None = None,
-        eps: float = EPS,
-        is_dynamic: bool = False,
-        **options: Any,
-    ) -> None:
-        kwargs = dict(
-            dtype=dtype,
-            qscheme=qscheme,
-            reduce_range=reduce_range,
-            quant_min=quant_min,
-            quant_max=quant_max,
-            factory_kwargs=factory_kwargs,
-            eps=eps,
-            is_dynamic=is_dynamic,
-            **options,
-        )
-        self._zq_init(base.__init__, kwargs)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        cls = type(self)
+        self._zq_init(base.__init__, bind_arguments(cls.__name__, cls.per_channel, args, kwargs))
 
     return type(name, (RangeObserverMixin, base), {"__init__": __init__, "__module__": __name__})
+
+
+def _signature(per_channel: bool, options: dict[str, Any]) -> inspect.Signature:
+    """The constructor signature shown by ``help()`` / ``inspect`` (torch's order, then the options)."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter("self", kind)]
+    if per_channel:
+        params.append(inspect.Parameter("ch_axis", kind, default=0))
+    params += [inspect.Parameter(n, kind, default=_DEFAULTS[n]) for n in TENSOR_ORDER]
+    params += [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=v) for n, v in options.items() if n != "ch_axis"
+    ]
+    return inspect.Signature(params)
 
 
 def build_family(base: Any, module: str, flavour: str) -> dict[str, Any]:
@@ -87,5 +126,13 @@ def build_family(base: Any, module: str, flavour: str) -> dict[str, Any]:
                 "__qualname__": name,
                 "__doc__": f"{summary}; {scope}; on {flavour}. Options (defaults): {listed}.",
             }
-            classes[name] = type(name, (stat, root), attrs)
+            cls = type(name, (stat, root), attrs)
+
+            def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+                root.__init__(self, *args, **kwargs)
+
+            __init__.__signature__ = _signature(per_channel, options)  # type: ignore[attr-defined]
+            __init__.__qualname__ = f"{name}.__init__"
+            cls.__init__ = __init__  # type: ignore[misc]
+            classes[name] = cls
     return classes

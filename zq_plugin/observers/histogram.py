@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,11 +47,26 @@ MAX_ABS = 2.0**E_LIMIT
 _HISTC_CHUNK = 1 << 24
 
 
+MAX_BINS = 1 << 20  # finest grid: max|v| / 2^19, far below any 8-bit step
+
+
 def check_bins(bins: object) -> int:
-    """Return ``bins`` if it is an even power of two from 16 to 2^16, else raise :class:`ConfigError`."""
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 16 or bins > 2**16 or bins & (bins - 1):
-        raise ConfigError(f"bins={bins!r} is not supported: use a power of two from 16 to 65536 (default 2048).")
-    return bins
+    """The number of histogram bins ``2B`` used for a requested ``bins`` (what torch's HistogramObserver takes).
+
+    Any positive integer is accepted, as by ``torch.ao.quantization.HistogramObserver``; the grid
+    uses the next power of two at or above it, at least 16 and at most ``2^20`` (so at least as
+    fine as asked, up to that cap), because the exact re-binning needs a power-of-two grid.
+
+    Raises:
+        ConfigError: ``bins`` is not a positive integer.
+
+    Example:
+        >>> check_bins(2048), check_bins(1000), check_bins(3)
+        (2048, 1024, 16)
+    """
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ConfigError(f"bins={bins!r} is not supported: use a positive integer (default 2048, as torch's).")
+    return min(max(16, 1 << (bins - 1).bit_length()), MAX_BINS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,8 +206,12 @@ def observe(hist: Histogram | None, x: torch.Tensor, ch_axis: int | None = None,
         ch_axis: channel axis of ``x``, or None for one channel.
         bins: number of bins when ``hist`` is None.
 
+    ``+inf`` and ``-inf`` values are left out with a warning (torch's HistogramObserver ignores
+    them too: a quantizer clamps them anyway, and attention masks hold ``-inf``), so a channel
+    that holds only infinities stays empty.
+
     Raises:
-        ConfigError: NaN or Inf in ``x``, or a channel count different from ``hist``'s.
+        ConfigError: NaN in ``x``, magnitudes ``>= 2^100``, or a channel count different from ``hist``'s.
     """
     axis = channel_axis(x, ch_axis)
     x = x.detach().to(torch.float32)
@@ -206,11 +226,30 @@ def observe(hist: Histogram | None, x: torch.Tensor, ch_axis: int | None = None,
     if x.numel() == 0:
         return hist
     lo, hi = _extremes(x, axis)  # [C] each; NaN propagates
+    infinite = None  # [C] number of +-inf values left out per channel
     if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
-        raise ConfigError(
-            "the observed tensor contains NaN or Inf; an observer needs finite values (check the model and the "
-            "calibration data, e.g. with torch.isfinite)."
+        if bool(torch.isnan(lo).any()) or bool(torch.isnan(hi).any()):
+            raise ConfigError(
+                "the observed tensor contains NaN; an observer needs numbers (check the model and the "
+                "calibration data, e.g. with torch.isnan). Infinite values are skipped, NaN is not."
+            )
+        warnings.warn(
+            "the observed tensor holds +-inf; those values are left out of the statistics (as torch's "
+            "HistogramObserver does): the quantizer clamps them to the range found for the finite values.",
+            stacklevel=5,  # observe <- forward <- Module._call_impl <- _wrapped_call_impl <- the caller
         )
+        finite = torch.isfinite(x)
+        if axis is None:
+            x = x[finite]
+            if x.numel() == 0:
+                return hist
+            lo, hi = _extremes(x, None)
+        else:
+            dims = [d for d in range(x.dim()) if d != axis]
+            infinite = (~finite).sum(dim=dims) if dims else (~finite).to(torch.int64)
+            lo = torch.where(finite, x, float("inf")).amin(dim=dims) if dims else torch.where(finite, x, float("inf"))
+            hi = torch.where(finite, x, float("-inf")).amax(dim=dims) if dims else torch.where(finite, x, float("-inf"))
+            x = torch.where(finite, x, 0.0)  # counted in the bin at 0, then taken out again below
     if bool((torch.maximum(-lo, hi) >= MAX_ABS).any()):
         raise ConfigError(
             f"the observed tensor holds values of magnitude >= 2^{E_LIMIT} (about 1e30), which no 8-bit grid can "
@@ -221,7 +260,10 @@ def observe(hist: Histogram | None, x: torch.Tensor, ch_axis: int | None = None,
     exponent = torch.where(hist.empty, E_MIN, hist.exponent)
     new_exp = torch.maximum(exponent, grid_exponent(torch.maximum(-min_val, max_val)))
     counts = _rebin(hist.counts, exponent, new_exp)
-    counts = counts + _count(x, axis, lo, new_exp, hist.bins // 2)
+    added = _count(x, axis, lo, new_exp, hist.bins // 2)
+    if infinite is not None:  # the stand-in zeros of the infinite values went to bin B (floor(0) = 0)
+        added[:, hist.bins // 2] -= infinite.to(torch.int64)
+    counts = counts + added
     return Histogram(counts=counts, exponent=new_exp, min_val=min_val, max_val=max_val)
 
 
