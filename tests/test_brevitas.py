@@ -1,13 +1,15 @@
 import builtins
 import copy
+import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tests.conftest import assert_unchanged, snapshot
 from zq_plugin.data import SyntheticDataset
-from zq_plugin.errors import ConfigError, MissingDependencyError, NotCalibratedError
+from zq_plugin.errors import ConfigError, MissingDependencyError, ModelError, NotCalibratedError
 from zq_plugin.mixed_precision import BitPlan, LayerBits
 
 pytest.importorskip("brevitas")
@@ -127,7 +129,7 @@ def test_export_onnx_and_onnxruntime_agree(tiny_bn_net, tmp_path):
 def test_bad_plans(tiny_bn_net):
     with pytest.raises(ConfigError, match="does not exist"):
         zb.to_brevitas(tiny_bn_net, BitPlan({"conv9": LayerBits(w_bits=4, a_bits=4)}))
-    with pytest.raises(ConfigError, match="plans cover Conv1d, Conv2d, Conv3d, Linear"):
+    with pytest.raises(ConfigError, match=r"plans cover Conv1d, Conv2d, Conv3d, ConvTranspose1d.*Linear"):
         zb.to_brevitas(tiny_bn_net, BitPlan({"bn1": LayerBits(w_bits=4, a_bits=4)}))
     with pytest.raises(ConfigError, match="non-uniform grid"):
         zb.to_brevitas(tiny_bn_net, BitPlan.uniform(tiny_bn_net, w_bits=4, a_bits=8, grid="nonuniform"))
@@ -195,3 +197,211 @@ def test_plugin_statistic_threshold_matches_the_observer_statistic():
     assert float(stat(x)) < 30.0  # the MSE search clips the outlier
     signed = zb.PluginStatistic("zq-percentile", bit_width=8, signed=True, narrow_range=True)
     assert float(signed(torch.linspace(-3, 1, 1001))) == pytest.approx(3.0, rel=0.01)
+
+
+# --- issue 13: models this project did not write ---------------------------------------------------------
+
+
+def _conv_transpose_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 3, stride=2, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 10),
+    ).eval()
+
+
+def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).mean() / (out - ref).pow(2).mean().clamp_min(1e-30)))
+
+
+def _onnx_ops(path) -> set[str]:
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_conv_transpose_is_quantized_per_output_channel_at_the_plan_bits(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxoptimizer")
+    net, x = _conv_transpose_net(), _data(64)
+    plan = BitPlan.uniform(net, w_bits=4, a_bits=4, first_last_bits=None)
+    plan = BitPlan({**plan.layers, "2": LayerBits(w_bits=3, a_bits=5)})
+    q = zb.calibrate(zb.to_brevitas(net, plan), x)
+    layer = q.get_submodule("2")
+    assert type(layer).__name__ == "QuantConvTranspose2d"
+    assert q.zq_float_layers == ()
+    assert int(layer.weight_quant.bit_width()) == 3 and int(layer.input_quant.bit_width()) == 5
+    w = layer.quant_weight()
+    assert w.scale.shape == (1, 6, 1, 1)  # one scale per output channel: axis 1 of [C_in, C_out, k, k]
+    codes = (w.value / w.scale).round()
+    assert codes.abs().max() == 3  # 3-bit narrow: [-3, 3], each channel reaches its own max
+    for c in range(6):
+        assert 2 < len(torch.unique(codes[:, c])) <= 7
+    path = zb.export_onnx(q, x[:1], tmp_path / "ct.onnx")
+    assert {"ConvTranspose", "QuantizeLinear", "DequantizeLinear"} <= _onnx_ops(path)
+    assert _sqnr(q(x[:16]), zb.run_onnx(path, x[:16])) > 40
+
+
+def test_weight_layers_left_in_float_are_listed():
+    class OwnConv(nn.Conv2d):  # a subclass with its own forward: Brevitas must not swap it
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), OwnConv(4, 4, 1), nn.Flatten(), nn.Linear(144, 3)).eval()
+    with pytest.warns(UserWarning, match=r"to_brevitas: 1 weight layer\(s\) left in float \(2\)"):
+        q = zb.to_brevitas(net)
+    assert q.zq_float_layers == ("2",)  # Brevitas's tracer inlined it into a float torch.conv2d on 2.weight
+    assert not isinstance(q.get_submodule("2"), zb._brevitas()["QuantWBIOL"])
+    assert zb.to_brevitas(_conv_transpose_net()).zq_float_layers == ()
+
+
+def _thresholds(q: nn.Module) -> list[float]:
+    return [float(m.value) for m in q.modules() if type(m).__name__ == "ParameterFromRuntimeStatsScaling"]
+
+
+def test_a_second_calibration_continues_the_average(tiny_bn_net):
+    x = _data(64)
+    q = zb.calibrate(zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4), x)
+    first = _thresholds(q)
+    zb.calibrate(q, 10 * x)
+    # the same as one call over the batches of both (one batch each at batch_size 64)
+    both = zb.calibrate(zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4), torch.cat([x, 10 * x]))
+    assert _thresholds(q) == pytest.approx(_thresholds(both), rel=1e-6)
+    assert _thresholds(q)[0] == pytest.approx(5.5 * first[0], rel=1e-5)  # (max + 10 max) / 2 on the image
+    assert torch.equal(q(x), both(x))
+
+
+def test_calibrated_state_dict_round_trips_into_a_fresh_copy(tiny_bn_net):
+    x = _data(64)
+    q = zb.calibrate(zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4), x)
+    state = q.state_dict()  # right after calibration: weight scales included
+    assert sum(k.endswith("weight_quant.tensor_quant.scaling_impl.value") for k in state) == 5
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    fresh = zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))  # strict
+    assert not zb.uncalibrated(fresh)
+    assert torch.equal(fresh(x), q(x))
+    # and it continues calibrating like the original
+    zb.calibrate(q, 3 * x)
+    zb.calibrate(fresh, 3 * x)
+    assert torch.equal(fresh(x), q(x))
+
+
+def test_bias_corrected_state_dict_round_trips_for_layers_without_bias():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3, bias=False)).eval()
+    x = _data(64)
+    q = zb.bias_correct(zb.calibrate(zb.to_brevitas(net, w_bits=4, a_bits=4), x), x)
+    assert float(q.get_submodule("0").bias.abs().max()) > 0  # the zero bias to_brevitas gave it was corrected
+    fresh = zb.to_brevitas(net, w_bits=4, a_bits=4)
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh(x), q(x))
+
+
+class _ConvNeXtMLP(nn.Module):
+    """ConvNeXt's block MLP: Linear layers on the channels-last 4-D tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc1, self.fc2, self.head = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x).permute(0, 2, 3, 1)  # [N, H, W, C]
+        h = self.fc2(F.gelu(self.fc1(h)))
+        return self.head(h.mean((1, 2)))
+
+
+def test_bias_correction_of_a_linear_on_a_4d_tensor(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxoptimizer")
+    torch.manual_seed(0)
+    net, x = _ConvNeXtMLP().eval(), _data(64)
+    q = zb.calibrate(zb.to_brevitas(net, w_bits=4, a_bits=8), x)
+    fc1 = q.get_submodule("fc1")
+    # expected: mean over N, H, W of float - quantized fc1 output on the float model's fc1 input
+    inp = net.conv(x).permute(0, 2, 3, 1)
+    with torch.no_grad():
+        expected = (F.linear(inp, fc1.weight, fc1.bias) - fc1(inp)).mean((0, 1, 2))
+        before = fc1.bias.detach().clone()
+    zb.bias_correct(q, x)
+    torch.testing.assert_close(fc1.bias.detach() - before, expected, atol=1e-6, rtol=1e-4)
+    assert all(not m._forward_hooks for m in q.modules())  # hooks gone: the model runs quantized
+    path = zb.export_onnx(q, x[:1], tmp_path / "mlp.onnx")
+    assert "QuantizeLinear" in _onnx_ops(path)
+    assert _sqnr(q(x[:16]), zb.run_onnx(path, x[:16])) > 40
+
+
+def test_a_failing_calibration_or_bias_correction_leaves_the_model_as_it_was(tiny_bn_net):
+    x = _data(64)
+    q = zb.calibrate(zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4), x)
+    out, state = q(x), {k: v.clone() for k, v in q.state_dict().items()}
+    bad = torch.randn(8, 3, 8, 8)  # 3 channels for a 1-channel model
+    with pytest.raises(ModelError, match=r"bias correction failed on batch 0.*no bias was changed"):
+        zb.bias_correct(q, bad)
+    with pytest.raises(ModelError, match=r"calibration failed on batch 1.*as it was"):
+        zb.calibrate(q, [x, bad])
+    assert all(not m._forward_hooks for m in q.modules())
+    assert all(torch.equal(v, q.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(q(x), out)
+    fresh = zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4)
+    with pytest.raises(ModelError):
+        zb.calibrate(fresh, [x, bad])
+    assert zb.uncalibrated(fresh)  # half a calibration does not count
+    with pytest.raises(NotCalibratedError):
+        fresh(x)
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["tuple", "dict"])
+def test_every_output_of_a_two_head_model_reaches_onnx(tmp_path, as_dict):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxoptimizer")
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc, self.aux = nn.Conv2d(1, 4, 3), nn.Linear(144, 10), nn.Linear(144, 2)
+
+        def forward(self, x):
+            h = torch.flatten(F.relu(self.conv(x)), 1)
+            # the dict puts the logits second: select_output picks them by key
+            return {"aux": self.aux(h), "logits": self.fc(h)} if as_dict else (self.fc(h), self.aux(h))
+
+    torch.manual_seed(0)
+    x = _data(64)
+    q = zb.calibrate(zb.to_brevitas(TwoHeads().eval(), w_bits=8, a_bits=8), x)
+    path = zb.export_onnx(q, x[:1], tmp_path / "two.onnx")
+    ref = q(x[:16])
+    logits, aux = (ref["logits"], ref["aux"]) if as_dict else ref
+    out = zb.run_onnx(path, x[:16])
+    assert out.shape == (16, 10) and _sqnr(logits, out) > 40
+    both = zb.run_onnx(path, x[:16], all_outputs=True)
+    assert [t.shape for t in both] == [(16, 10), (16, 2)]
+    assert _sqnr(logits, both[0]) > 40 and _sqnr(aux, both[1]) > 40
+
+
+def test_batches_follow_the_model_device_and_dtype(tiny_bn_net):
+    # no GPU here: the meta device stands in for "not the data's device"
+    model = copy.deepcopy(tiny_bn_net).to(device="meta", dtype=torch.float64)
+    batches = zb._batches(model, _data(10), batch_size=4)
+    assert [(b.device.type, b.dtype, len(b)) for b in batches] == [("meta", torch.float64, n) for n in (4, 4, 2)]
+
+
+def test_grouped_conv_transpose_is_scaled_per_tensor_with_a_warning():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(4, 6, 3, groups=2)).eval()
+    with pytest.warns(UserWarning, match=r"grouped ConvTranspose layers \['2'\].*per tensor"):
+        q = zb.to_brevitas(net, w_bits=4, a_bits=8, first_last_bits=None)
+    zb.calibrate(q, _data(16))
+    w = q.get_submodule("2").quant_weight()
+    assert w.scale.numel() == 1 and (w.value / w.scale).round().abs().max() == 7
+    assert _sqnr(net(_data(16)), q(_data(16))) > 20

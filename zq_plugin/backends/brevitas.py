@@ -5,18 +5,23 @@ Steps (integration-notes §3; Brevitas is imported lazily and is an optional ext
 1. :func:`to_brevitas`: a **deep copy** of the model goes through Brevitas's
    ``preprocess_for_quantize`` (BatchNorm merged into the convs; it rewrites weights in place,
    so the original is never handed to it; ReLU6 is kept) and ``layerwise_quantize``: each
-   Conv/Linear becomes ``QuantConv*d``/``QuantLinear`` quantizing its own **input** and its
-   weights at the plan's bits. Weights are symmetric narrow, per output channel (depthwise
-   convs need it) or per tensor as the plan says; the bias is int32. A layer's input is
-   unsigned when it comes from a ReLU/ReLU6 (through pooling or reshapes), signed otherwise
-   (the image, a linear bottleneck, a residual sum).
+   Conv/ConvTranspose/Linear becomes ``QuantConv*d``/``QuantConvTranspose*d``/``QuantLinear``
+   quantizing its own **input** and its weights at the plan's bits. Weights are symmetric
+   narrow, per output channel (depthwise convs need it; axis 1 of a ConvTranspose weight) or per
+   tensor as the plan says; the bias is int32 (a zero bias where the layer had none). A layer's
+   input is unsigned when it comes from a ReLU/ReLU6 (through pooling or reshapes), signed
+   otherwise (the image, a linear bottleneck, a residual sum). Weight layers left in float are
+   listed in ``zq_float_layers`` (:func:`~zq_plugin._utils.report_float_layers`).
 2. :func:`calibrate`: Brevitas's ``calibration_mode`` over any loader (the backend does not
-   know which synthesizer made the data). Until then the model refuses to run
-   (:class:`~zq_plugin.errors.NotCalibratedError`): an uncalibrated Brevitas activation
-   quantizer silently uses threshold 1.0.
-3. :func:`bias_correct` (``bias_correction_mode``) and optionally :func:`gptq` (``gptq_mode``).
-4. :func:`export_onnx`: QCDQ ONNX (sub-8-bit ranges kept as ``Clip`` bounds) and
-   :func:`run_onnx` to check it in onnxruntime.
+   know which synthesizer made the data); a second call continues the average. Until then the
+   model refuses to run (:class:`~zq_plugin.errors.NotCalibratedError`): an uncalibrated
+   Brevitas activation quantizer silently uses threshold 1.0.
+3. :func:`bias_correct` (per output channel, any rank) and optionally :func:`gptq` (``gptq_mode``).
+4. :func:`export_onnx`: QCDQ ONNX (sub-8-bit ranges kept as ``Clip`` bounds; the logits first,
+   every other output after them) and :func:`run_onnx` to check it in onnxruntime.
+
+Every step follows the model's device; a step that fails on a batch raises a
+:class:`~zq_plugin.errors.ZQError` and leaves the model as it was.
 
 Example:
     >>> import torch
@@ -34,18 +39,20 @@ import contextlib
 import copy
 import functools
 import importlib
+import itertools
 import logging
 import os
+import typing
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from zq_plugin._utils import WEIGHT_LAYERS, eval_mode
+from zq_plugin._utils import WEIGHT_LAYERS, eval_mode, report_float_layers, select_output
 from zq_plugin.data import CalibrationData, collect_batches
-from zq_plugin.errors import ConfigError, MissingDependencyError, ModelError, NotCalibratedError
+from zq_plugin.errors import ConfigError, MissingDependencyError, ModelError, NotCalibratedError, ZQError
 from zq_plugin.mixed_precision.plan import BitPlan
 from zq_plugin.qparams import quant_range
 
@@ -99,7 +106,7 @@ class PluginStatistic(nn.Module):
         hist = observe(None, x.detach().float().flatten())
         lo, hi = self.range_fn(hist, self.grid[0], self.grid[1], self.signed)
         threshold = torch.maximum(-lo, hi) if self.signed else hi
-        return threshold.reshape(()).to(x.dtype).clamp_min(torch.finfo(torch.float32).eps)
+        return threshold.reshape(()).to(device=x.device, dtype=x.dtype).clamp_min(torch.finfo(torch.float32).eps)
 
 
 @functools.lru_cache(maxsize=1)
@@ -112,6 +119,8 @@ def _brevitas() -> dict[str, Any]:
             quantize = importlib.import_module("brevitas.graph.quantize")
             calibrate_mod = importlib.import_module("brevitas.graph.calibrate")
             quant = importlib.import_module("brevitas.quant")
+            quant_layer = importlib.import_module("brevitas.nn.quant_layer")
+            runtime_quant = importlib.import_module("brevitas.proxy.runtime_quant")
             standalone = importlib.import_module("brevitas.core.scaling.standalone")
             enum = importlib.import_module("brevitas.inject.enum")
     except ImportError as exc:
@@ -124,7 +133,9 @@ def _brevitas() -> dict[str, Any]:
         "preprocess": quantize.preprocess_for_quantize,
         "layerwise_quantize": quantize.layerwise_quantize,
         "calibration_mode": calibrate_mod.calibration_mode,
-        "bias_correction_mode": calibrate_mod.bias_correction_mode,
+        "status_manager": calibrate_mod.quantization_status_manager,
+        "QuantWBIOL": quant_layer.QuantWeightBiasInputOutputLayer,
+        "act_proxy": runtime_quant.ActQuantProxyFromInjectorBase,
         "quant": quant,
         "runtime_scaling": standalone.ParameterFromRuntimeStatsScaling,
         "param_from_stats": standalone.ParameterFromStatsFromParameterScaling,
@@ -164,6 +175,11 @@ def nonnegative_inputs(model: nn.Module) -> dict[str, bool]:
     return result
 
 
+def _grouped_transpose(module: nn.Module) -> bool:
+    """A grouped ConvTranspose: its output channels are not one weight axis, so Brevitas scales it per tensor."""
+    return isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups > 1
+
+
 def _layer_kwargs(plan: BitPlan, unsigned: dict[str, bool], act_stats: str, b: dict[str, Any]) -> dict[str, Any]:
     """Brevitas layer keyword arguments, evaluated per module name (lambdas, as ``layerwise_quantize`` needs)."""
     quant, stats_op = b["quant"], b["StatsOp"]
@@ -191,7 +207,9 @@ def _layer_kwargs(plan: BitPlan, unsigned: dict[str, bool], act_stats: str, b: d
 
     return {
         "weight_quant": lambda module, name: (
-            per_tensor if name in layers and layers[name].granularity == "per_tensor" else per_channel
+            per_tensor
+            if _grouped_transpose(module) or (name in layers and layers[name].granularity == "per_tensor")
+            else per_channel
         ),
         "weight_bit_width": lambda module, name: bits(name, "w_bits"),
         "input_quant": lambda module, name: unsigned_act if unsigned.get(name, False) else signed_act,
@@ -199,6 +217,25 @@ def _layer_kwargs(plan: BitPlan, unsigned: dict[str, bool], act_stats: str, b: d
         "bias_quant": b["quant"].Int32Bias,
         "return_quant_tensor": False,
     }
+
+
+# float layer type -> the brevitas.nn layer that replaces it
+_QUANT_LAYERS: dict[type[nn.Module], str] = {
+    nn.Conv1d: "QuantConv1d",
+    nn.Conv2d: "QuantConv2d",
+    nn.Conv3d: "QuantConv3d",
+    nn.ConvTranspose1d: "QuantConvTranspose1d",
+    nn.ConvTranspose2d: "QuantConvTranspose2d",
+    nn.ConvTranspose3d: "QuantConvTranspose3d",
+    nn.Linear: "QuantLinear",
+}
+# modules with weights that Brevitas's layerwise flow never replaces: reported as float when present
+_OTHER_WEIGHT_MODULES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.Bilinear, nn.RNNBase, nn.RNNCellBase)
+
+
+_FUNCTIONAL_WEIGHT_OPS = {
+    *("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear"),
+}
 
 
 def to_brevitas(
@@ -211,6 +248,16 @@ def to_brevitas(
     act_stats: str = "max",
 ) -> nn.Module:
     """A Brevitas copy of ``model`` with the plan's weight and input bits (the original is untouched).
+
+    Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear become ``QuantConv*d`` /
+    ``QuantConvTranspose*d`` / ``QuantLinear``. Weights are scaled per output channel (axis 0
+    of a Conv/Linear weight ``[C_out, C_in/groups, k...]``, axis 1 of a ConvTranspose weight
+    ``[C_in, C_out/groups, k...]``); a *grouped* ConvTranspose has no single output-channel
+    axis and is scaled per tensor (with a warning). Every quant layer gets a bias (zeros where
+    the float layer had none), so :func:`bias_correct` never adds parameters and a saved
+    ``state_dict`` always loads into a fresh ``to_brevitas`` copy. Weight layers left in float
+    (subclasses of Conv/Linear with their own ``forward``, ``nn.MultiheadAttention``,
+    ``nn.Bilinear``, RNNs) are listed in ``qmodel.zq_float_layers``, with a warning.
 
     Args:
         model: the float model.
@@ -226,11 +273,12 @@ def to_brevitas(
             on the quantizer's real bit width).
 
     Returns:
-        The Brevitas model in eval mode; :func:`calibrate` it before use.
+        The Brevitas model in eval mode, on the model's device; :func:`calibrate` it before use.
 
     Raises:
-        ConfigError: a plan naming layers the model does not have, or a non-Conv/Linear layer
+        ConfigError: a plan naming layers the model does not have, or a non-weight layer
             (the message lists the supported types), or a non-uniform grid.
+        ModelError: Brevitas's tracer cannot trace the model.
         MissingDependencyError: Brevitas is not installed.
     """
     b = _brevitas()
@@ -255,20 +303,85 @@ def to_brevitas(
                 "quantization needs a model without data-dependent Python control flow in forward."
             ) from exc
         kwargs = _layer_kwargs(plan, unsigned, act_stats, b)
-        qnn = b["qnn"]
-        layer_map = {
-            nn.Conv1d: (qnn.QuantConv1d, kwargs),
-            nn.Conv2d: (qnn.QuantConv2d, kwargs),
-            nn.Conv3d: (qnn.QuantConv3d, kwargs),
-            nn.Linear: (qnn.QuantLinear, kwargs),
-        }
+        layer_map = {float_cls: (getattr(b["qnn"], name), kwargs) for float_cls, name in _QUANT_LAYERS.items()}
         qmodel = b["layerwise_quantize"](graph, compute_layer_map=layer_map)
-    qmodel.eval()
+    qmodel.eval().to(_device(model))  # the quantizers' own tensors go where the model's weights are
+    grouped = []
+    for name, layer in _quant_layers(qmodel):
+        if layer.bias is None:  # a zero bias: bias correction then never changes the parameter set
+            out_dim = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+            layer.bias = nn.Parameter(torch.zeros(out_dim, device=layer.weight.device, dtype=layer.weight.dtype))
+        if _grouped_transpose(layer):
+            grouped.append(name)
+    for owner, attr, _ in _act_scalers(qmodel):
+        _steps(owner, attr)  # registered now, so a fresh copy has the keys of a calibrated state_dict
+    if grouped:
+        message = f"to_brevitas: grouped ConvTranspose layers {grouped} have their weights scaled per tensor."
+        logger.warning(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
     qmodel.zq_plan = plan
-    # the activation scalers, listed once (a plain attribute: deepcopy-safe, not a submodule)
-    qmodel.zq_scalers = [m for m in qmodel.modules() if isinstance(m, b["runtime_scaling"])]
     qmodel.register_forward_pre_hook(_require_calibration)
+    report_float_layers(qmodel, _float_layers(qmodel), "to_brevitas")
     return qmodel
+
+
+def _quant_layers(model: nn.Module) -> list[tuple[str, Any]]:
+    """``(name, layer)`` of every Brevitas weight layer (``QuantConv*d``, ``QuantConvTranspose*d``, ``QuantLinear``)."""
+    cls = _brevitas()["QuantWBIOL"]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, cls)]
+
+
+def _float_layers(qmodel: nn.Module) -> list[str]:
+    """Weight layers of ``qmodel`` that still compute in float.
+
+    Two kinds: weight modules Brevitas did not swap (outermost only), and functional
+    ``conv*d``/``conv_transpose*d``/``linear`` calls left in the traced graph, named by the
+    module that holds their weight (Brevitas's tracer inlines a Conv/Linear subclass with its
+    own ``forward``, and ``F.linear(x, self.fc.weight)`` is such a call).
+    """
+    cls = _brevitas()["QuantWBIOL"]
+    names: list[str] = []
+    for name, m in qmodel.named_modules():
+        if any(name.startswith(f"{outer}.") for outer in names) or isinstance(m, cls):
+            continue
+        if isinstance(m, WEIGHT_LAYERS + _OTHER_WEIGHT_MODULES):
+            names.append(name)
+    graph = getattr(qmodel, "graph", None)
+    for node in graph.nodes if graph is not None else ():
+        if node.op != "call_function" or getattr(node.target, "__name__", "") not in _FUNCTIONAL_WEIGHT_OPS:
+            continue
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if getattr(weight, "op", None) == "get_attr":  # Brevitas's graph has its own Node class
+            names.append(str(weight.target).rsplit(".", 1)[0])
+        else:
+            names.append(node.name)
+    return list(dict.fromkeys(names))
+
+
+def _act_scalers(model: nn.Module) -> list[tuple[nn.Module, str, Any]]:
+    """``(owner, proxy attribute, scaler)`` for every runtime-statistics activation scaler of ``model``.
+
+    Looked up every time: Brevitas rebuilds a proxy's quantizer (and its scaler) when a
+    ``state_dict`` is loaded, so a list kept from build time goes stale. The owner (the quant
+    layer) is not rebuilt and holds the scaler's calibration step count.
+    """
+    b = _brevitas()
+    found: list[tuple[nn.Module, str, Any]] = []
+    for owner in model.modules():
+        for attr, proxy in owner.named_children():
+            if isinstance(proxy, b["act_proxy"]):
+                found.extend((owner, attr, m) for m in proxy.modules() if isinstance(m, b["runtime_scaling"]))
+    return found
+
+
+def _steps(owner: nn.Module, attr: str) -> torch.Tensor:
+    """The buffer ``owner.zq_<attr>_steps``: calibration steps its quantizer has averaged (0 = none)."""
+    key = f"zq_{attr}_steps"
+    if not hasattr(owner, key):
+        device = next(iter(owner.parameters()), torch.empty(0)).device
+        owner.register_buffer(key, torch.zeros((), dtype=torch.long, device=device))
+    steps: torch.Tensor = getattr(owner, key)
+    return steps
 
 
 def _seen_no_data(scaler: Any) -> bool:
@@ -283,42 +396,197 @@ def uncalibrated(model: nn.Module) -> list[str]:
 
 
 def _require_calibration(model: nn.Module, _args: Any) -> None:
-    scalers: list[nn.Module] = getattr(model, "zq_scalers", [])
-    if not model.training and any(_seen_no_data(m) and not m.training for m in scalers):
+    if model.training:
+        return
+    cls = _brevitas()["runtime_scaling"]
+    missing = [n for n, m in model.named_modules() if isinstance(m, cls) and _seen_no_data(m) and not m.training]
+    if missing:
         raise NotCalibratedError(
-            "this Brevitas model has not been calibrated: its activation quantizers would run with Brevitas's "
-            "default threshold 1.0. Call zq_plugin.backends.brevitas.calibrate(model, data) first."
+            f"this Brevitas model has not been calibrated ({len(missing)} activation quantizer(s), e.g. "
+            f"{missing[0]!r}): they would run with Brevitas's default threshold 1.0. Call "
+            "zq_plugin.backends.brevitas.calibrate(model, data) first."
         )
 
 
-def _run(model: nn.Module, mode: Any, batches: list[torch.Tensor]) -> nn.Module:
-    """Run ``model`` over ``batches`` in eval mode, without grad, inside a Brevitas ``mode`` context."""
-    with eval_mode(model), torch.no_grad(), mode:
-        for x in batches:
-            model(x)
-    return model
+def _device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _batches(model: nn.Module, data: CalibrationData, batch_size: int) -> list[torch.Tensor]:
+    """The batches of ``data``, moved to the model's device (floating batches also to its dtype)."""
+    device = _device(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return [
+        x.to(device=device, dtype=dtype if dtype is not None and x.is_floating_point() else x.dtype)
+        for x in collect_batches(data, batch_size)
+    ]
+
+
+def _failed(step: str, index: int, exc: Exception, left: str) -> ZQError:
+    """The error raised when a step fails on one batch: a ZQError as is, anything else as a ModelError."""
+    if isinstance(exc, ZQError):
+        return exc
+    return ModelError(f"{step} failed on batch {index} ({type(exc).__name__}: {exc}); {left}")
 
 
 def calibrate(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> nn.Module:
-    """Collect activation ranges over ``data`` in Brevitas's ``calibration_mode``; returns ``model``."""
-    return _run(model, _brevitas()["calibration_mode"](model), collect_batches(data, batch_size))
+    """Collect activation ranges over ``data`` in Brevitas's ``calibration_mode``; returns ``model``.
+
+    Every activation threshold is the average over calibration batches of the statistic
+    (``act_stats``) of each batch. A second call **continues** that average, as the FX
+    ``calibrate`` continues its observers: ``calibrate(q, a); calibrate(q, b)`` gives the model
+    that one call over the batches of ``a`` then ``b`` gives. The step counts live in buffers
+    (``zq_input_quant_steps``), so this holds after a ``state_dict`` round trip too; build a
+    fresh :func:`to_brevitas` copy to start over. The weight scales are set at the end, so
+    ``state_dict()`` right after calibration holds every key. Batches are moved to the model's
+    device and dtype.
+
+    Args:
+        model: a :func:`to_brevitas` model.
+        data: a tensor ``[N, C, H, W]``, a :class:`~zq_plugin.data.SyntheticDataset`, a
+            DataLoader or any iterable of batches (images first).
+        batch_size: batch size when ``data`` is a tensor or dataset.
+
+    Raises:
+        ConfigError: no batch, or NaN/Inf in the data.
+        ModelError: the model fails on a batch; the model is left as it was before the call.
+    """
+    b = _brevitas()
+    batches = _batches(model, data, batch_size)
+    scalers = _act_scalers(model)
+    saved = [
+        (s.counter, s.collect_stats_steps, s.momentum, s.buffer.clone(), s.value.detach().clone(), _steps(o, a).clone())
+        for o, a, s in scalers
+    ]
+    index, counts = 0, []
+    try:
+        with eval_mode(model), torch.no_grad(), b["calibration_mode"](model):
+            for owner, attr, scaler in scalers:
+                _resume(scaler, int(_steps(owner, attr)))
+            for x in batches:
+                model(x)
+                index += 1
+            counts = [int(s.counter) for _, _, s in scalers]  # before the exit freezes the scales
+    except Exception as exc:
+        with torch.no_grad():
+            for (owner, attr, s), (counter, steps, momentum, buffer, value, n) in zip(scalers, saved, strict=True):
+                s.counter, s.collect_stats_steps, s.momentum = counter, steps, momentum
+                s.buffer.copy_(buffer)
+                s.value.detach().copy_(value)
+                _steps(owner, attr).copy_(n)
+        raise _failed("calibration", index, exc, "the model is as it was before this call.") from exc
+    for (owner, attr, scaler), count in zip(scalers, counts, strict=True):
+        _steps(owner, attr).fill_(count)
+        if count == 0:  # never reached: keep refusing to run rather than use threshold 1.0
+            scaler.counter = 0
+    _init_weight_scales(model)
+    return model
+
+
+def _resume(scaler: Any, steps: int) -> None:
+    """Prepare ``scaler`` (inside ``calibration_mode``) to continue an average over ``steps`` earlier steps.
+
+    Brevitas averages into ``buffer`` while ``counter < collect_stats_steps`` and, on exit,
+    multiplies ``value`` by ``buffer``; after a first calibration ``counter`` is past the end and
+    further data would be ignored. With float scales (all this backend builds) ``value`` is the
+    average itself, so it goes back into ``buffer`` with its step count.
+    """
+    with torch.no_grad():
+        if steps > 0 and int(scaler.counter) > 0:
+            if type(scaler.restrict_scaling.restrict_value_impl).__name__ != "FloatRestrictValue":
+                raise ConfigError(
+                    "this quantizer restricts its scale (e.g. power of two), so its calibration cannot be "
+                    "continued; calibrate a fresh to_brevitas copy on all the data in one call."
+                )
+            scaler.buffer.copy_(scaler.value.detach().reshape(scaler.buffer.shape))
+            scaler.counter = steps
+        else:  # never calibrated here (a fresh model, or one calibrated outside this backend): start over
+            scaler.counter = 0
+        scaler.value.detach().fill_(1.0)  # the exit multiplies it by the average
+
+
+def _init_weight_scales(model: nn.Module) -> None:
+    """Compute every quant layer's weight scale now (Brevitas does it at the first quantized forward)."""
+    with eval_mode(model), torch.no_grad():
+        for _, layer in _quant_layers(model):
+            if layer.weight_quant.is_quant_enabled:
+                layer.quant_weight()
 
 
 def bias_correct(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> nn.Module:
-    """Brevitas's ``bias_correction_mode``: shift each layer's bias by its mean output error over ``data``."""
-    return _run(model, _brevitas()["bias_correction_mode"](model), collect_batches(data, batch_size))
+    """Shift each quant layer's bias by its mean output error over ``data`` (bias correction); returns ``model``.
+
+    As Brevitas's ``bias_correction_mode``: each layer runs once quantized and once in float on
+    the same (float) input, the float output goes on (errors do not pile up), and the bias
+    absorbs the mean of ``float - quantized`` per output channel. The channel is axis 1 of a
+    Conv/ConvTranspose output and the **last** axis of a Linear output, whatever its rank (a
+    Linear on ``[N, H, W, C]``, the ConvNeXt MLP, is corrected over ``N, H, W``). The mean is
+    over every element of every batch. Hooks are removed and no bias changes unless every
+    batch ran.
+
+    Raises:
+        NotCalibratedError: the model has not been calibrated.
+        ConfigError: no batch, or NaN/Inf in the data.
+        ModelError: the model fails on a batch (the model is left as it was).
+    """
+    b = _brevitas()
+    missing = uncalibrated(model)
+    if missing:
+        raise NotCalibratedError(f"calibrate the model before bias correction ({missing[0]!r} has no range).")
+    batches = _batches(model, data, batch_size)
+    layers = _quant_layers(model)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def correct(name: str, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        off = {"disable_act_quant": True, "disable_weight_quant": True, "disable_bias_quant": True}
+        with b["status_manager"](module, is_training=False, **off):
+            ref = module.forward(*args)  # .forward, not __call__: no hook recursion
+        dim = ref.dim() - 1 if isinstance(module, nn.Linear) else 1
+        err = (ref - output).movedim(dim, -1).reshape(-1, ref.shape[dim])  # [elements, channels]
+        sums[name] = sums.get(name, 0) + err.sum(0, dtype=torch.float64)
+        counts[name] = counts.get(name, 0) + err.shape[0]
+        return ref
+
+    handles = [layer.register_forward_hook(functools.partial(correct, name)) for name, layer in layers]
+    index = 0
+    try:
+        with eval_mode(model), torch.no_grad():
+            for x in batches:
+                model(x)
+                index += 1
+    except Exception as exc:
+        raise _failed("bias correction", index, exc, "no bias was changed and no hook is left.") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad():
+        for name, layer in layers:
+            if counts.get(name):
+                correction = sums[name] / counts[name]
+                if layer.bias is None:  # a layer built outside to_brevitas
+                    layer.bias = nn.Parameter(torch.zeros_like(correction, dtype=layer.weight.dtype))
+                layer.bias.add_(correction.to(layer.bias.dtype))
+    return model
 
 
 def gptq(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> nn.Module:
     """Brevitas's GPTQ on every quant layer over ``data`` (float inputs to each layer); returns ``model``.
 
-    Call it after :func:`calibrate` (and before :func:`bias_correct`).
+    Call it after :func:`calibrate` (and before :func:`bias_correct`). Its Hessians live on the
+    model's device.
     """
     _brevitas()
     gptq_mode = importlib.import_module("brevitas.graph.gptq").gptq_mode
-    batches = collect_batches(data, batch_size)
-    _run(model, contextlib.nullcontext(), batches[:1])  # initialises the weight scales (calibration ran unquantized)
-    with eval_mode(model), torch.no_grad(), gptq_mode(model, use_quant_activations=False) as g:
+    batches = _batches(model, data, batch_size)
+    _init_weight_scales(model)  # fixed before GPTQ moves the weights
+    with (
+        eval_mode(model),
+        torch.no_grad(),
+        gptq_mode(model, use_quant_activations=False, device=str(_device(model))) as g,
+    ):
         for _ in range(g.num_layers):
             for x in batches:
                 g.model(x)
@@ -326,23 +594,63 @@ def gptq(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> nn
     return model
 
 
+def _tensors(output: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) tuple/list/dict output, depth first in order."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, tuple | list) else ()
+    return [t for value in values for t in _tensors(value)]
+
+
+class _LogitsFirst(nn.Module):
+    """Export wrapper: the model's outputs as a flat tuple, the logits (:func:`select_output`) first."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    @staticmethod
+    def flatten(output: Any) -> tuple[torch.Tensor, ...]:
+        """The logits, then every other tensor of ``output``."""
+        logits = select_output(output)
+        return (logits, *(t for t in _tensors(output) if t is not logits))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.flatten(self.model(x))
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` as QCDQ ONNX (TorchScript exporter: int32 bias and sub-8-bit ``Clip`` bounds kept).
 
-    The batch dimension is dynamic (input ``"input"``, output ``"output"``). Written to a
-    temporary file beside ``path`` and renamed, so a failed export leaves nothing.
+    The batch dimension is dynamic. The input is ``"input"``; the outputs are the model's
+    tensors flattened (tuple/list order, dict insertion order, nested depth first) with the
+    logits of :func:`~zq_plugin._utils.select_output` moved first as ``"output"``, the others
+    ``"output_1"``, ``"output_2"``, ... (:func:`run_onnx` returns the first, or all with
+    ``all_outputs=True``). ``example`` goes to the model's device. Written to a temporary file
+    beside ``path`` and renamed, so a failed export leaves nothing.
+
+    Raises:
+        NotCalibratedError: the model has not been calibrated.
+        ModelError: the written graph has no ``QuantizeLinear`` (the model ran in float); no file is left.
+        MissingDependencyError: onnx or onnxoptimizer is missing.
     """
     _brevitas()
     if uncalibrated(model):
         raise NotCalibratedError("calibrate the model before exporting it (its activation ranges are unset).")
     try:
         export_onnx_qcdq = importlib.import_module("brevitas.export").export_onnx_qcdq
-        importlib.import_module("onnx")
+        onnx = importlib.import_module("onnx")
         importlib.import_module("onnxoptimizer")
     except ImportError as exc:
         raise MissingDependencyError(
             "ONNX export needs onnx and onnxoptimizer: pip install 'zq-plugin[onnx]'."
         ) from exc
+    example = example.to(_device(model))
+    with eval_mode(model), torch.no_grad():
+        output = model(example)
+    flat = _LogitsFirst.flatten(output)
+    names = ["output", *(f"output_{i}" for i in range(1, len(flat)))]
+    dynamic = {"input": {0: "batch"}, **{n: {0: "batch"} for n, t in zip(names, flat, strict=True) if t.dim() > 0}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -350,13 +658,19 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
         with warnings.catch_warnings(), eval_mode(model), torch.no_grad():
             warnings.simplefilter("ignore")
             export_onnx_qcdq(
-                model,
+                model if isinstance(output, torch.Tensor) else _LogitsFirst(model),
                 args=example,
                 export_path=str(tmp),
                 dynamo=False,
                 input_names=["input"],
-                output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                output_names=names,
+                dynamic_axes=dynamic,
+            )
+        ops = {node.op_type for node in onnx.load(str(tmp), load_external_data=False).graph.node}
+        if _quant_layers(model) and "QuantizeLinear" not in ops:
+            raise ModelError(
+                f"the exported graph of {type(model).__name__} has no QuantizeLinear node: the model ran in float "
+                "(a Brevitas mode left active?). Nothing was written; rebuild it with to_brevitas and calibrate."
             )
         os.replace(tmp, path)
     finally:
@@ -365,8 +679,33 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     return path
 
 
-def run_onnx(path: str | os.PathLike[str], x: torch.Tensor, *, batch_size: int = 250) -> torch.Tensor:
-    """Run an exported model in onnxruntime (CPU) on ``x`` ``[N, ...]``; returns the outputs ``[N, ...]``."""
+@typing.overload
+def run_onnx(
+    path: str | os.PathLike[str], x: torch.Tensor, *, batch_size: int = ..., all_outputs: Literal[False] = ...
+) -> torch.Tensor: ...
+@typing.overload
+def run_onnx(
+    path: str | os.PathLike[str], x: torch.Tensor, *, batch_size: int = ..., all_outputs: Literal[True]
+) -> list[torch.Tensor]: ...
+def run_onnx(
+    path: str | os.PathLike[str], x: torch.Tensor, *, batch_size: int = 250, all_outputs: bool = False
+) -> torch.Tensor | list[torch.Tensor]:
+    """Run an exported model in onnxruntime (CPU) on ``x`` ``[N, ...]``.
+
+    Returns the first output ``[N, ...]`` (the logits, for a file from :func:`export_onnx`), or
+    with ``all_outputs=True`` the list of every output in the file's order, each concatenated
+    over the batches. ``x`` may live on any device.
+
+    Example:
+        >>> import tempfile, torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        ...                           torch.nn.Linear(4 * 6 * 6, 10)).eval()
+        >>> qmodel = calibrate(to_brevitas(net, w_bits=4, a_bits=4), torch.randn(64, 1, 8, 8))
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = export_onnx(qmodel, torch.randn(1, 1, 8, 8), tmp + "/m.onnx")
+        ...     run_onnx(path, torch.randn(3, 1, 8, 8)).shape
+        torch.Size([3, 10])
+    """
     try:
         ort = importlib.import_module("onnxruntime")
     except ImportError as exc:
@@ -376,5 +715,10 @@ def run_onnx(path: str | os.PathLike[str], x: torch.Tensor, *, batch_size: int =
     shape = session.get_inputs()[0].shape
     fixed = isinstance(shape[0], int)  # a traced batch size: run one sample at a time
     step = 1 if fixed else batch_size
-    outs = [torch.from_numpy(session.run(None, {name: x[i : i + step].numpy()})[0]) for i in range(0, len(x), step)]
-    return torch.cat(outs)
+    x = x.detach().cpu()
+    runs = [session.run(None, {name: x[i : i + step].numpy()}) for i in range(0, len(x), step)]
+    outs = [
+        torch.cat([torch.from_numpy(r[k]) for r in runs]) if runs[0][k].ndim else torch.from_numpy(runs[0][k])
+        for k in range(len(runs[0]))
+    ]
+    return outs if all_outputs else outs[0]
