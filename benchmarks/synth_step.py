@@ -14,23 +14,27 @@ The speed of this VM drifts by up to 25 % within seconds, so the two are measure
 paired rounds (baseline steps, then method steps, alternating); each round gives the ratio of
 the two medians, and the reported ratio is the median over rounds, with the spread (lowest and
 highest round). Goal: <= 1.10 for the pixel methods. BN-only methods skip the model without BN.
-Usage::
+Models: the zoo's by name, and torchvision architectures as ``tv:NAME`` (e.g. ``tv:resnet18``,
+random weights with BN warmed on noise, built by ``tests/conformance.py`` at ``--size`` px), the
+conformance matrix's rows with their in-place ops. Usage::
 
-    python benchmarks/synth_step.py [--models ...] [--methods zeroq dsg retro genie]
-        [--batch 64] [--steps 12] [--rounds 12]
+    python benchmarks/synth_step.py [--models ... tv:resnet18 ...] [--methods zeroq dsg retro genie]
+        [--batch 64] [--steps 12] [--rounds 12] [--size 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from zq_plugin import zoo
 from zq_plugin.synth.api import resolve_input_range
-from zq_plugin.synth.hooks import frozen
+from zq_plugin.synth.hooks import batchnorm_layers, frozen
 from zq_plugin.synth.registry import BatchContext, get_method
 
 
@@ -49,18 +53,29 @@ class StampedLog(list):  # type: ignore[type-arg]
         return [b - a for a, b in zip(self.stamps[:-1], self.stamps[1:], strict=True)]
 
 
-def bench(name: str, method: str, batch: int, steps: int, rounds: int) -> tuple[float, float, list[float]]:
+def load(name: str, size: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """A zoo model, or ``tv:NAME`` from the conformance matrix's torchvision rows, and its input shape."""
+    if not name.startswith("tv:"):
+        return zoo.load(name), zoo.INPUT_SHAPE
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import conformance
+
+    conformance.TORCHVISION[name[3:]] = (conformance.TORCHVISION[name[3:]][0], (3, size, size))
+    return conformance.torchvision_model(name[3:])
+
+
+def bench(name: str, method: str, batch: int, steps: int, rounds: int, size: int) -> tuple[float, float, list[float]]:
     """Median seconds of a bare forward+backward and of one step of ``method``, and the per-round ratios."""
-    model = zoo.load(name)
+    model, shape = load(name, size)
     spec = get_method(method)
     box = resolve_input_range(model, "auto")
-    x = torch.randn(batch, *zoo.INPUT_SHAPE).requires_grad_(True)
+    x = torch.randn(batch, *shape).requires_grad_(True)
 
     def method_steps() -> list[float]:
         log = StampedLog()
         ctx = BatchContext(
             batch_size=batch,
-            input_shape=zoo.INPUT_SHAPE,
+            input_shape=shape,
             input_range=box,
             generator=torch.Generator().manual_seed(0),
             loss_log=log,
@@ -96,15 +111,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=12, help="timed steps per round and side")
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--size", type=int, default=32, help="input size of tv: models")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
     print("| model | method | fwd+bwd ms | step ms | ratio (median of rounds) | lowest-highest round |")
     print("|---|---|---|---|---|---|")
     for name in args.models:
         for method in args.methods:
-            if get_method(method).needs_batchnorm and not zoo.has_batchnorm(name):
+            if get_method(method).needs_batchnorm and not batchnorm_layers(load(name, args.size)[0]):
                 continue
-            base, step, ratios = bench(name, method, args.batch, args.steps, args.rounds)
+            base, step, ratios = bench(name, method, args.batch, args.steps, args.rounds, args.size)
             print(
                 f"| {name} | {method} | {base * 1e3:.2f} | {step * 1e3:.2f} | {statistics.median(ratios):.3f} | "
                 f"{min(ratios):.2f}-{max(ratios):.2f} |",
