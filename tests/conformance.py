@@ -229,8 +229,14 @@ def __getattr__(attr: str) -> Any:
     raise AttributeError(attr)
 
 
-def pt2e_quantize(model: nn.Module, calib: torch.Tensor, act: Any, wt: Any, a_bits: int = 8, w_bits: int = 8) -> Any:
-    """torch.export (dynamic batch) -> prepare_pt2e with torchao's X86 quantizer and our observers -> convert."""
+def pt2e_prepare(model: nn.Module, calib: torch.Tensor, act: Any, wt: Any, a_bits: int = 8, w_bits: int = 8) -> Any:
+    """torch.export (dynamic batch) -> prepare_pt2e with a conv/linear-input quantizer using our observers.
+
+    The quantizer annotates the input and weight of every conv/linear (PT2E's meaning of
+    activation bits: a layer's input), as integration-notes §2 describes. torchao's own
+    X86InductorQuantizer is not used here: on torchvision's ResNets it fails inside torchao
+    ("Input partition has more than one output node", the conv+BN+add fusion), whatever the observers.
+    """
     import copy
 
     from zq_plugin import _compat
@@ -251,9 +257,21 @@ def pt2e_quantize(model: nn.Module, calib: torch.Tensor, act: Any, wt: Any, a_bi
         ch_axis=0,
         observer_or_fake_quant_ctr=wt,
     )
-    config = ns.QuantizationConfig(act_spec, None, wt_spec, None, False)
+    targets = {torch.ops.aten.conv2d.default, torch.ops.aten.linear.default}
+
+    class ConvLinearInputs(ns.Quantizer):  # type: ignore[misc,name-defined]
+        def annotate(self, gm: Any) -> Any:
+            for node in gm.graph.nodes:
+                if node.op == "call_function" and node.target in targets:
+                    node.meta["quantization_annotation"] = ns.QuantizationAnnotation(
+                        input_qspec_map={node.args[0]: act_spec, node.args[1]: wt_spec}, _annotated=True
+                    )
+            return gm
+
+        def validate(self, gm: Any) -> None:
+            pass
+
     exported = torch.export.export(
         copy.deepcopy(model), (calib[:2],), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},)
     ).module()
-    prepared = ns.prepare_pt2e(exported, ns.X86InductorQuantizer().set_global(config))
-    return prepared, ns
+    return ns.prepare_pt2e(exported, ConvLinearInputs()), ns

@@ -204,8 +204,12 @@ def test_low_precision_model_converges_with_float32_sums(dtype, method):
     for dt in (dtype, torch.float32):
         model, logs[dt] = _inplace_bn_net(dt), []
         ctx = BatchContext(
-            batch_size=4, input_shape=(1, 8, 8), input_range=None, generator=torch.Generator().manual_seed(0),
-            loss_log=logs[dt], dtype=dt,
+            batch_size=4,
+            input_shape=(1, 8, 8),
+            input_range=None,
+            generator=torch.Generator().manual_seed(0),
+            loss_log=logs[dt],
+            dtype=dt,
         )
         with frozen(model):
             images = spec.make_batch(model, config, ctx)

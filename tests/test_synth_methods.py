@@ -72,7 +72,6 @@ def test_margins_are_the_quantiles_of_sampled_feature_maps(n):
     assert gamma == pytest.approx(float(std_dev.flatten().quantile(0.9)), rel=0.02)
 
 
-
 def test_slack_loss_is_zero_inside_the_margins():
     feat = torch.randn(4, 3, 8, 8)
     m, s = feat.mean(dim=(2, 3)), feat.std(dim=(2, 3))
