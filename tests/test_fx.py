@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from conformance import pattern_model
 from conftest import assert_unchanged, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
@@ -11,7 +12,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qa
 import zq_plugin
 from zq_plugin import qparams
 from zq_plugin.backends import fx
-from zq_plugin.errors import ConfigError
+from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.fake_quant import FastFakeQuantize
 
 SHAPE = (1, 12, 12)
@@ -189,3 +190,184 @@ def test_folded_simulation_equals_qat_modules(tiny_bn_net, calib):
     assert not any(n.endswith("weight_fake_quant") for n, _ in folded.named_modules())
     with torch.no_grad():
         torch.testing.assert_close(folded(calib * 2), qat(calib * 2), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- issue 13: models this project did not write
+
+
+def _weights_used(sim, name):
+    """The weight a layer of a simulation actually multiplies with (fake-quantized when not folded)."""
+    m = sim.get_submodule(name)
+    return m.weight_fake_quant(m.weight) if hasattr(m, "weight_fake_quant") else m.weight
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "qat"])
+def test_conv_transpose_weight_is_quantized_per_output_channel(fold):
+    model, shape = pattern_model("conv_transpose")
+    data = torch.randn(16, *shape, generator=torch.Generator().manual_seed(0))
+    sim = fx.quantize_fx(model, data, w_bits=4, a_bits=4, fold=fold)
+    w = _weights_used(sim, "2")  # ConvTranspose2d weight [C_in, C_out, k, k]: output channels on axis 1
+    assert w.shape[1] == 6
+    assert all(torch.unique(w[:, c]).numel() <= 2**4 - 1 for c in range(w.shape[1]))
+    assert sim.zq_float_layers == ()
+    with torch.no_grad():
+        assert torch.isfinite(sim(data)).all()
+
+
+def test_conv_transpose_as_last_layer_keeps_first_last_bits():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.ConvTranspose2d(4, 2, 3)).eval()
+    data = torch.randn(8, 1, 8, 8)
+    sim = fx.quantize_fx(model, data, w_bits=2, a_bits=4, first_last_bits=4, fold=False)
+    assert sim.get_submodule("2").weight_fake_quant.quant_max == 7  # the last layer: 4 bits, not 2
+    w = _weights_used(sim, "2")
+    assert all(torch.unique(w[:, c]).numel() <= 15 for c in range(2))
+
+
+def test_conv_transpose_int8_model():
+    model, shape = pattern_model("conv_transpose")
+    data = torch.randn(16, *shape, generator=torch.Generator().manual_seed(0))
+    int8 = fx.convert_int8_fx(model, data)  # torch's bare AssertionError before (per-channel ConvTranspose)
+    assert "quantized" in type(int8.get_submodule("2")).__module__
+    assert int8.zq_float_layers == ()
+    torch.testing.assert_close(int8(data), model(data), atol=0.05, rtol=0.05)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.attn, self.fc = (
+            torch.nn.Conv2d(1, 8, 3),
+            torch.nn.MultiheadAttention(8, 2),
+            torch.nn.Linear(8, 3),
+        )
+
+    def forward(self, x):
+        h = self.conv(x).flatten(2).permute(2, 0, 1)  # [L, N, 8]
+        h, _ = self.attn(h, h, h)
+        return self.fc(h.mean(0))
+
+
+@pytest.mark.parametrize("entry", ["quantize_fx", "convert_int8_fx"])
+def test_float_layers_are_listed_and_warned(entry):
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    with pytest.warns(UserWarning, match=r"1 weight layer\(s\) left in float \(attn\)"):
+        q = getattr(fx, entry)(model, torch.randn(8, 1, 6, 6))
+    assert q.zq_float_layers == ("attn",)
+
+
+def test_float_layers_from_a_none_qconfig(tiny_bn_net, calib):
+    mapping = fx.uniform_qconfig_mapping(tiny_bn_net, 4, 4).set_module_name("dw", None)
+    with pytest.warns(UserWarning, match="left in float"):
+        sim = fx.quantize_fx(tiny_bn_net, calib, mapping=mapping)
+    assert sim.zq_float_layers == ("dw",)
+    assert fx.quantize_fx(tiny_bn_net, calib).zq_float_layers == ()
+
+
+class _Branchy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return self.conv(-x)
+
+
+@pytest.mark.parametrize("entry", ["quantize_fx", "convert_int8_fx"])
+def test_untraceable_model_raises_model_error(entry):
+    model = _Branchy().eval()
+    before = snapshot(model)
+    with pytest.raises(ModelError, match=r"not symbolically traceable.*if x\.sum\(\) > 0.*torch\.export"):
+        getattr(fx, entry)(model, torch.randn(4, 1, 6, 6))
+    assert_unchanged(model, before)
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 3)
+
+    def forward(self, x, mask):
+        return self.conv(x) * mask
+
+
+def test_calibrate_passes_extra_inputs_with_input_fn():
+    x, mask = torch.randn(6, 1, 5, 5), torch.full((6, 2, 3, 3), 2.0)
+    seen = []
+    model = _Masked()
+    model.register_forward_hook(lambda m, args, out: seen.append([a.clone() for a in args]))
+    zq_plugin.calibrate(model, [(x, mask)], input_fn=lambda b: (b[0], b[1]))
+    assert torch.equal(seen[0][0], x) and torch.equal(seen[0][1], mask)
+    # the rule without input_fn: a batch is x or (x, label, ...), the model gets x
+    seen.clear()
+    plain = torch.nn.Identity()
+    plain.register_forward_hook(lambda m, args, out: seen.append(args))
+    zq_plugin.calibrate(plain, [(x, torch.zeros(6)), x])
+    assert [len(a) for a in seen] == [1, 1] and all(torch.equal(a[0], x) for a in seen)
+    with pytest.raises(ConfigError, match="input_fn"):
+        zq_plugin.calibrate(plain, [("not", "tensors")])
+
+
+def test_quantize_fx_with_extra_inputs():
+    torch.manual_seed(0)
+    x, mask = torch.randn(6, 1, 5, 5), torch.ones(6, 2, 3, 3)
+    sim = fx.quantize_fx(_Masked().eval(), [(x, mask)], w_bits=4, a_bits=4, input_fn=tuple)
+    assert sim(x, mask).shape == (6, 2, 3, 3)
+
+
+def test_calibrate_moves_batches_to_the_model_device():
+    model = torch.nn.Linear(3, 2, device="meta")  # any non-CPU device shows the move; meta runs anywhere
+    devices = []
+    model.register_forward_pre_hook(lambda m, args: devices.append(args[0].device))
+    zq_plugin.calibrate(model, torch.randn(4, 3), batch_size=2)
+    assert devices == [torch.device("meta")] * 2
+
+
+def test_calibrate_prepared_pt2e_model():
+    pt2e = pytest.importorskip("zq_plugin.observers.pt2e")
+    ao = zq_plugin._compat.torchao_pt2e()
+
+    class FourBit(ao.Quantizer):
+        def annotate(self, gm):
+            for n in gm.graph.nodes:
+                if n.op == "call_function" and n.target in (
+                    torch.ops.aten.conv2d.default,
+                    torch.ops.aten.linear.default,
+                ):
+                    act = ao.QuantizationSpec(
+                        dtype=torch.uint8, quant_min=0, quant_max=15, qscheme=torch.per_tensor_affine,
+                        observer_or_fake_quant_ctr=pt2e.PercentileObserver,
+                    )  # fmt: skip
+                    wt = ao.QuantizationSpec(
+                        dtype=torch.int8, quant_min=-7, quant_max=7, qscheme=torch.per_channel_symmetric, ch_axis=0,
+                        observer_or_fake_quant_ctr=pt2e.PerChannelMSEObserver,
+                    )  # fmt: skip
+                    n.meta["quantization_annotation"] = ao.QuantizationAnnotation(
+                        input_qspec_map={n.args[0]: act, n.args[1]: wt}, _annotated=True
+                    )
+            return gm
+
+        def validate(self, gm):
+            pass
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+        torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3),
+    ).eval()  # fmt: skip
+    data = torch.randn(8, 1, 8, 8)
+    prepared = ao.prepare_pt2e(torch.export.export(copy.deepcopy(model), (data,)).module(), FourBit())
+    code = prepared.code
+    assert zq_plugin.calibrate(prepared, data, batch_size=8) is prepared  # NotImplementedError from eval() before
+    assert prepared.code == code  # the graph is given back as it was (eval dropout stays eval, p=0.2)
+    with pytest.raises(NotImplementedError):
+        prepared.eval()  # the exported model's own switches are as they were
+    converted = ao.convert_pt2e(prepared)
+    levels = [n.args[-2] - n.args[-3] + 1 for n in converted.graph.nodes if "quantize_per_tensor" in str(n.target)]
+    assert levels and set(levels) == {16}
+    out = converted(data)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, model(data), atol=1.0, rtol=0.5)

@@ -8,9 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from tests.conformance import pattern_model
 from tests.conftest import assert_unchanged, snapshot
 from zq_plugin import _compat
-from zq_plugin.errors import ConfigError
+from zq_plugin.backends.fx import quantize_fx
+from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.evaluation import accuracy
 from zq_plugin.mixed_precision import (
     BitPlan,
     Budget,
@@ -353,3 +356,103 @@ def test_pareto_plan_full_budget_with_non_monotone_sensitivity(tiny_bn_net):
     assert (plan.layers["conv1"].w_bits, plan.layers["fc"].w_bits) == (8, 7)
     with pytest.raises(ConfigError, match="above the largest plan"):
         pareto_plan(tiny_bn_net, budget=Budget(average_bits=8.5), sensitivity=sens)
+
+
+# ---------------------------------------------------------------- issue 13: models this project did not write
+
+
+@pytest.mark.parametrize("pattern", ["tuple_output", "dict_output"])
+def test_plans_on_two_head_models(pattern):
+    model, shape = pattern_model(pattern)
+    data = torch.randn(16, *shape, generator=torch.Generator().manual_seed(0))
+    result = pareto_plan(model, data, budget="MP4", progress=False)  # AttributeError: 'tuple' ... 'flatten' before
+    sens = result.sensitivity
+    assert set(result.plan.layers) == {"conv", "fc", "aux"}
+    assert all(v == 0 for v in sens.weight[sens.layers.index("aux")])  # the logits do not depend on the aux head
+    assert sens.of("fc", 2) > 0
+    plan, _ = hybrid_plan(model, data, result.plan, progress=False)
+    assert set(plan.layers) == {"conv", "fc", "aux"}
+
+
+def test_output_fn_chooses_the_head():
+    model, shape = pattern_model("tuple_output")
+    data = torch.randn(16, *shape, generator=torch.Generator().manual_seed(0))
+    sens = measure_sensitivity(model, data, bits=(2,), progress=False, output_fn=lambda out: out[1])
+    assert sens.of("fc", 2) == 0 and sens.of("aux", 2) > 0
+
+
+@pytest.mark.parametrize("pattern", ["tuple_output", "dict_output"])
+def test_accuracy_reads_the_logits(pattern):
+    model, shape = pattern_model(pattern)
+    x = torch.randn(10, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        labels = model(x)[0 if pattern == "tuple_output" else "logits"].argmax(1)
+        aux = model(x)[1 if pattern == "tuple_output" else "aux"].argmax(1)
+    assert accuracy(model, x, labels) == 100.0
+    pick = (lambda out: out[1]) if pattern == "tuple_output" else (lambda out: out["aux"])
+    assert accuracy(model, x, aux, output_fn=pick) == 100.0
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.attn, self.fc = nn.Conv2d(1, 8, 3), nn.MultiheadAttention(8, 2), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.conv(x).flatten(2).permute(2, 0, 1)  # [L, N, 8]
+        h, _ = self.attn(h, h, h)
+        return self.fc(h.mean(0))
+
+
+def test_plans_leave_out_layers_no_backend_quantizes():
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    data = torch.randn(8, 1, 6, 6)
+    result = pareto_plan(model, data, budget="MP4", progress=False)
+    assert list(result.plan.layers) == ["conv", "fc"]  # not attn.out_proj: neither backend quantizes it
+    assert sum(result.sensitivity.params) == 8 * 9 + 8 * 3
+    assert list(BitPlan.uniform(model, w_bits=4, a_bits=8)) == ["conv", "fc"]
+    with pytest.raises(ConfigError, match="does not descend into"):
+        BitPlan({"attn.out_proj": LayerBits(w_bits=4, a_bits=8)}).check(model)
+    mapping = to_qconfig_mapping(result.plan, model, data[:1])
+    with pytest.warns(UserWarning, match=r"left in float \(attn\)"):
+        sim = quantize_fx(model, data, mapping=mapping)
+    assert sim.zq_float_layers == ("attn",)
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return self.conv(-x)
+
+
+def test_plans_refuse_untraceable_models():
+    model, data = _Branchy().eval(), torch.randn(4, 1, 6, 6)
+    plan = BitPlan.uniform(model, w_bits=4, a_bits=8, first_last_bits=None)
+    with pytest.raises(ModelError, match=r"pareto_plan: _Branchy is not symbolically traceable.*if x\.sum\(\) > 0"):
+        pareto_plan(model, data, budget="MP4", progress=False)
+    with pytest.raises(ModelError, match="hybrid_plan: _Branchy is not symbolically traceable"):
+        hybrid_plan(model, data, plan, progress=False)
+    with pytest.raises(ModelError, match="to_qconfig_mapping: _Branchy is not symbolically traceable"):
+        to_qconfig_mapping(plan, model, data[:1])
+
+
+def test_plan_with_conv_transpose_reaches_its_weight():
+    model, shape = pattern_model("conv_transpose")
+    data = torch.randn(16, *shape, generator=torch.Generator().manual_seed(0))
+    result = pareto_plan(model, data, budget="MP4", progress=False)
+    assert "2" in result.plan.layers
+    plan = result.plan.replace_layer("2", w_bits=3)
+    mapping = to_qconfig_mapping(plan, model, data[:1])  # the probe used to fail on per-channel ConvTranspose
+    sim = quantize_fx(model, data, mapping=mapping, fold=False)
+    layer = sim.get_submodule("2")
+    w = layer.weight_fake_quant(layer.weight)  # [C_in, C_out, k, k]: per output channel = axis 1
+    assert all(torch.unique(w[:, c]).numel() <= 2**3 - 1 for c in range(w.shape[1]))
+    wq = quantize_weight(model[2].weight, 3, ch_axis=1)  # the sensitivity quantizes the same channels
+    assert all(torch.unique(wq[:, c]).numel() <= 7 for c in range(6))
+    assert any(torch.unique(wq[c]).numel() > 7 for c in range(4))  # not per input channel

@@ -49,7 +49,9 @@ __all__ = [
     "enable_fake_quant",
     "enable_observer",
     "get_observer_state_dict",
+    "is_exported_module",
     "load_observer_state_dict",
+    "node_qconfigs",
     "prepare_fx",
     "prepare_qat_fx",
     "torchao_pt2e",
@@ -88,12 +90,31 @@ def convert_fx(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return _quiet(_quantize_fx.convert_fx, model)
 
 
+def node_qconfigs(prepared: torch.fx.GraphModule) -> dict[str, Any]:
+    """``node name -> QConfig`` (None: not quantized) that ``prepare_fx``/``prepare_qat_fx`` resolved.
+
+    Read from the prepared model's private metadata; empty when it is missing (another torch).
+    """
+    attrs = getattr(prepared, "meta", {}).get("_observed_graph_module_attrs")
+    return dict(getattr(attrs, "node_name_to_qconfig", None) or {})
+
+
+def is_exported_module(model: torch.nn.Module) -> bool:
+    """True for a ``torch.export`` GraphModule (``ExportedProgram.module()``, ``prepare_pt2e`` output).
+
+    Such modules replace ``train``/``eval`` per instance (they raise ``NotImplementedError``, or,
+    after torchao's ``allow_exported_model_train_eval``, rewrite dropout/BN in the graph).
+    """
+    return isinstance(model, torch.fx.GraphModule) and ("eval" in vars(model) or "train" in vars(model))
+
+
 def torchao_pt2e() -> Any:
     """The torchao PT2E namespace (observer bases, prepare/convert, quantizer specs), imported on first use.
 
     Returns a ``types.SimpleNamespace`` with ``ObserverBase``, ``UniformQuantizationObserverBase``,
     ``MinMaxObserver``, ``PerChannelMinMaxObserver``, ``HistogramObserver``, ``PartialWrapper``,
-    ``prepare_pt2e``, ``convert_pt2e``, ``move_exported_model_to_eval``, ``QuantizationSpec``, ``QuantizationConfig``,
+    ``prepare_pt2e``, ``convert_pt2e``, ``move_exported_model_to_eval``, ``move_exported_model_to_train``,
+    ``QuantizationSpec``, ``QuantizationConfig``,
     ``QuantizationAnnotation``, ``Quantizer``, ``X86InductorQuantizer``.
 
     Raises:
@@ -130,9 +151,8 @@ def torchao_pt2e() -> Any:
             PartialWrapper=ao_observer.PartialWrapper,
             prepare_pt2e=prepare_pt2e,
             convert_pt2e=convert_pt2e,
-            move_exported_model_to_eval=pt2e.move_exported_model_to_eval
-            if hasattr(pt2e, "move_exported_model_to_eval")
-            else None,
+            move_exported_model_to_eval=getattr(pt2e, "move_exported_model_to_eval", None),
+            move_exported_model_to_train=getattr(pt2e, "move_exported_model_to_train", None),
             QuantizationSpec=QuantizationSpec,
             QuantizationConfig=QuantizationConfig,
             QuantizationAnnotation=QuantizationAnnotation,

@@ -23,19 +23,60 @@ WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (
 )
 
 
+def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The weight layers a backend quantizes, by qualified name, in module order.
+
+    Instances of :data:`WEIGHT_LAYERS`, except those inside a module that torch.fx treats as a
+    leaf and does not descend into (``nn.MultiheadAttention``'s ``out_proj``, the Linear layers of
+    ``nn.TransformerEncoderLayer``, ...): neither the FX flow nor the plans quantize those.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.MultiheadAttention(8, 2))
+        >>> list(weight_layers(net))
+        ['0']
+    """
+    tracer = torch.fx.Tracer()
+    opaque: list[str] = []
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in opaque):
+            continue
+        if isinstance(module, WEIGHT_LAYERS):
+            found[name] = module
+        elif name and tracer.is_leaf_module(module, name) and any(True for _ in module.children()):
+            opaque.append(name)
+    return found
+
+
+def opaque_weight_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Leaf modules (as torch.fx sees them) that hold weight layers or matrix weights no backend quantizes.
+
+    ``nn.MultiheadAttention`` (its ``in_proj_weight`` and ``out_proj``), ``nn.TransformerEncoderLayer``,
+    RNNs: FX calls them as one opaque module, so they stay float.
+    """
+    tracer = torch.fx.Tracer()
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not name or isinstance(module, WEIGHT_LAYERS) or any(name.startswith(p + ".") for p in found):
+            continue
+        if not tracer.is_leaf_module(module, name):
+            continue
+        inner = any(isinstance(m, WEIGHT_LAYERS) for m in module.modules())
+        matrix = any(p.dim() >= 2 for p in module.parameters(recurse=False))
+        if inner or (matrix and isinstance(module, nn.MultiheadAttention | nn.RNNBase | nn.Bilinear)):
+            found[name] = module
+    return found
+
+
 def weight_layer_names(model: nn.Module) -> list[str]:
-    """Names of Conv/Linear modules in execution order (FX trace; module order if tracing fails)."""
-    modules = dict(model.named_modules())
+    """Names of the :func:`weight_layers` in execution order (FX trace; module order if tracing fails)."""
+    layers = weight_layers(model)
     try:
         graph = torch.fx.symbolic_trace(model).graph
-        names = [
-            str(n.target)
-            for n in graph.nodes
-            if n.op == "call_module" and isinstance(modules.get(str(n.target)), WEIGHT_LAYERS)
-        ]
+        names = [str(n.target) for n in graph.nodes if n.op == "call_module" and str(n.target) in layers]
     except Exception:
         names = []
-    return list(dict.fromkeys(names)) or [n for n, m in modules.items() if isinstance(m, WEIGHT_LAYERS)]
+    return list(dict.fromkeys(names)) or list(layers)
 
 
 @contextlib.contextmanager

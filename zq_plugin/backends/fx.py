@@ -30,55 +30,161 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Iterator
+import os
+import traceback
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from zq_plugin import _compat
 from zq_plugin._utils import WEIGHT_LAYERS as WEIGHT_LAYERS  # re-exported: part of this module's API
-from zq_plugin._utils import eval_mode
+from zq_plugin._utils import eval_mode, opaque_weight_modules, report_float_layers, weight_layers
 from zq_plugin._utils import weight_layer_names as weight_layer_names
-from zq_plugin.data import CalibrationData, iter_batches
-from zq_plugin.errors import ConfigError
+from zq_plugin.data import CalibrationData, SyntheticDataset, iter_batches
+from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.fake_quant import FastFakeQuantize
 from zq_plugin.qparams import check_bits, quant_range
 
 logger = logging.getLogger(__name__)
 
 
+InputFn = Callable[[Any], Any]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter or buffer (CPU for a module without any)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def batch_inputs(batch: Any, input_fn: InputFn | None = None) -> tuple[Any, ...]:
+    """The positional model inputs of one calibration batch.
+
+    The rule: a batch is ``x`` or ``(x, label, ...)`` and the model gets ``x``; ``input_fn(batch)``
+    (a tensor or a tuple of positional inputs) overrides it for models with extra inputs.
+
+    Raises:
+        ConfigError: a batch (or what ``input_fn`` returned) holds no tensor input.
+    """
+    if input_fn is not None:
+        picked = input_fn(batch)
+        inputs = tuple(picked) if isinstance(picked, tuple | list) else (picked,)
+    else:
+        inputs = (batch[0] if isinstance(batch, tuple | list) and batch else batch,)
+    if not inputs or not isinstance(inputs[0], torch.Tensor):
+        what = "input_fn returned" if input_fn is not None else "a calibration batch is"
+        raise ConfigError(
+            f"{what} {type(inputs[0] if inputs else None).__name__}, not a tensor: batches are x or (x, label, ...); "
+            "pass input_fn=lambda batch: (x, extra, ...) for a model with several inputs."
+        )
+    return inputs
+
+
+def _raw_batches(data: CalibrationData, batch_size: int) -> Iterable[Any]:
+    """Image batches of a tensor or SyntheticDataset; the batches of a loader or iterable as they come."""
+    if isinstance(data, torch.Tensor | SyntheticDataset):
+        return iter_batches(data, batch_size)
+    return data
+
+
+def _to_device(inputs: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
+    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
+
+
+@contextlib.contextmanager
+def _calibration_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for calibration, given back afterwards; exported (PT2E) models through torchao's helpers."""
+    if not _compat.is_exported_module(model):
+        with eval_mode(model):
+            yield
+        return
+    pt2e = _compat.torchao_pt2e()
+    if pt2e.move_exported_model_to_eval is None:
+        raise ModelError(
+            "calibrate needs torchao's move_exported_model_to_eval for an exported (PT2E) model; "
+            "upgrade torchao (pip install 'zq-plugin[pt2e]')."
+        )
+    model = cast(torch.fx.GraphModule, model)
+    attr = "_exported_training"  # torchao's flag; absent on a freshly exported model
+    had, before = attr in vars(model), getattr(model, attr, None)
+    # torchao rewrites dropout/BN patterns in place (an eval model's dropout p even changes to the
+    # pattern's literal), and switching back would make an eval-exported model train: keep the graph
+    graph = copy.deepcopy(model.graph)
+    pt2e.move_exported_model_to_eval(model)
+    try:
+        yield
+    finally:
+        model.graph = graph
+        model.recompile()
+        if had:
+            setattr(model, attr, before)
+        else:
+            vars(model).pop(attr, None)
+
+
 def calibrate(
-    prepared: nn.Module, data: CalibrationData, *, batch_size: int = 64, max_batches: int | None = None
+    prepared: nn.Module,
+    data: CalibrationData,
+    *,
+    batch_size: int = 64,
+    max_batches: int | None = None,
+    input_fn: InputFn | None = None,
 ) -> nn.Module:
     """Run a prepared model over calibration data so its observers record ranges.
 
     Runs in eval mode (BN running statistics are not updated, even for a ``prepare_qat_fx``
     model) and under ``torch.no_grad``; each module's ``training`` flag is restored afterwards.
-    Observer and fake-quant switches are left as the caller set them.
+    A ``torch.export`` / ``prepare_pt2e`` GraphModule (whose ``eval()`` raises) is switched with
+    torchao's ``move_exported_model_to_eval`` and gets its own graph back afterwards. Observer and fake-quant switches
+    are left as the caller set them. Each batch is moved to the model's device (its first
+    parameter or buffer); its dtype is kept.
+
+    A batch is ``x`` or ``(x, label, ...)`` and the model gets ``x``. For a model with extra
+    inputs, ``input_fn(batch)`` returns the tuple of positional inputs.
 
     Args:
-        prepared: the output of ``prepare_fx`` / ``prepare_qat_fx`` (or any module).
+        prepared: the output of ``prepare_fx`` / ``prepare_qat_fx`` / ``prepare_pt2e`` (or any module).
         data: a SyntheticDataset, a DataLoader, a tensor ``[N, C, H, W]`` or an iterable of batches.
         batch_size: used when ``data`` is a tensor or a SyntheticDataset.
         max_batches: stop after this many batches.
+        input_fn: maps a batch to the model's positional inputs, e.g. ``lambda b: (b[0], b[1])``
+            for ``forward(x, mask)`` fed by a loader of ``(x, mask)``. Tensor and SyntheticDataset
+            data give it image batches.
 
     Returns:
         ``prepared`` itself.
 
     Raises:
-        ConfigError: no batches, or a batch with NaN/Inf.
+        ConfigError: no batches, or a batch with NaN/Inf, or a batch without a tensor input.
+
+    Example:
+        >>> import torch
+        >>> class Masked(torch.nn.Module):
+        ...     def forward(self, x, mask):
+        ...         return x * mask
+        >>> batches = [(torch.randn(2, 3), torch.ones(2, 3))]
+        >>> calibrate(Masked(), batches, input_fn=lambda b: (b[0], b[1])).__class__.__name__
+        'Masked'
     """
     seen = 0
-    with eval_mode(prepared), torch.no_grad():
-        for x in iter_batches(data, batch_size):
+    device = model_device(prepared)
+    with _calibration_mode(prepared), torch.no_grad():
+        for batch in _raw_batches(data, batch_size):
             if max_batches is not None and seen >= max_batches:
                 break
-            if not torch.isfinite(x).all():
+            inputs = batch_inputs(batch, input_fn)
+            if not all(
+                torch.isfinite(t).all() for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()
+            ):
                 raise ConfigError(f"calibration batch {seen} contains NaN or Inf; clean the data first.")
-            prepared(x)
+            prepared(*_to_device(inputs, device))
             seen += 1
     if seen == 0:
         raise ConfigError("the calibration data yielded no batch; pass at least one sample.")
@@ -179,17 +285,159 @@ def uniform_qconfig_mapping(
     return mapping
 
 
-def _example_inputs(data: CalibrationData, batch_size: int) -> tuple[torch.Tensor]:
+def _example_inputs(data: CalibrationData, batch_size: int, input_fn: InputFn | None = None) -> tuple[Any, ...]:
     if isinstance(data, Iterator):
         raise ConfigError(
             "the calibration data is a one-shot iterator, but it is read twice (an example input for tracing, "
             "then calibration); pass a list, a tensor, a DataLoader or a SyntheticDataset."
         )
     try:
-        first = next(iter(iter_batches(data, batch_size)))
+        first = next(iter(_raw_batches(data, batch_size)))
     except StopIteration:
         raise ConfigError("the calibration data yielded no batch; pass at least one sample.") from None
-    return (first[:1],)
+    inputs = batch_inputs(first, input_fn)
+    return inputs if input_fn is not None else (inputs[0][:1],)
+
+
+_HERE = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _user_line(err: BaseException) -> str:
+    """``file:line: code`` of the innermost frame of ``err`` outside torch and zq_plugin ('' if none)."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not os.path.abspath(f.filename).startswith(_HERE)]
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f" at {last.filename}:{last.lineno}: `{(last.line or '').strip()}`"
+
+
+def check_traceable(model: nn.Module, entry: str = "the FX flow") -> None:
+    """Raise :class:`ModelError` when torch.fx cannot trace ``model`` (the FX flow and its plans need a graph).
+
+    The message names torch's reason and the offending line of the model's code when the
+    traceback shows it, and the ways out. The model is not changed.
+
+    Raises:
+        ModelError: data-dependent control flow, iteration over a traced value, and other trace failures.
+    """
+    try:
+        torch.fx.Tracer().trace(model)
+    except Exception as err:
+        raise ModelError(
+            f"{entry}: {type(model).__name__} is not symbolically traceable by torch.fx "
+            f"({type(err).__name__}: {err}){_user_line(err)}. The FX flow (and a plan for it) needs a traceable "
+            "forward: replace data-dependent Python control flow by tensor ops (torch.where), or move it into a "
+            "submodule that you prepare yourself with prepare_fx(..., prepare_custom_config="
+            "PrepareCustomConfig().set_non_traceable_module_names([...])) (that submodule stays float); or export "
+            "the model with torch.export (torch.cond for data-dependent branches) and quantize it in the torchao "
+            "PT2E flow with zq_plugin's PT2E observers (docs/observers.md)."
+        ) from err
+
+
+class FakeQuantConvTranspose(nn.Module):
+    """A ConvTranspose whose weight goes through ``weight_fake_quant`` in every forward.
+
+    torch.ao has no QAT ConvTranspose module, so :func:`quantize_fx` swaps each ConvTranspose
+    for this after ``prepare_qat_fx``. Per-channel weights are quantized per output channel,
+    which is axis 1 of a ConvTranspose weight ``[C_in, C_out / groups, *kernel]``.
+
+    Args:
+        conv: the float ConvTranspose1d/2d/3d (kept as ``.conv``).
+        weight_fake_quant: a FakeQuantize for its weight (``ch_axis`` is set to 1 when per-channel).
+    """
+
+    def __init__(self, conv: nn.modules.conv._ConvTransposeNd, weight_fake_quant: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+        if getattr(weight_fake_quant, "qscheme", None) in (torch.per_channel_symmetric, torch.per_channel_affine):
+            weight_fake_quant.ch_axis = 1  # type: ignore[assignment]
+            inner = getattr(weight_fake_quant, "activation_post_process", None)
+            if inner is not None:
+                inner.ch_axis = 1
+        self.weight_fake_quant = weight_fake_quant
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight (fake-quantized in forward)."""
+        return self.conv.weight
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        """``conv_transpose(x, weight_fake_quant(weight))`` with the layer's own geometry."""
+        c = self.conv
+        dims = len(c.kernel_size)
+        padding = cast(tuple[int, ...], c.padding)  # ConvTranspose takes no string padding
+        output_padding = c._output_padding(
+            x, output_size, list(c.stride), list(padding), list(c.kernel_size), dims, list(c.dilation)
+        )
+        fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[dims]
+        weight = self.weight_fake_quant(c.weight)
+        return cast(torch.Tensor, fn(x, weight, c.bias, c.stride, padding, output_padding, c.groups, c.dilation))
+
+
+def _swap_conv_transpose(prepared: torch.fx.GraphModule) -> None:
+    """Give every ConvTranspose that has a qconfig its weight fake quantization (see FakeQuantConvTranspose)."""
+    qconfigs = _compat.node_qconfigs(prepared)
+    for node in prepared.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = prepared.get_submodule(str(node.target))
+        qc = qconfigs.get(node.name)
+        if type(module) not in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d) or qc is None:
+            continue
+        fq = qc.weight()
+        if not isinstance(fq, _compat.FakeQuantizeBase):
+            raise ConfigError(
+                f"layer {node.target!r}: quantize_fx needs FakeQuantize qconfigs (got a {type(fq).__name__} for its "
+                "weight); build the mapping with zq_plugin.qconfig(..., fake_quant=True)."
+            )
+        parent, _, child = str(node.target).rpartition(".")
+        swapped = FakeQuantConvTranspose(cast(nn.modules.conv._ConvTransposeNd, module), fq)
+        setattr(prepared.get_submodule(parent) if parent else prepared, child, swapped)
+
+
+def _is_quantized_module(module: nn.Module | None) -> bool:
+    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
+
+
+def _float_weight_layers(
+    model: nn.Module, graph_module: torch.fx.GraphModule, quantized: Callable[[str], bool]
+) -> list[str]:
+    """The weight layers of ``model`` that the traced ``graph_module`` computes but leaves float.
+
+    A layer is computed when it (or a leaf module holding it) is called in the graph, or its
+    weight is read by a ``get_attr`` node (a functional ``F.linear(x, self.fc.weight)``); it is
+    quantized when ``quantized(name)`` says so or when an observer/FakeQuantize reads its weight.
+    Layers inside leaf modules that FX does not descend into (``nn.MultiheadAttention``) are
+    reported by the leaf's name.
+    """
+    called, observed_weights = set(), set()
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module":
+            called.add(str(node.target))
+        elif node.op == "get_attr":
+            owner = str(node.target).rpartition(".")[0]
+            called.add(owner)
+            for user in node.users:
+                target = graph_module.get_submodule(str(user.target)) if user.op == "call_module" else None
+                if isinstance(target, _compat.ObserverBase | _compat.FakeQuantizeBase):
+                    observed_weights.add(owner)
+    candidates = [*weight_layers(model), *opaque_weight_modules(model)]
+    left = []
+    for name in candidates:
+        ancestors = [name.rsplit(".", i)[0] for i in range(name.count(".") + 1)]
+        if not any(a in called for a in ancestors):
+            continue  # never run by this model's forward
+        if name in observed_weights or quantized(name):
+            continue
+        left.append(name)
+    return left
+
+
+def _has_module(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _folded_float_module(qat: nn.Module) -> nn.Module | None:
@@ -201,6 +449,11 @@ def _folded_float_module(qat: nn.Module) -> nn.Module | None:
     modules of another kind.
     """
     wfq = getattr(qat, "weight_fake_quant", None)
+    if isinstance(qat, FakeQuantConvTranspose) and wfq is not None:
+        plain_t = copy.deepcopy(qat.conv)
+        with torch.no_grad():
+            plain_t.weight.copy_(wfq(qat.conv.weight))
+        return plain_t
     weight = getattr(qat, "weight", None)
     if wfq is None or not isinstance(weight, torch.Tensor):
         return None
@@ -278,13 +531,18 @@ def quantize_fx(
     mapping: Any = None,
     batch_size: int = 64,
     fold: bool = True,
+    input_fn: InputFn | None = None,
 ) -> torch.fx.GraphModule:
     """Quantize a copy of ``model`` at W``w_bits``A``a_bits`` in a clamping FX simulation.
 
     ``prepare_qat_fx`` on an eval-mode deep copy (BN folded with running statistics), calibration
     with float statistics (observers on, fake quantization off), then observers off and fake
     quantization on. The result stays in eval mode; its outputs honour quant_min/quant_max at
-    every bit width. The source model is not changed.
+    every bit width. The source model is not changed. ConvTranspose layers (no QAT module in
+    torch.ao) get their weight fake-quantized per output channel (axis 1) by
+    :class:`FakeQuantConvTranspose`. Weight layers left in float (a ``None`` qconfig in
+    ``mapping``, layers inside ``nn.MultiheadAttention``) are listed in ``.zq_float_layers``
+    with a warning. Batches go to the model's device.
 
     Args:
         model: float model.
@@ -299,7 +557,13 @@ def quantize_fx(
         fold: after calibration, replace the QAT Conv/Linear modules by float ones holding the
             BN-folded, fake-quantized weights (:func:`fold_weights`: same outputs up to float
             rounding, faster). ``False`` keeps the QAT modules, e.g. to fine-tune.
+        input_fn: maps a batch to the model's positional inputs (see :func:`calibrate`).
+
+    Raises:
+        ModelError: the model does not trace (names torch's reason and the line).
+        ConfigError: bad bits, no calibration data, a mapping without FakeQuantize qconfigs.
     """
+    check_traceable(model, "quantize_fx")
     if mapping is None:
         mapping = uniform_qconfig_mapping(
             model,
@@ -310,12 +574,19 @@ def quantize_fx(
             weight_observer=weight_observer,
         )
     float_model = copy.deepcopy(model).eval()
-    prepared = _compat.prepare_qat_fx(float_model, mapping, _example_inputs(data, batch_size)).eval()
+    example = _to_device(_example_inputs(data, batch_size, input_fn), model_device(model))
+    prepared = _compat.prepare_qat_fx(float_model, mapping, example).eval()
+    _swap_conv_transpose(prepared)
     prepared.apply(_compat.enable_observer)
     prepared.apply(_compat.disable_fake_quant)
-    calibrate(prepared, data, batch_size=batch_size)
+    calibrate(prepared, data, batch_size=batch_size, input_fn=input_fn)
     freeze(prepared)
-    return fold_weights(prepared) if fold else prepared
+    floats = _float_weight_layers(
+        model, prepared, lambda name: hasattr(_has_module(prepared, name), "weight_fake_quant")
+    )
+    result = fold_weights(prepared) if fold else prepared
+    report_float_layers(result, floats, "quantize_fx")
+    return result
 
 
 def convert_int8_fx(
@@ -325,15 +596,43 @@ def convert_int8_fx(
     act_observer: Any = None,
     weight_observer: Any = None,
     batch_size: int = 64,
+    input_fn: InputFn | None = None,
 ) -> torch.fx.GraphModule:
     """A real int8 model (torch's quantized CPU kernels) from ``prepare_fx`` + calibration + ``convert_fx``.
 
     Only 8 bits: ``convert_fx`` ignores narrower quant_min/quant_max, so lower bit widths
     would silently run at more levels than asked. Every layer, first and last included, is W8A8.
+    ConvTranspose weights are quantized per tensor (torch's quantized ConvTranspose has no
+    per-channel weights). Weight layers left in float are listed in ``.zq_float_layers``.
+
+    Raises:
+        ModelError: the model does not trace, or torch cannot convert one of its layers (named).
     """
+    check_traceable(model, "convert_int8_fx")
     mapping = uniform_qconfig_mapping(
         model, 8, 8, first_last_bits=None, act_observer=act_observer, weight_observer=weight_observer, fake_quant=False
     )
-    prepared = _compat.prepare_fx(copy.deepcopy(model).eval(), mapping, _example_inputs(data, batch_size))
-    calibrate(prepared, data, batch_size=batch_size)
-    return _compat.convert_fx(prepared)
+    transposed = [n for n, m in weight_layers(model).items() if isinstance(m, nn.modules.conv._ConvTransposeNd)]
+    for name in transposed:
+        mapping.set_module_name(
+            name, qconfig(8, 8, act_observer=act_observer, fake_quant=False, granularity="per_tensor")
+        )
+    example = _to_device(_example_inputs(data, batch_size, input_fn), model_device(model))
+    try:
+        prepared = _compat.prepare_fx(copy.deepcopy(model).eval(), mapping, example)
+    except AssertionError as err:  # torch validates qconfigs per module type with bare asserts
+        raise ModelError(
+            f"convert_int8_fx: torch.ao refused a layer of {type(model).__name__} ({err}). Use quantize_fx (the "
+            "clamping simulation) for this model, or give that layer a None qconfig in your own prepare_fx flow."
+        ) from err
+    calibrate(prepared, data, batch_size=batch_size, input_fn=input_fn)
+    try:
+        converted = _compat.convert_fx(prepared)
+    except (AssertionError, RuntimeError, NotImplementedError) as err:
+        raise ModelError(
+            f"convert_int8_fx: torch's convert_fx failed on {type(model).__name__} ({type(err).__name__}: {err}). "
+            "Use quantize_fx (the clamping simulation) for this model."
+        ) from err
+    floats = _float_weight_layers(model, prepared, lambda name: _is_quantized_module(_has_module(converted, name)))
+    report_float_layers(converted, floats, "convert_int8_fx")
+    return converted

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from zq_plugin import _compat
-from zq_plugin.backends.fx import qconfig
+from zq_plugin.backends.fx import check_traceable, qconfig
 from zq_plugin.mixed_precision.plan import BitPlan
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,9 @@ def _probe_mapping(keys: Sequence[str]) -> Any:
         act = _compat.MinMaxObserver.with_args(
             dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0, quant_max=255, eps=(i + 1) * _MARK
         )
-        return _compat.QConfig(activation=act, weight=_compat.PerChannelMinMaxObserver.with_args(dtype=torch.qint8))
+        # per-tensor weights: torch.ao refuses per-channel ones on ConvTranspose; the probe reads activations only
+        weight = _compat.MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+        return _compat.QConfig(activation=act, weight=weight)
 
     mapping = _compat.QConfigMapping().set_global(marked(0))
     for i, key in enumerate(keys[1:], start=1):
@@ -162,7 +164,9 @@ def to_qconfig_mapping(
     Raises:
         ConfigError: layers the model does not have, bits outside 2-8, a non-uniform grid with
             ``fake_quant=False``.
+        ModelError: the model does not trace (names torch's reason and the line).
     """
+    check_traceable(model, "to_qconfig_mapping")
     plan.check(model)
     owners = activation_owners(plan, model, example_inputs)
     kw = {"act_observer": act_observer, "fake_quant": fake_quant}

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from torch import nn
 
 from zq_plugin._utils import WEIGHT_LAYERS, weight_layer_names
+from zq_plugin._utils import weight_layers as _quantizable_layers
 from zq_plugin.data import atomic_write
 from zq_plugin.errors import ConfigError
 from zq_plugin.qparams import check_bits
@@ -73,8 +74,13 @@ class LayerBits:
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Conv/Linear layers of ``model`` by qualified name, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)}
+    """Conv/ConvTranspose/Linear layers of ``model`` that a backend quantizes, by qualified name, in module order.
+
+    Layers inside modules that torch.fx does not descend into (``nn.MultiheadAttention``'s
+    ``out_proj``, ``nn.TransformerEncoderLayer``) are left out: no backend quantizes them, so a
+    plan neither budgets nor names them (:func:`zq_plugin._utils.weight_layers`).
+    """
+    return _quantizable_layers(model)
 
 
 def _weight_count(module: nn.Module) -> int:
@@ -148,12 +154,22 @@ class BitPlan:
         return BitPlan({n: replace(b, params=_weight_count(modules[n])) for n, b in self.layers.items()}, self.meta)
 
     def check(self, model: nn.Module) -> BitPlan:
-        """Raise :class:`ConfigError` if the plan names a layer that is not a Conv/Linear of ``model``."""
+        """Raise :class:`ConfigError` if the plan names a layer that is not a quantizable Conv/Linear of ``model``.
+
+        Quantizable: :func:`weight_layers` (not inside ``nn.MultiheadAttention`` and other modules
+        torch.fx treats as leaves), the same set the FX emitter and backends quantize.
+        """
         layers = weight_layers(model)
         modules = dict(model.named_modules())
         for name in self.layers:
             if name in layers:
                 continue
+            if name in modules and isinstance(modules[name], WEIGHT_LAYERS):
+                raise ConfigError(
+                    f"plan layer {name!r} ({type(modules[name]).__name__}) sits inside a module that torch.fx does not "
+                    "descend into (e.g. nn.MultiheadAttention), so no backend quantizes it; drop it from the plan "
+                    "(BitPlan.uniform(model, ...) and pareto_plan leave such layers out)."
+                )
             if name in modules:
                 supported = ", ".join(t.__name__ for t in WEIGHT_LAYERS)
                 raise ConfigError(

@@ -24,6 +24,8 @@ from typing import Any
 
 from torch import nn
 
+from zq_plugin._utils import OutputFn
+from zq_plugin.backends.fx import check_traceable
 from zq_plugin.data import CalibrationData
 from zq_plugin.errors import ConfigError
 from zq_plugin.mixed_precision.pareto import Budget, FrontierPoint, best_under, pareto_frontier
@@ -90,6 +92,7 @@ def pareto_plan(
     granularity: Granularity = "per_channel",
     grid: Grid = "uniform",
     progress: bool = True,
+    output_fn: OutputFn | None = None,
     **measure: Any,
 ) -> PlanResult:
     """The minimum-sensitivity plan within a weight-size budget, and the whole frontier.
@@ -106,13 +109,20 @@ def pareto_plan(
         granularity: weight granularity of the plan and of the measurement.
         grid: weight grid of the plan and of the measurement.
         progress: tqdm bar while measuring.
+        output_fn: picks the logits of a model with several outputs (default: first tensor of a
+            tuple, ``"logits"``/``"out"`` of a dict; :func:`zq_plugin._utils.select_output`).
         **measure: passed to :func:`measure_sensitivity` (``batch_size``, ``max_batches``).
+
+    Layers inside modules that torch.fx does not descend into (``nn.MultiheadAttention``) are
+    neither planned nor budgeted: no backend quantizes them.
 
     Raises:
         ConfigError: the budget is below the smallest or above the largest plan, unknown layers in
             ``fixed``, bad bits, empty data.
+        ModelError: the model does not trace (the FX backend could not apply the plan).
     """
     check_bits(a_bits, "a_bits")
+    check_traceable(model, "pareto_plan")
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
     if sensitivity is None:
         if data is None:
@@ -121,7 +131,14 @@ def pareto_plan(
         if extra:  # before the measurement, which takes a while
             raise ConfigError(f"fixed names {extra}, which are not Conv/Linear layers of {type(model).__name__}.")
         sensitivity = measure_sensitivity(
-            model, data, bits=bits, granularity=granularity, grid=grid, progress=progress, **measure
+            model,
+            data,
+            bits=bits,
+            granularity=granularity,
+            grid=grid,
+            progress=progress,
+            output_fn=output_fn,
+            **measure,
         )
     fixed = dict(fixed or {})
     unknown = sorted(set(fixed) - set(sensitivity.layers))
@@ -163,6 +180,7 @@ def hybrid_plan(
     *,
     threshold: float = 1e-4,
     progress: bool = True,
+    output_fn: OutputFn | None = None,
     **measure: Any,
 ) -> tuple[BitPlan, HybridChoice]:
     """Retro-Synthesis's hybrid granularity on top of ``plan``.
@@ -179,13 +197,19 @@ def hybrid_plan(
             (recalled as 1e-3, unverified); 1e-4 by measurement: at 1e-3 plain_cnn W4A8 went
             all per-tensor and lost 0.5 points, mobilenetv2_s W4A8 0.15 (docs/results.md).
         progress: tqdm bars.
+        output_fn: picks the logits of a model with several outputs (as in :func:`pareto_plan`).
         **measure: passed to :func:`measure_sensitivity`.
 
     Returns:
         The new plan (meta ``per_tensor_share``) and the per-layer decisions.
+
+    Raises:
+        ConfigError: a negative threshold, a plan naming layers the model lacks.
+        ModelError: the model does not trace (the FX backend could not apply the plan).
     """
     if not threshold >= 0:
         raise ConfigError(f"threshold={threshold} must be >= 0 (a KL tolerance, e.g. 1e-4).")
+    check_traceable(model, "hybrid_plan")
     plan.check(model)
     per_tensor: dict[str, float] = {}
     per_channel: dict[str, float] = {}
@@ -197,7 +221,14 @@ def hybrid_plan(
         )
         for granularity, out in pairs:
             sens = measure_sensitivity(
-                model, data, bits=(k,), granularity=granularity, layers=names, progress=progress, **measure
+                model,
+                data,
+                bits=(k,),
+                granularity=granularity,
+                layers=names,
+                progress=progress,
+                output_fn=output_fn,
+                **measure,
             )
             out.update({n: row[0] for n, row in zip(sens.layers, sens.weight, strict=True)})
     decisions: dict[str, Granularity] = {

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from zq_plugin._utils import OutputFn, select_output
 from zq_plugin.data import CalibrationData, collect_batches
 from zq_plugin.errors import ConfigError
 from zq_plugin.mixed_precision.nonuniform import clustered_quantize
@@ -48,20 +49,27 @@ logger = logging.getLogger(__name__)
 
 
 def quantize_weight(
-    w: torch.Tensor, bits: int, granularity: Granularity = "per_channel", grid: Grid = "uniform"
+    w: torch.Tensor,
+    bits: int,
+    granularity: Granularity = "per_channel",
+    grid: Grid = "uniform",
+    ch_axis: int = 0,
 ) -> torch.Tensor:
-    """Quantize-dequantize a weight ``[C_out, ...]``: symmetric narrow MinMax, or the clustered grid.
+    """Quantize-dequantize a weight: symmetric narrow MinMax, or the clustered grid.
 
     Uniform: ``scale = max|w| / (2^(b-1) - 1)`` per output channel (or per tensor), the grid of
     torch's ``PerChannelMinMaxObserver`` with ``per_channel_symmetric`` and a narrow range.
+    ``ch_axis`` is the output-channel axis: 0 for Conv/Linear ``[C_out, ...]``, 1 for
+    ConvTranspose ``[C_in, C_out / groups, ...]``.
     """
     per_channel = granularity == "per_channel"
     if grid == "nonuniform":
-        return clustered_quantize(w, bits, per_channel=per_channel, ch_axis=0)
+        return clustered_quantize(w, bits, per_channel=per_channel, ch_axis=ch_axis)
     qmin, qmax = quant_range(bits, signed=True, narrow=True)
-    flat = w.detach().reshape(w.shape[0], -1) if per_channel else w.detach().reshape(1, -1)
+    moved = w.detach().movedim(ch_axis, 0)
+    flat = moved.reshape(moved.shape[0], -1) if per_channel else moved.reshape(1, -1)
     scale, zp = compute_qparams(flat.amin(1), flat.amax(1), qmin, qmax, symmetric=True)
-    return fake_quantize(w.detach(), scale, zp, qmin, qmax, axis=0 if per_channel else None)
+    return fake_quantize(w.detach(), scale, zp, qmin, qmax, axis=ch_axis if per_channel else None)
 
 
 def bn_fold_factors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -85,7 +93,8 @@ def bn_fold_factors(model: nn.Module) -> dict[str, torch.Tensor]:
         if not isinstance(producer, torch.fx.Node) or producer.op != "call_module" or len(producer.users) != 1:
             continue
         conv = modules.get(str(producer.target))
-        if isinstance(conv, nn.modules.conv._ConvNd) and conv.out_channels == bn.num_features:
+        transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)  # torch.ao's QAT does not fold these
+        if isinstance(conv, nn.modules.conv._ConvNd) and not transposed and conv.out_channels == bn.num_features:
             factor = torch.rsqrt(bn.running_var.detach() + bn.eps)
             factor = factor * bn.weight.detach() if bn.weight is not None else factor
             factors[str(producer.target)] = torch.where(factor == 0, torch.ones_like(factor), factor)
@@ -148,12 +157,19 @@ def _check_candidates(bits: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({check_bits(b, "candidate bits") for b in bits}))
 
 
-def _kl(model: nn.Module, batches: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+def _log_probs(model: nn.Module, x: torch.Tensor, output_fn: OutputFn | None) -> torch.Tensor:
+    """``log_softmax`` of the model's logits (:func:`zq_plugin._utils.select_output`) ``[N, classes]``."""
+    return F.log_softmax(select_output(model(x), output_fn).flatten(1).float(), dim=1)
+
+
+def _kl(
+    model: nn.Module, batches: list[torch.Tensor], refs: list[torch.Tensor], output_fn: OutputFn | None = None
+) -> float:
     """Mean over samples of ``KL(p_ref || p_model)``, summed over classes; clipped at 0."""
     total = 0.0
     count = 0
     for x, ref in zip(batches, refs, strict=True):
-        logq = F.log_softmax(model(x).flatten(1).float(), dim=1)  # [N, classes]
+        logq = _log_probs(model, x, output_fn)  # [N, classes]
         total += float(F.kl_div(logq, ref, log_target=True, reduction="sum"))
         count += x.shape[0]
     return max(total / count, 0.0)
@@ -171,6 +187,7 @@ def measure_sensitivity(
     batch_size: int = 64,
     max_batches: int | None = None,
     progress: bool = True,
+    output_fn: OutputFn | None = None,
 ) -> Sensitivity:
     """Omega_i(k) for every Conv/Linear layer ``i`` and candidate ``k`` (see the module docstring).
 
@@ -185,6 +202,8 @@ def measure_sensitivity(
         batch_size: batch size for tensor/dataset data.
         max_batches: use at most this many batches.
         progress: show a tqdm bar on a terminal.
+        output_fn: picks the logits from the model's output (default: the first tensor of a
+            tuple/list, a dict's ``"logits"``/``"out"`` entry; :func:`zq_plugin._utils.select_output`).
 
     Returns:
         A :class:`Sensitivity`.
@@ -197,8 +216,9 @@ def measure_sensitivity(
         raise ConfigError(
             f"granularity={granularity!r}, grid={grid!r}: use 'per_channel'/'per_tensor' and 'uniform'/'nonuniform'."
         )
-    batches = collect_batches(data, batch_size, max_batches)
     work = copy.deepcopy(model).eval()
+    device = next((t.device for t in (*work.parameters(), *work.buffers())), torch.device("cpu"))
+    batches = [x.to(device) for x in collect_batches(data, batch_size, max_batches)]
     all_layers = weight_layers(work)
     if layers is not None:
         unknown = [n for n in layers if n not in all_layers]
@@ -213,7 +233,7 @@ def measure_sensitivity(
     total = len(all_layers) * len(candidates) * (2 if activations else 1)
     bar = tqdm(total=total, desc="sensitivity", disable=None if progress else True, leave=False)
     with torch.no_grad():
-        refs = [F.log_softmax(work(x).flatten(1).float(), dim=1) for x in batches]  # [N, classes] each
+        refs = [_log_probs(work, x, output_fn) for x in batches]  # [N, classes] each
         ranges = _input_ranges(work, all_layers, batches) if activations else {}
         for name, module in all_layers.items():
             w0 = module.weight.detach().clone()  # type: ignore[operator]
@@ -222,14 +242,17 @@ def measure_sensitivity(
             row = []
             for k in candidates:
                 folded = w0 * factor if factor is not None else w0
-                wq = quantize_weight(folded, k, granularity, grid)
+                axis = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+                wq = quantize_weight(folded, k, granularity, grid, ch_axis=axis)
                 module.weight.copy_(wq / factor if factor is not None else wq)  # type: ignore[operator]
-                row.append(_kl(work, batches, refs))
+                row.append(_kl(work, batches, refs, output_fn))
                 bar.update()
             module.weight.copy_(w0)  # type: ignore[operator]
             weight_rows.append(tuple(row))
             if activations:
-                act_rows.append(tuple(_input_kl(work, module, ranges[name], k, batches, refs, bar) for k in candidates))
+                act_rows.append(
+                    tuple(_input_kl(work, module, ranges[name], k, batches, refs, bar, output_fn) for k in candidates)
+                )
     bar.close()
     return Sensitivity(
         layers=tuple(all_layers),
@@ -267,6 +290,7 @@ def _input_kl(
     batches: list[torch.Tensor],
     refs: list[torch.Tensor],
     bar: Any,
+    output_fn: OutputFn | None = None,
 ) -> float:
     """KL with only ``module``'s input fake-quantized (per-tensor affine over ``rng``) at ``bits``."""
     qmin, qmax = quant_range(bits, signed=False)
@@ -277,7 +301,7 @@ def _input_kl(
 
     handle = module.register_forward_pre_hook(hook)
     try:
-        return _kl(model, batches, refs)
+        return _kl(model, batches, refs, output_fn)
     finally:
         handle.remove()
         bar.update()
