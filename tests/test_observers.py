@@ -251,6 +251,67 @@ def test_lp_histogram_error_matches_direct_error(x, y, p):
     assert math.isclose(est, direct, rel_tol=0.01, abs_tol=bound)
 
 
+@given(
+    x=tensors(min_rows=1, max_rows=3),
+    bits=st.integers(2, 8),
+    symmetric=st.booleans(),
+    p=st.sampled_from([1, 2, 3, 4]),
+    seed=st.integers(0, 2**16),
+    bins=st.sampled_from([16, 256, 2048]),
+)
+def test_lp_error_from_prefix_sums_equals_the_direct_error(x, bits, symmetric, p, seed, bins):
+    """Issue 13 (cost): the prefix-sum Lp error is the direct per-bin formula, to float rounding, at every scale."""
+    hist = histogram.observe(None, x, ch_axis=0, bins=bins)
+    qmin, qmax = quant_range(bits, symmetric or bits % 2 == 0, False)
+    alpha = torch.rand(5, x.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    lo, hi = (alpha * hist.min_val.double()).float(), (alpha * hist.max_val.double()).float()
+    scale, zp = stats.compute_qparams(lo, hi, qmin, qmax, symmetric)
+    scale, zp = scale.double(), zp.double()
+    direct = stats.lp_error(histogram.nonempty_bins(hist), scale, zp, qmin, qmax, float(p))
+    fast = stats.lp_error_moments(stats.bin_moments(hist, p), scale, zp, qmin, qmax, p)
+    assert torch.allclose(fast, direct, rtol=1e-10, atol=0.0), (fast, direct)
+
+
+def _conv_weights(p):
+    from conformance import import_torchvision
+
+    models = import_torchvision()
+    torch.manual_seed(0)
+    net = models.resnet18(num_classes=10)
+    weights = {"layer1.0.conv1": net.layer1[0].conv1.weight.detach()}
+    if p == 2.0:  # the slow reference on 256 channels costs seconds: MSE only
+        weights["layer3.0.conv2"] = net.layer3[0].conv2.weight.detach()
+    return weights
+
+
+@pytest.mark.parametrize("p", [2.0, 2.4, 3.0])
+def test_lp_search_by_prefix_sums_picks_the_reference_ranges_on_resnet18_weights(p, monkeypatch):
+    """Issue 13 (cost): the fast per-channel search picks the ranges of the direct search (p=2.4 is the direct one)."""
+    calls = []
+    original = stats.lp_error_moments
+    monkeypatch.setattr(stats, "lp_error_moments", lambda *a: calls.append(1) or original(*a))
+    for name, weight in _conv_weights(p).items():
+        hist = histogram.observe(None, weight, ch_axis=0)
+        for qmin, qmax, symmetric in ((-7, 7, True), (-8, 7, False)):
+            ref = stats._lp_search(hist, qmin, qmax, symmetric, p=p, coarse=64, fine=32, eps=1e-7, fast=False)
+            got = stats.lp_range(hist, qmin, qmax, symmetric, p=p, eps=1e-7)
+            for a, b in zip(ref, got, strict=True):
+                assert torch.equal(a, b), (name, p, qmin, int((a != b).sum()))
+    assert bool(calls) == (p != 2.4)  # whole p: the prefix-sum route ran; 2.4: only the direct one
+
+
+def test_lp_search_routes_only_channels_with_enough_bins_to_prefix_sums():
+    """A channel with few non-empty bins (a depthwise 3x3) keeps the direct sum; the answers agree per channel."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.cat([torch.randn(3, 2048, generator=gen), torch.randn(2, 9, generator=gen).repeat(1, 228)[:, :2048]])
+    hist = histogram.observe(None, w, ch_axis=0)
+    got = stats.lp_range(hist, -7, 7, True)
+    ref = stats._lp_search(hist, -7, 7, True, p=2.0, coarse=64, fine=32, eps=stats.EPS, fast=False)
+    assert torch.equal(got[1], ref[1])
+    for c in range(5):  # per-tensor search of each slice = row c of the per-channel search
+        assert torch.equal(stats.lp_range(histogram.observe(None, w[c]), -7, 7, True)[1], got[1][c : c + 1])
+
+
 # ---------------------------------------------------------------------------------------------
 # examples and bad input
 
