@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -371,3 +372,42 @@ def test_calibrate_prepared_pt2e_model():
     out = converted(data)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, model(data), atol=1.0, rtol=0.5)
+
+
+def test_int8_depthwise_conv_does_not_saturate():
+    """x86/fbgemm's depthwise kernel saturates uint8 x int8 pairs in int16 with 8-bit activations: 7 bits there."""
+    m = torch.nn.Conv2d(144, 144, 3, groups=144, padding=1, bias=False).eval()
+    with torch.no_grad():
+        m.weight.fill_(1.0)
+    x = torch.ones(4, 144, 16, 16)
+    x[0] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = zq_plugin.convert_int8_fx(m, x)
+    with torch.no_grad():
+        got = q(x)[1, :, 3, 3]
+    torch.testing.assert_close(got, torch.full_like(got, 9.0), atol=0.1, rtol=0)  # was 5.05 with 8-bit activations
+
+
+class SpatialMean(torch.nn.Module):
+    """torchvision's MNASNet/ShuffleNetV2 head: x.mean([2, 3]) after the last conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(h.mean([2, 3])) + torch.mean(h, (-2, -1), keepdim=True).flatten(1).sum(1, keepdim=True)
+
+
+def test_int8_model_with_spatial_means_runs_and_matches_float():
+    torch.manual_seed(0)
+    m = SpatialMean().eval()
+    x = torch.rand(16, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = zq_plugin.convert_int8_fx(m, x)  # torch's quantized mean over [2, 3] raised at run time
+    with torch.no_grad():
+        got, want = q(x), m(x)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99

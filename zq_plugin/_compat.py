@@ -44,6 +44,7 @@ __all__ = [
     "QConfigMapping",
     "UniformQuantizationObserverBase",
     "convert_fx",
+    "convert_to_reference_fx",
     "disable_fake_quant",
     "disable_observer",
     "enable_fake_quant",
@@ -88,6 +89,11 @@ def prepare_qat_fx(
 def convert_fx(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """``torch.ao.quantization.quantize_fx.convert_fx`` (real int8 kernels) without its warnings."""
     return _quiet(_quantize_fx.convert_fx, model)
+
+
+def convert_to_reference_fx(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``torch.ao.quantization.quantize_fx.convert_to_reference_fx`` (float ops between quantize/dequantize)."""
+    return _quiet(_quantize_fx.convert_to_reference_fx, model)
 
 
 def node_qconfigs(prepared: torch.fx.GraphModule) -> dict[str, Any]:

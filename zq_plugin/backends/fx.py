@@ -41,6 +41,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from zq_plugin import _compat
 from zq_plugin._utils import WEIGHT_LAYERS as WEIGHT_LAYERS  # re-exported: part of this module's API
@@ -396,7 +397,14 @@ def _swap_conv_transpose(prepared: torch.fx.GraphModule) -> None:
 
 
 def _is_quantized_module(module: nn.Module | None) -> bool:
-    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
+    """A converted int8 module, or a reference module (alone or inside a fused module, ``reference=True``)."""
+    if module is None:
+        return False
+    if type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")):
+        return True
+    return type(module).__module__.startswith("torch.ao.nn.intrinsic") and any(
+        type(child).__module__.startswith("torch.ao.nn.quantized.reference") for child in module.children()
+    )
 
 
 def _float_weight_layers(
@@ -589,6 +597,45 @@ def quantize_fx(
     return result
 
 
+def _is_spatial_mean(node: torch.fx.Node) -> bool:
+    """``x.mean((2, 3))`` / ``torch.mean(x, [2, 3])`` (any spelling of the last two dims) of a 4-d tensor, no dtype."""
+    if not (
+        (node.op == "call_method" and node.target == "mean")
+        or (node.op == "call_function" and node.target is torch.mean)
+    ):
+        return False
+    x = node.args[0]
+    meta = x.meta.get("tensor_meta") if isinstance(x, torch.fx.Node) else None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    shape = getattr(meta, "shape", None)
+    if shape is None or len(shape) != 4 or "dtype" in node.kwargs:
+        return False
+    return isinstance(dims, list | tuple) and sorted(int(d) % 4 for d in dims) == [2, 3]
+
+
+def _spatial_means_as_pooling(model: nn.Module, example: tuple[Any, ...]) -> nn.Module:
+    """``model`` traced, with each spatial mean of a 4-d map replaced by ``adaptive_avg_pool2d(x, 1)``.
+
+    Returns ``model`` itself when it has no such mean. Shapes come from one run on ``example``.
+    """
+    graph_module = torch.fx.symbolic_trace(model)
+    with torch.no_grad():
+        ShapeProp(graph_module).propagate(*example)
+    means = [node for node in graph_module.graph.nodes if _is_spatial_mean(node)]
+    if not means:
+        return model
+    for node in means:
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        with graph_module.graph.inserting_before(node):
+            pooled = graph_module.graph.call_function(F.adaptive_avg_pool2d, (node.args[0], 1))
+            new = pooled if keepdim else graph_module.graph.call_function(torch.flatten, (pooled, 1))
+        node.replace_all_uses_with(new)
+        graph_module.graph.erase_node(node)
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return graph_module
+
+
 def convert_int8_fx(
     model: nn.Module,
     data: CalibrationData,
@@ -597,29 +644,53 @@ def convert_int8_fx(
     weight_observer: Any = None,
     batch_size: int = 64,
     input_fn: InputFn | None = None,
+    reference: bool = False,
 ) -> torch.fx.GraphModule:
     """A real int8 model (torch's quantized CPU kernels) from ``prepare_fx`` + calibration + ``convert_fx``.
 
+    ``reference=True`` returns torch's reference model of the same steps instead
+    (``convert_to_reference_fx``: float ops between quantize/dequantize pairs with the same
+    qparams), the exact emulation to check the int8 kernels against.
+
     Only 8 bits: ``convert_fx`` ignores narrower quant_min/quant_max, so lower bit widths
-    would silently run at more levels than asked. Every layer, first and last included, is W8A8.
-    ConvTranspose weights are quantized per tensor (torch's quantized ConvTranspose has no
+    would silently run at more levels than asked. Every layer, first and last included, has 8-bit
+    weights. ConvTranspose weights are quantized per tensor (torch's quantized ConvTranspose has no
     per-channel weights). Weight layers left in float are listed in ``.zq_float_layers``.
+
+    **Activations use 7 bits (``[0, 127]`` in ``quint8``) on the x86/fbgemm engines**, as torch's
+    own x86 qconfig does (``reduce_range=True``): those kernels multiply ``uint8 x int8`` pairs
+    into ``int16`` with saturation, and with the full ``[0, 255]`` range the depthwise kernel
+    saturates: a 3x3 depthwise conv of 144 channels with weights 1 on an input of ones returned
+    5.05 for 9, and torchvision's MobileNetV2 fell to cosine 0.59 against torch's own reference
+    model of the same qparams (0.9999 with 7 bits). Other engines (qnnpack) get 8 bits.
+
+    A ``x.mean((2, 3))`` / ``torch.mean(x, [2, 3])`` over a 4-d feature map (torchvision's
+    MNASNet, ShuffleNetV2) becomes ``adaptive_avg_pool2d(x, 1)`` (flattened unless ``keepdim``):
+    the same numbers, and torch's quantized ``mean`` over those dims fails at run time
+    ("required rank 4 tensor to use channels_last format").
 
     Raises:
         ModelError: the model does not trace, or torch cannot convert one of its layers (named).
     """
     check_traceable(model, "convert_int8_fx")
+    a_bits = 7 if torch.backends.quantized.engine in ("x86", "fbgemm") else 8
     mapping = uniform_qconfig_mapping(
-        model, 8, 8, first_last_bits=None, act_observer=act_observer, weight_observer=weight_observer, fake_quant=False
+        model,
+        8,
+        a_bits,
+        first_last_bits=None,
+        act_observer=act_observer,
+        weight_observer=weight_observer,
+        fake_quant=False,
     )
     transposed = [n for n, m in weight_layers(model).items() if isinstance(m, nn.modules.conv._ConvTransposeNd)]
     for name in transposed:
         mapping.set_module_name(
-            name, qconfig(8, 8, act_observer=act_observer, fake_quant=False, granularity="per_tensor")
+            name, qconfig(8, a_bits, act_observer=act_observer, fake_quant=False, granularity="per_tensor")
         )
     example = _to_device(_example_inputs(data, batch_size, input_fn), model_device(model))
     try:
-        prepared = _compat.prepare_fx(copy.deepcopy(model).eval(), mapping, example)
+        prepared = _compat.prepare_fx(_spatial_means_as_pooling(copy.deepcopy(model).eval(), example), mapping, example)
     except AssertionError as err:  # torch validates qconfigs per module type with bare asserts
         raise ModelError(
             f"convert_int8_fx: torch.ao refused a layer of {type(model).__name__} ({err}). Use quantize_fx (the "
@@ -627,7 +698,7 @@ def convert_int8_fx(
         ) from err
     calibrate(prepared, data, batch_size=batch_size, input_fn=input_fn)
     try:
-        converted = _compat.convert_fx(prepared)
+        converted = _compat.convert_to_reference_fx(prepared) if reference else _compat.convert_fx(prepared)
     except (AssertionError, RuntimeError, NotImplementedError) as err:
         raise ModelError(
             f"convert_int8_fx: torch's convert_fx failed on {type(model).__name__} ({type(err).__name__}: {err}). "
