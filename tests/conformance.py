@@ -229,19 +229,8 @@ def __getattr__(attr: str) -> Any:
     raise AttributeError(attr)
 
 
-def pt2e_prepare(model: nn.Module, calib: torch.Tensor, act: Any, wt: Any, a_bits: int = 8, w_bits: int = 8) -> Any:
-    """torch.export (dynamic batch) -> prepare_pt2e with a conv/linear-input quantizer using our observers.
-
-    The quantizer annotates the input and weight of every conv/linear (PT2E's meaning of
-    activation bits: a layer's input), as integration-notes §2 describes. torchao's own
-    X86InductorQuantizer is not used here: on torchvision's ResNets it fails inside torchao
-    ("Input partition has more than one output node", the conv+BN+add fusion), whatever the observers.
-    """
-    import copy
-
-    from zq_plugin import _compat
-
-    ns = _compat.torchao_pt2e()
+def pt2e_specs(ns: Any, act: Any, wt: Any, a_bits: int, w_bits: int) -> tuple[Any, Any]:
+    """torchao QuantizationSpecs: per-tensor affine uint8 activations, per-channel symmetric narrow int8 weights."""
     act_spec = ns.QuantizationSpec(
         dtype=torch.uint8,
         quant_min=0,
@@ -257,6 +246,23 @@ def pt2e_prepare(model: nn.Module, calib: torch.Tensor, act: Any, wt: Any, a_bit
         ch_axis=0,
         observer_or_fake_quant_ctr=wt,
     )
+    return act_spec, wt_spec
+
+
+def pt2e_prepare(model: nn.Module, calib: torch.Tensor, act: Any, wt: Any, a_bits: int = 8, w_bits: int = 8) -> Any:
+    """torch.export (dynamic batch) -> prepare_pt2e with a conv/linear-input quantizer using our observers.
+
+    The quantizer annotates the input and weight of every conv/linear (PT2E's meaning of
+    activation bits: a layer's input), as integration-notes §2 describes. torchao's own
+    X86InductorQuantizer is not used here: on torchvision's ResNets it fails inside torchao
+    ("Input partition has more than one output node", the conv+BN+add fusion), whatever the observers.
+    """
+    import copy
+
+    from zq_plugin import _compat
+
+    ns = _compat.torchao_pt2e()
+    act_spec, wt_spec = pt2e_specs(ns, act, wt, a_bits, w_bits)
     targets = {torch.ops.aten.conv2d.default, torch.ops.aten.linear.default}
 
     class ConvLinearInputs(ns.Quantizer):  # type: ignore[misc,name-defined]

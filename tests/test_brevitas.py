@@ -5,6 +5,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from conformance import conv_transpose_net
 from torch import nn
 
 from tests.conftest import assert_unchanged, snapshot
@@ -204,16 +205,7 @@ def test_plugin_statistic_threshold_matches_the_observer_statistic():
 
 def _conv_transpose_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1),
-        nn.ReLU(),
-        nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1),
-        nn.ReLU(),
-        nn.Conv2d(6, 4, 3, stride=2, padding=1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(4, 10),
-    ).eval()
+    return conv_transpose_net().eval()
 
 
 def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:

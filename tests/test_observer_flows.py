@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conformance import pt2e_specs
 from torch.ao.quantization import FakeQuantize, QConfigMapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
@@ -129,21 +130,7 @@ pt2e_missing = not _compat.has_torchao()
 
 def pt2e_quantize(model, calib, a_bits, w_bits, act, wt):
     ns = _compat.torchao_pt2e()
-    act_spec = ns.QuantizationSpec(
-        dtype=torch.uint8,
-        quant_min=0,
-        quant_max=2**a_bits - 1,
-        qscheme=torch.per_tensor_affine,
-        observer_or_fake_quant_ctr=act,
-    )
-    wt_spec = ns.QuantizationSpec(
-        dtype=torch.int8,
-        quant_min=-(2 ** (w_bits - 1)) + 1,
-        quant_max=2 ** (w_bits - 1) - 1,
-        qscheme=torch.per_channel_symmetric,
-        ch_axis=0,
-        observer_or_fake_quant_ctr=wt,
-    )
+    act_spec, wt_spec = pt2e_specs(ns, act, wt, a_bits, w_bits)
     config = ns.QuantizationConfig(act_spec, None, wt_spec, None, False)
     exported = torch.export.export(
         copy.deepcopy(model), (calib[:2],), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}}
