@@ -272,14 +272,14 @@ def test_lp_error_from_prefix_sums_equals_the_direct_error(x, bits, symmetric, p
     assert torch.allclose(fast, direct, rtol=1e-10, atol=0.0), (fast, direct)
 
 
-def _conv_weights(p):
+def _conv_weights(large):
     from conformance import import_torchvision
 
     models = import_torchvision()
     torch.manual_seed(0)
     net = models.resnet18(num_classes=10)
     weights = {"layer1.0.conv1": net.layer1[0].conv1.weight.detach()}
-    if p == 2.0:  # the slow reference on 256 channels costs seconds: MSE only
+    if large:  # the slow reference on 256 channels costs seconds: MSE only
         weights["layer3.0.conv2"] = net.layer3[0].conv2.weight.detach()
     return weights
 
@@ -290,7 +290,7 @@ def test_lp_search_by_prefix_sums_picks_the_reference_ranges_on_resnet18_weights
     calls = []
     original = stats.lp_error_moments
     monkeypatch.setattr(stats, "lp_error_moments", lambda *a: calls.append(1) or original(*a))
-    for name, weight in _conv_weights(p).items():
+    for name, weight in _conv_weights(p == 2.0).items():
         hist = histogram.observe(None, weight, ch_axis=0)
         for qmin, qmax, symmetric in ((-7, 7, True), (-8, 7, False)):
             ref = stats._lp_search(hist, qmin, qmax, symmetric, p=p, coarse=64, fine=32, eps=1e-7, fast=False)
@@ -310,6 +310,97 @@ def test_lp_search_routes_only_channels_with_enough_bins_to_prefix_sums():
     assert torch.equal(got[1], ref[1])
     for c in range(5):  # per-tensor search of each slice = row c of the per-channel search
         assert torch.equal(stats.lp_range(histogram.observe(None, w[c]), -7, 7, True)[1], got[1][c : c + 1])
+
+
+def _candidates(hist, bits, symmetric, seed, count=6):
+    """The full range and ``count`` random clipped ranges per channel: ``(scale, zero_point, qmin, qmax)``."""
+    qmin, qmax = quant_range(bits, symmetric or bits % 2 == 0, False)
+    alpha = torch.rand(count, hist.counts.shape[0], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    alpha[0] = 1.0
+    lo, hi = (alpha * hist.min_val.double()).float(), (alpha * hist.max_val.double()).float()
+    scale, zp = stats.compute_qparams(lo, hi, qmin, qmax, symmetric)
+    return scale.double(), zp.double(), qmin, qmax
+
+
+@given(
+    x=tensors(min_rows=1, max_rows=3),
+    bits=st.integers(2, 8),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**16),
+    bins=st.sampled_from([16, 256, 2048]),
+    min_bins_per_level=st.sampled_from([1.0, 0.01]),
+    grid=st.sampled_from([None, 8, 64]),
+)
+@example(  # 100 values, 7 each: the full range scores exactly 0 (a uniform count in every cell)
+    x=(torch.linspace(-1, 1, 100) * 0.731).repeat_interleave(7)[None],
+    bits=4,
+    symmetric=True,
+    seed=0,
+    bins=2048,
+    min_bins_per_level=1.0,
+    grid=None,
+)
+def test_kl_from_prefix_sums_equals_the_direct_kl(x, bits, symmetric, seed, bins, min_bins_per_level, grid):
+    """Issue 13 (cost): the prefix-sum KL is the direct per-bin KL to float rounding, at every scale.
+
+    ``grid`` snaps the data to that many levels (an already-quantized weight), where many
+    candidates score exactly 0: the prefix-sum KL must give exactly 0 there too (relative tolerance).
+    """
+    if grid is not None:
+        step = float(x.abs().max()) / grid or 1.0
+        x = torch.round(x / step) * step
+    hist = histogram.observe(None, x, ch_axis=0, bins=bins)
+    scale, zp, qmin, qmax = _candidates(hist, bits, symmetric, seed)
+    bins_ = histogram.nonempty_bins(hist, drop_zero_bins=True)
+    direct = stats.kl_loss(bins_, scale, zp, qmin, qmax, min_bins_per_level)
+    fast = stats.kl_loss_sums(stats.kl_sums(bins_), scale, zp, qmin, qmax, min_bins_per_level)
+    assert torch.equal(torch.isinf(fast), torch.isinf(direct))
+    finite = torch.isfinite(direct)
+    assert torch.allclose(fast[finite], direct[finite], rtol=1e-9, atol=0.0), (fast, direct)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_entropy_search_by_prefix_sums_picks_the_reference_ranges_on_resnet18_weights(per_channel, monkeypatch):
+    """Issue 13 (cost): the fast entropy search picks the ranges of the direct one, per channel and per tensor."""
+    calls = []
+    original = stats.kl_loss_sums
+    monkeypatch.setattr(stats, "kl_loss_sums", lambda *a: calls.append(1) or original(*a))
+    # per channel: layer1.0.conv1 (64 channels of 576 values); per tensor (cheap): also a 256-channel conv, 8 bits too
+    weights = _conv_weights(large=not per_channel)
+    for name, weight in weights.items():
+        hist = histogram.observe(None, weight, ch_axis=0 if per_channel else None, bins=2048 if per_channel else 8192)
+        grids = ((-7, 7, True), (-8, 7, False)) + (() if per_channel else ((-128, 127, False), (0, 255, False)))
+        for qmin, qmax, symmetric in grids:
+            options = {"min_bins_per_level": 1.0, "coarse": 64, "fine": 32, "eps": 1e-7}
+            ref = stats._entropy_search(hist, qmin, qmax, symmetric, **options, fast=False)
+            got = stats.entropy_range(hist, qmin, qmax, symmetric, **options)
+            for a, b in zip(ref, got, strict=True):
+                assert torch.equal(a, b), (name, qmin, qmax, int((a != b).sum()))
+    assert calls  # the prefix-sum route ran
+
+
+def test_entropy_search_routes_only_channels_with_enough_bins_to_prefix_sums(monkeypatch):
+    """A channel with few non-empty bins keeps the direct KL; an already-quantized channel (exact KL ties) is
+    routed to prefix sums and keeps the reference's tie rule; per-channel = per-tensor search of each slice."""
+    gen = torch.Generator().manual_seed(0)
+    few = torch.randn(1, 9, generator=gen).repeat(1, 228)[:, :2048]  # a depthwise 3x3: 9 values
+    snapped = torch.linspace(-1, 1, 128).repeat_interleave(16).unsqueeze(0)  # 128 levels, 16 each: KL 0 at alpha 1
+    w = torch.cat([torch.randn(2, 2048, generator=gen), few, snapped])
+    hist = histogram.observe(None, w, ch_axis=0)
+    routed = []
+    original = stats.kl_loss_sums
+    monkeypatch.setattr(
+        stats, "kl_loss_sums", lambda sums, *a: routed.append(sums.count.shape[0]) or original(sums, *a)
+    )
+    got = stats.entropy_range(hist, -7, 7, True)
+    assert set(routed) == {3}  # channels 0, 1 and 3
+    ref = stats._entropy_search(
+        hist, -7, 7, True, min_bins_per_level=1.0, coarse=64, fine=32, eps=stats.EPS, fast=False
+    )
+    assert torch.equal(got[1], ref[1])
+    assert float(got[1][3]) == 1.0  # the exact zero at the full range wins the tie, as in the reference
+    for c in range(4):
+        assert torch.equal(stats.entropy_range(histogram.observe(None, w[c]), -7, 7, True)[1], got[1][c : c + 1])
 
 
 # ---------------------------------------------------------------------------------------------
