@@ -397,3 +397,19 @@ def test_grouped_conv_transpose_is_scaled_per_tensor_with_a_warning():
     w = q.get_submodule("2").quant_weight()
     assert w.scale.numel() == 1 and (w.value / w.scale).round().abs().max() == 7
     assert _sqnr(net(_data(16)), q(_data(16))) > 20
+
+
+def test_forward_with_extra_inputs_is_refused_by_name():
+    """Found from outside: the error named neither the one-input rule nor the wrapper."""
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(144, 3)
+
+        def forward(self, x, mask):
+            return self.fc(torch.relu(self.conv(x * mask)).flatten(1))
+
+    qmodel = zb.to_brevitas(Masked().eval(), w_bits=4, a_bits=8)
+    with pytest.raises(ConfigError, match=r"one image input.*missing 1 required positional argument.*wrap the model"):
+        zb.calibrate(qmodel, torch.randn(8, 1, 8, 8))

@@ -193,3 +193,48 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     if not tensors:
         return torch.device("cpu"), torch.float32
     return tensors[0].device, tensors[0].dtype
+
+
+def input_placement(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    """Where a batch must go for ``model``: its device and floating dtype.
+
+    The device of its first parameter or buffer, and the dtype of its first floating parameter
+    (``None``: keep the batch's, e.g. a converted int8 model).
+    """
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return device, dtype
+
+
+def place(x: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``x`` on ``device``, floating tensors in ``dtype`` (when given); anything else unchanged."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    return x.to(device=device, dtype=dtype if dtype is not None and x.is_floating_point() else x.dtype)
+
+
+def forward_error(exc: Exception, index: int, inputs: Sequence[Any], entry: str) -> Exception:
+    """The named error for a model that fails on calibration batch ``index`` (``exc`` as is otherwise).
+
+    A ``TypeError`` from the call (a forward that needs more inputs than the batch gives) and any
+    failure on the first batch (data that do not fit the model) become a
+    :class:`~zq_plugin.errors.ConfigError` naming the rule and the way out.
+    """
+    from zq_plugin.errors import ConfigError, ZQError
+
+    if isinstance(exc, ZQError):
+        return exc
+    shapes = ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
+    if isinstance(exc, TypeError):
+        return ConfigError(
+            f"{entry}: the model cannot be called with the batch's inputs ({shapes}): {exc}. A batch is x or "
+            "(x, label, ...) and the model gets x; for a forward with more inputs pass input_fn=lambda batch: "
+            "(x, mask, ...) where the entry point takes it, or wrap the model so the image is its only input "
+            "(docs/compatibility.md)."
+        )
+    if index == 0 and isinstance(exc, RuntimeError | ValueError | IndexError):
+        return ConfigError(
+            f"{entry}: the model fails on the first calibration batch, inputs of shape {shapes} "
+            f"({type(exc).__name__}: {exc}). Pass batches of the model's input, e.g. [N, C, H, W] images."
+        )
+    return exc

@@ -50,7 +50,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from zq_plugin._utils import WEIGHT_LAYERS, eval_mode, report_float_layers, select_output
+from zq_plugin._utils import WEIGHT_LAYERS, eval_mode, forward_error, report_float_layers, select_output
 from zq_plugin.data import CalibrationData, collect_batches
 from zq_plugin.errors import ConfigError, MissingDependencyError, ModelError, NotCalibratedError, ZQError
 from zq_plugin.mixed_precision.plan import BitPlan
@@ -425,9 +425,17 @@ def _batches(model: nn.Module, data: CalibrationData, batch_size: int) -> list[t
 
 
 def _failed(step: str, index: int, exc: Exception, left: str) -> ZQError:
-    """The error raised when a step fails on one batch: a ZQError as is, anything else as a ModelError."""
+    """The error raised when a step fails on one batch.
+
+    A ZQError as is; a forward that needs more inputs than the image (a ``TypeError``) as the
+    :func:`zq_plugin._utils.forward_error` ConfigError; anything else as a ModelError.
+    """
     if isinstance(exc, ZQError):
         return exc
+    if isinstance(exc, TypeError):
+        named = forward_error(exc, index, [], f"{step} (the Brevitas backend feeds one image input)")
+        if isinstance(named, ZQError):
+            return named
     return ModelError(f"{step} failed on batch {index} ({type(exc).__name__}: {exc}); {left}")
 
 

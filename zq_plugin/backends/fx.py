@@ -45,7 +45,16 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from zq_plugin import _compat
 from zq_plugin._utils import WEIGHT_LAYERS as WEIGHT_LAYERS  # re-exported: part of this module's API
-from zq_plugin._utils import eval_mode, opaque_weight_modules, report_float_layers, weight_layers
+from zq_plugin._utils import (
+    eval_mode,
+    forward_error,
+    input_placement,
+    model_device_dtype,
+    opaque_weight_modules,
+    place,
+    report_float_layers,
+    weight_layers,
+)
 from zq_plugin._utils import weight_layer_names as weight_layer_names
 from zq_plugin.data import CalibrationData, SyntheticDataset, iter_batches
 from zq_plugin.errors import ConfigError, ModelError
@@ -60,9 +69,7 @@ InputFn = Callable[[Any], Any]
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter or buffer (CPU for a module without any)."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    return input_placement(model)[0]
 
 
 def batch_inputs(batch: Any, input_fn: InputFn | None = None) -> tuple[Any, ...]:
@@ -95,8 +102,10 @@ def _raw_batches(data: CalibrationData, batch_size: int) -> Iterable[Any]:
     return data
 
 
-def _to_device(inputs: tuple[Any, ...], device: torch.device) -> tuple[Any, ...]:
-    return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
+def _to_model(inputs: tuple[Any, ...], model: nn.Module) -> tuple[Any, ...]:
+    """``inputs`` on the model's device, floating tensors in its parameters' dtype."""
+    device, dtype = input_placement(model)
+    return tuple(place(t, device, dtype) for t in inputs)
 
 
 @contextlib.contextmanager
@@ -175,7 +184,7 @@ def calibrate(
         'Masked'
     """
     seen = 0
-    device = model_device(prepared)
+    device, dtype = input_placement(prepared)
     with _calibration_mode(prepared), torch.no_grad():
         for batch in _raw_batches(data, batch_size):
             if max_batches is not None and seen >= max_batches:
@@ -185,7 +194,14 @@ def calibrate(
                 torch.isfinite(t).all() for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()
             ):
                 raise ConfigError(f"calibration batch {seen} contains NaN or Inf; clean the data first.")
-            prepared(*_to_device(inputs, device))
+            placed = tuple(place(t, device, dtype) for t in inputs)
+            try:
+                prepared(*placed)
+            except Exception as exc:
+                error = forward_error(exc, seen, placed, "calibrate")
+                if error is exc:
+                    raise
+                raise error from exc
             seen += 1
     if seen == 0:
         raise ConfigError("the calibration data yielded no batch; pass at least one sample.")
@@ -496,6 +512,7 @@ def _folded_float_module(qat: nn.Module) -> nn.Module | None:
         )
     else:
         return None
+    plain = plain.to(device=weight.device, dtype=weight.dtype)  # the model's, not torch's CPU float32 default
     with torch.no_grad():
         plain.weight.copy_(weight)
         if bias is not None and plain.bias is not None:
@@ -572,6 +589,7 @@ def quantize_fx(
         ConfigError: bad bits, no calibration data, a mapping without FakeQuantize qconfigs.
     """
     check_traceable(model, "quantize_fx")
+    model_device_dtype(model)  # one device and one floating dtype, or a ConfigError naming them
     if mapping is None:
         mapping = uniform_qconfig_mapping(
             model,
@@ -582,7 +600,7 @@ def quantize_fx(
             weight_observer=weight_observer,
         )
     float_model = copy.deepcopy(model).eval()
-    example = _to_device(_example_inputs(data, batch_size, input_fn), model_device(model))
+    example = _to_model(_example_inputs(data, batch_size, input_fn), model)
     prepared = _compat.prepare_qat_fx(float_model, mapping, example).eval()
     _swap_conv_transpose(prepared)
     prepared.apply(_compat.enable_observer)
@@ -619,9 +637,19 @@ def _spatial_means_as_pooling(model: nn.Module, example: tuple[Any, ...]) -> nn.
     Returns ``model`` itself when it has no such mean. Shapes come from one run on ``example``.
     """
     graph_module = torch.fx.symbolic_trace(model)
+    maybe = [n for n in graph_module.graph.nodes if n.target == "mean" or n.target is torch.mean]
+    if not maybe:
+        return model
     with torch.no_grad():
+        try:
+            model(*example)  # a named error for inputs that do not fit, before ShapeProp prints its own
+        except Exception as exc:
+            error = forward_error(exc, 0, example, "convert_int8_fx")
+            if error is exc:
+                raise
+            raise error from exc
         ShapeProp(graph_module).propagate(*example)
-    means = [node for node in graph_module.graph.nodes if _is_spatial_mean(node)]
+    means = [node for node in maybe if _is_spatial_mean(node)]
     if not means:
         return model
     for node in means:
@@ -669,10 +697,19 @@ def convert_int8_fx(
     the same numbers, and torch's quantized ``mean`` over those dims fails at run time
     ("required rank 4 tensor to use channels_last format").
 
+    A float64/float16/bfloat16 model is converted to float32 first (torch's int8 kernels quantize
+    float32 tensors only); the int8 model takes float32 inputs.
+
     Raises:
+        ConfigError: the model lies on several devices or mixes floating dtypes.
         ModelError: the model does not trace, or torch cannot convert one of its layers (named).
     """
     check_traceable(model, "convert_int8_fx")
+    _, dtype = model_device_dtype(model)  # one device and one floating dtype, or a ConfigError naming them
+    work = copy.deepcopy(model).eval()
+    if dtype != torch.float32:  # torch's int8 kernels quantize float32 tensors only
+        logger.info("convert_int8_fx: the %s model is converted to float32 for torch's int8 kernels", dtype)
+        work = work.float()
     a_bits = 7 if torch.backends.quantized.engine in ("x86", "fbgemm") else 8
     mapping = uniform_qconfig_mapping(
         model,
@@ -688,9 +725,9 @@ def convert_int8_fx(
         mapping.set_module_name(
             name, qconfig(8, a_bits, act_observer=act_observer, fake_quant=False, granularity="per_tensor")
         )
-    example = _to_device(_example_inputs(data, batch_size, input_fn), model_device(model))
+    example = _to_model(_example_inputs(data, batch_size, input_fn), work)
     try:
-        prepared = _compat.prepare_fx(_spatial_means_as_pooling(copy.deepcopy(model).eval(), example), mapping, example)
+        prepared = _compat.prepare_fx(_spatial_means_as_pooling(work, example), mapping, example)
     except AssertionError as err:  # torch validates qconfigs per module type with bare asserts
         raise ModelError(
             f"convert_int8_fx: torch.ao refused a layer of {type(model).__name__} ({err}). Use quantize_fx (the "

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from zq_plugin._utils import OutputFn, select_output
+from zq_plugin._utils import OutputFn, input_placement, place, select_output
 from zq_plugin.data import CalibrationData, collect_batches
 from zq_plugin.errors import ConfigError
 from zq_plugin.mixed_precision.nonuniform import clustered_quantize
@@ -217,8 +217,8 @@ def measure_sensitivity(
             f"granularity={granularity!r}, grid={grid!r}: use 'per_channel'/'per_tensor' and 'uniform'/'nonuniform'."
         )
     work = copy.deepcopy(model).eval()
-    device = next((t.device for t in (*work.parameters(), *work.buffers())), torch.device("cpu"))
-    batches = [x.to(device) for x in collect_batches(data, batch_size, max_batches)]
+    device, dtype = input_placement(work)
+    batches = [place(x, device, dtype) for x in collect_batches(data, batch_size, max_batches)]
     all_layers = weight_layers(work)
     if layers is not None:
         unknown = [n for n in layers if n not in all_layers]
