@@ -81,6 +81,8 @@ def test_user_checkpoint_and_arch(tmp_path, capsys):
         (["synthesize", "--model", "resnet_s", "--num-samples", "0", "--out", "x.pt"], "num_samples"),
         (["synthesize", "--arch", "nowhere:Net", "--checkpoint", "c.pt", "--out", "x.pt"], "cannot import"),
         (["quantize", "--model", "resnet_s", "--data", "noise", "--w-bits", "4", "--int8-out", "q.pt"], "8"),
+        (["synthesize", "--model", "resnet_s", "--input-range", "low,high", "--out", "x.pt"], "--input-range"),
+        (["synthesize", "--model", "resnet_s", "--input-range", "2,1", "--out", "x.pt"], "lo < hi"),
     ],
 )
 def test_bad_input_exits_2_with_message(argv, match, capsys, tmp_path, monkeypatch):
@@ -164,3 +166,14 @@ def test_quantize_with_plan_on_both_backends(data_file, tmp_path, capsys):
     assert "--int8-out" in capsys.readouterr().err
     assert cli.main([*base, "--onnx-out", str(onnx)]) == 2  # FX backend has no ONNX export here
     assert "--backend brevitas" in capsys.readouterr().err
+
+
+def test_synthesize_input_range_for_a_user_model(tmp_path):
+    """Found from outside: a model without input_range was distilled unclamped, and the CLI had no flag for it."""
+    ckpt, out = tmp_path / "w.pt", tmp_path / "d.pt"
+    torch.save(zoo.load("resnet_s").state_dict(), ckpt)
+    arch = ["--arch", "zq_plugin.zoo.models:ResNetS", "--checkpoint", str(ckpt)]
+    argv = ["synthesize", *arch, "--num-samples", "4", "--batch-size", "4", "--option", "steps=5", "--out", str(out)]
+    assert cli.main([*argv, "--input-range=-0.5,0.25"]) == 0  # "=": the value starts with "-"
+    images = torch.load(out, weights_only=True)["images"]
+    assert images.min() >= -0.5 and images.max() <= 0.25

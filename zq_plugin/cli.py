@@ -67,6 +67,19 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--input-shape {text!r} must be comma-separated ints, e.g. 1,28,28.") from exc
 
 
+def parse_input_range(text: str | None) -> tuple[float, float] | str | None:
+    """``--input-range``: ``"lo,hi"`` -> ``(lo, hi)``, ``"none"`` -> ``None``, absent -> ``"auto"``."""
+    if text is None:
+        return "auto"
+    if text.strip().lower() == "none":
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"--input-range {text!r} must be lo,hi (two numbers, e.g. -0.81,2.02) or none.") from exc
+    return (lo, hi)
+
+
 def parse_options(items: list[str]) -> dict[str, Any]:
     """``["steps=200", "statistics=batch"]`` -> ``{"steps": 200, "statistics": "batch"}``.
 
@@ -212,6 +225,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             cache_dir=args.cache_dir,
+            input_range=parse_input_range(args.input_range),  # type: ignore[arg-type]
             **parse_options(args.option),
         )
         if not distributed or torch.distributed.get_rank() == 0:
@@ -311,7 +325,14 @@ def load_data(model: nn.Module, args: argparse.Namespace) -> Any:
     if args.data == "real":
         return real_subset(args.num_samples, args.seed)
     if args.data == "noise":
-        return synthesize(model, "noise", num_samples=args.num_samples, input_shape=shape, seed=args.seed)
+        return synthesize(
+            model,
+            "noise",
+            num_samples=args.num_samples,
+            input_shape=shape,
+            seed=args.seed,
+            input_range=parse_input_range(args.input_range),  # type: ignore[arg-type]
+        )
     if args.data in METHODS:
         return synthesize(
             model,
@@ -320,6 +341,7 @@ def load_data(model: nn.Module, args: argparse.Namespace) -> Any:
             input_shape=shape,
             seed=args.seed,
             cache_dir=getattr(args, "cache_dir", None),
+            input_range=parse_input_range(args.input_range),  # type: ignore[arg-type]
         )
     return SyntheticDataset.load(args.data, model, allow_mismatch=getattr(args, "allow_mismatch", False))
 
@@ -430,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--arch", help="your model class, package.module:Class (constructed without arguments)")
         p.add_argument("--checkpoint", help="state_dict file for --arch (loaded with weights_only=True)")
         p.add_argument("--input-shape", help="one input's shape, e.g. 1,28,28 (default: the zoo's)")
+        p.add_argument(
+            "--input-range",
+            help="the box of valid inputs synthesis clamps to, lo,hi in the model's input space, or 'none'; write "
+            "--input-range=-0.81,2.02 (with '=' when lo is negative; that is pixels [0, 1] after Fashion-MNIST's "
+            "normalization); default: the model's input_range attribute",
+        )
         p.add_argument("--num-samples", type=int, default=256)
         p.add_argument("--seed", type=int, default=0)
 
