@@ -399,9 +399,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if evaluate:
         x_test, y_test = datasets.load_fashion_mnist("test")
         example = next(iter(iter_batches(data, 1)))[:1]
-        picks = sorted(
-            {round(i * (len(result.frontier) - 1) / max(args.evaluate - 1, 1)) for i in range(args.evaluate)}
-        )
+        picks = sorted({round(i * (len(result.frontier) - 1) / max(evaluate - 1, 1)) for i in range(evaluate)})
         points = [(result.frontier[i], result.plan_at(result.frontier[i])) for i in picks]
         points.append((None, plan))
         for point, p in points:
