@@ -188,3 +188,35 @@ def test_plan_readme_command_measures_the_default_points(data_file, tmp_path):
     doc = json.loads((out / "frontier.json").read_text())
     assert len(doc["measured"]) >= 2 and doc["measured"][-1]["chosen"]
     assert (out / "frontier.png").exists()
+
+
+class NeedsArgs(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.fc = torch.nn.Linear(width, 2)
+
+
+@pytest.mark.parametrize("case", ["other_weights", "truncated", "pickled_module", "constructor_args"])
+def test_arch_checkpoint_mistakes_get_one_error_line(case, tmp_path, capsys):
+    """Issue 14: a wrong state_dict, a corrupt checkpoint or a constructor needing arguments printed tracebacks."""
+    ckpt, arch = tmp_path / "w.pt", "zq_plugin.zoo.models:PlainCNN"
+    if case == "other_weights":
+        torch.save(zoo.load("resnet_s").state_dict(), ckpt)
+    elif case == "truncated":
+        torch.save(zoo.load("plain_cnn").state_dict(), ckpt)
+        ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    elif case == "pickled_module":
+        torch.save(zoo.load("plain_cnn"), ckpt)
+    else:
+        torch.save({}, ckpt)
+        arch = f"{__name__}:NeedsArgs"
+    rc = cli.main(["synthesize", "--arch", arch, "--checkpoint", str(ckpt), "--method", "noise", "--out", "x.pt"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("zq: error:") and "Traceback" not in err
+    want = {
+        "other_weights": "does not fit",
+        "truncated": "not a readable state_dict",
+        "pickled_module": "save its state_dict",
+        "constructor_args": "without arguments",
+    }[case]
+    assert want in err

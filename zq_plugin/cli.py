@@ -50,12 +50,35 @@ def load_model(name: str | None, arch: str | None, checkpoint: str | None) -> nn
         cls = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"cannot import {arch!r}: {exc}. Check the module path and class name.") from exc
-    model = cls()
+    try:
+        model = cls()
+    except TypeError as exc:
+        raise ConfigError(
+            f"--arch {arch!r} cannot be constructed without arguments ({exc}). Point --arch at a class or "
+            "function that builds the model with no arguments, e.g. a small subclass or factory in your package."
+        ) from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--arch {arch!r} built a {type(model).__name__}, not a torch.nn.Module.")
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise ConfigError(f"checkpoint {checkpoint} does not exist.") from exc
-    model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    except Exception as exc:  # a truncated zip, a pickled module, a file of another kind
+        raise ConfigError(
+            f"checkpoint {checkpoint} is not a readable state_dict ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            "--checkpoint takes a file written by torch.save(model.state_dict(), path); a whole pickled model is "
+            "not loaded (weights_only=True, for safety): save its state_dict instead."
+        ) from exc
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ConfigError(f"checkpoint {checkpoint} holds a {type(state).__name__}, not a state_dict.")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"checkpoint {checkpoint} does not fit {arch}: {str(exc).splitlines()[0]} ({str(exc).count(chr(10))} "
+            "more lines). Check that --arch builds the same architecture the weights were saved from."
+        ) from exc
     return model.eval()
 
 
@@ -400,8 +423,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         x_test, y_test = datasets.load_fashion_mnist("test")
         example = next(iter(iter_batches(data, 1)))[:1]
         picks = sorted({round(i * (len(result.frontier) - 1) / max(evaluate - 1, 1)) for i in range(evaluate)})
-        points = [(result.frontier[i], result.plan_at(result.frontier[i])) for i in picks]
-        points.append((None, plan))
+        points: list[tuple[Any, Any]] = [(result.frontier[i], result.plan_at(result.frontier[i])) for i in picks]
+        points.append((None, plan))  # the chosen plan, no frontier point of its own
         for point, p in points:
             sim = quantize_fx(model, data, mapping=to_qconfig_mapping(p, model, (example,)))
             entry = {
