@@ -82,11 +82,15 @@ def test_user_checkpoint_and_arch(tmp_path, capsys):
         (["synthesize", "--arch", "nowhere:Net", "--checkpoint", "c.pt", "--out", "x.pt"], "cannot import"),
         (["quantize", "--model", "resnet_s", "--data", "noise", "--w-bits", "4", "--int8-out", "q.pt"], "8"),
         (["synthesize", "--model", "resnet_s", "--input-range", "low,high", "--out", "x.pt"], "--input-range"),
+        (["quantize", "--model", "resnet_s", "--data", "dsgg"], "zeroq"),
+        (["synthesize", "--model", "resnet_s", "--option", "steps=abc", "--out", "x.pt"], "steps='abc'"),
+        (["synthesize", "--model", "resnet_s", "--out", "afile/x.pt"], "cannot be written"),
         (["synthesize", "--model", "resnet_s", "--input-range", "2,1", "--out", "x.pt"], "lo < hi"),
     ],
 )
 def test_bad_input_exits_2_with_message(argv, match, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("a file where a folder is needed")
     assert cli.main(argv) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
@@ -220,3 +224,17 @@ def test_arch_checkpoint_mistakes_get_one_error_line(case, tmp_path, capsys):
         "constructor_args": "without arguments",
     }[case]
     assert want in err
+
+
+def test_negative_evaluate_is_refused(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["plan", "--model", "resnet_s", "--data", "noise", "--budget", "MP4", "--evaluate", "-1"])
+    assert info.value.code == 2 and "must be >= 0" in capsys.readouterr().err
+
+
+def test_int8_out_creates_its_folder(tmp_path, capsys):
+    """Issue 14: --int8-out nodir/x.pt failed after the work while --onnx-out created its folder."""
+    out = tmp_path / "nodir" / "int8.pt"
+    argv = ["quantize", "--model", "plain_cnn", "--data", "noise", "--num-samples", "16", "--int8-out", str(out)]
+    assert cli.main(argv) == 0
+    assert torch.jit.load(out)(torch.zeros(1, 1, 28, 28)).shape == (1, 10)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch import nn
 
 from zq_plugin import datasets, zoo
 from zq_plugin.backends.fx import convert_int8_fx, quantize_fx
-from zq_plugin.data import SyntheticDataset, iter_batches, model_fingerprint
+from zq_plugin.data import SyntheticDataset, atomic_write, iter_batches, model_fingerprint
 from zq_plugin.errors import ConfigError, ZQError
 from zq_plugin.evaluation import accuracy
 from zq_plugin.observers.ao import NAMES, observer_class
@@ -88,6 +89,33 @@ def parse_shape(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(","))
     except ValueError as exc:
         raise ConfigError(f"--input-shape {text!r} must be comma-separated ints, e.g. 1,28,28.") from exc
+
+
+def check_writable(path: Path | None, flag: str, *, folder: bool = False) -> None:
+    """Fail before any work when ``path`` (a file, or a folder with ``folder``) cannot be written.
+
+    Creates the missing parent folders (or the folder), as the writers do, and tries a scratch file.
+    """
+    if path is None:
+        return
+    where = path if folder else path.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".zq-write-check."):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path} cannot be written ({exc.strerror or exc}); choose a writable path.") from exc
+
+
+def nonnegative_int(text: str) -> int:
+    """Argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return value
 
 
 def parse_input_range(text: str | None) -> tuple[float, float] | str | None:
@@ -234,6 +262,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
     """``zq synthesize``."""
+    check_writable(args.out, "--out")  # before synthesis, which takes a while
     model = load_model(args.model, args.arch, args.checkpoint)
     shape = parse_shape(args.input_shape) if args.input_shape else zoo.INPUT_SHAPE
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -262,6 +291,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """``zq quantize``."""
+    check_writable(args.int8_out, "--int8-out")
+    check_writable(args.onnx_out, "--onnx-out")
     model = load_model(args.model, args.arch, args.checkpoint)
     data = load_data(model, args)
     report: dict[str, Any] = {"w_bits": args.w_bits, "a_bits": args.a_bits, "data": args.data}
@@ -308,7 +339,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             )
         int8 = convert_int8_fx(model, data)
         example = next(iter(iter_batches(data, 1)))[:1]
-        torch.jit.save(torch.jit.trace(int8, example), args.int8_out)
+        traced = torch.jit.trace(int8, example)
+        atomic_write(args.int8_out, lambda f: torch.jit.save(traced, f))  # folders created, no half file
         report["int8_out"] = str(args.int8_out)
     print(json.dumps(report, indent=2))
     return 0
@@ -355,6 +387,11 @@ def load_data(model: nn.Module, args: argparse.Namespace) -> Any:
             input_shape=shape,
             seed=args.seed,
             input_range=parse_input_range(args.input_range),  # type: ignore[arg-type]
+        )
+    if args.data not in METHODS and not Path(args.data).exists() and not Path(args.data).suffix:
+        raise ConfigError(
+            f"--data {args.data!r} is neither a file nor a data source: use a file from 'zq synthesize', "
+            f"'real', 'noise' or a synthesis method: {', '.join(sorted(METHODS))}."
         )
     if args.data in METHODS:
         return synthesize(
@@ -408,6 +445,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from zq_plugin.mixed_precision.emit import to_qconfig_mapping
 
     budget = Budget.parse(args.budget)  # before the data and the measurement, which take a while
+    check_writable(args.out, "--out", folder=True)
     model = load_model(args.model, args.arch, args.checkpoint)
     data = load_data(model, args)
     result = pareto_plan(model, data, budget=budget, bits=args.bits, a_bits=args.a_bits, grid=args.grid, progress=True)
@@ -540,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     pla.add_argument("--hybrid-threshold", type=float, help="also choose per-tensor weights within this KL")
     pla.add_argument(
         "--evaluate",
-        type=int,
+        type=nonnegative_int,
         metavar="K",
         help="measure top-1 on the Fashion-MNIST test set at K frontier points (default: 4 for zoo models, else 0)",
     )

@@ -14,6 +14,7 @@ a seeded generator. Registering is one decorator::
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +82,15 @@ class Method:
         unknown = sorted(set(options) - known)
         if unknown:
             raise ConfigError(f"method {self.name!r} has no option(s) {unknown}; its options are {sorted(known)}.")
+        hints = typing.get_type_hints(self.config_cls)
+        for name, value in options.items():
+            hint = hints.get(name)
+            numeric = isinstance(value, int | float) and not isinstance(value, bool)
+            if (hint is int and not (numeric and float(value).is_integer())) or (hint is float and not numeric):
+                kind = "an int" if hint is int else "a number"
+                raise ConfigError(f"option {name}={value!r} of method {self.name!r} must be {kind}.")
+            if hint is int:
+                options = {**options, name: int(value)}
         try:
             return self.config_cls(**options)
         except TypeError as exc:  # pragma: no cover - dataclass signature errors
