@@ -23,7 +23,7 @@ from torch import nn
 from zq_plugin import datasets, zoo
 from zq_plugin.backends.fx import convert_int8_fx, quantize_fx
 from zq_plugin.data import SyntheticDataset, atomic_write, iter_batches, model_fingerprint
-from zq_plugin.errors import ConfigError, ZQError
+from zq_plugin.errors import ConfigError, DataMismatchError, ZQError
 from zq_plugin.evaluation import accuracy
 from zq_plugin.observers.ao import NAMES, observer_class
 from zq_plugin.synth import synthesize
@@ -300,6 +300,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.plan:
         from zq_plugin.mixed_precision import BitPlan
 
+        if not args.plan.is_file():
+            raise ConfigError(
+                f"--plan {args.plan} does not exist: write one with 'zq plan ... --out DIR' (DIR/plan.json)."
+            )
         plan = BitPlan.load(args.plan).with_params(model)
         report["plan"] = str(args.plan)
         report["average_w_bits"] = round(plan.average_w_bits(), 3)
@@ -403,7 +407,10 @@ def load_data(model: nn.Module, args: argparse.Namespace) -> Any:
             cache_dir=getattr(args, "cache_dir", None),
             input_range=parse_input_range(args.input_range),  # type: ignore[arg-type]
         )
-    return SyntheticDataset.load(args.data, model, allow_mismatch=getattr(args, "allow_mismatch", False))
+    try:
+        return SyntheticDataset.load(args.data, model, allow_mismatch=getattr(args, "allow_mismatch", False))
+    except DataMismatchError as exc:  # the library's hint names the keyword; a CLI user has a flag
+        raise DataMismatchError(str(exc).replace("allow_mismatch=True", "--allow-mismatch")) from exc
 
 
 def plot_frontier(path: Path, rows: list[dict[str, Any]], measured: list[dict[str, Any]], title: str) -> None:
