@@ -10,6 +10,7 @@ run with ``-m conformance`` (CI runs both). docs/compatibility.md is this matrix
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -47,6 +48,20 @@ def _cached(name):
 def model_of(name):
     """A fresh copy is not needed: each cell checks that the shared model stays unchanged."""
     return _cached(name)
+
+
+def cell(name):
+    """A matrix cell's model, a snapshot of it and a calibration batch."""
+    model, shape = model_of(name)
+    return model, snapshot(model), calib_of(shape)
+
+
+@contextlib.contextmanager
+def quiet():
+    """torch.ao's and our expected warnings (deprecations, float layers) kept out of the matrix output."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def calib_of(shape, n=8):
@@ -143,14 +158,11 @@ OBSERVERS = ["minmax", "mse", "percentile", "aciq", "entropy"]
 @pytest.mark.parametrize("observer", OBSERVERS)
 @pytest.mark.parametrize("name", rows())
 def test_quantize_fx(name, observer):
-    model, shape = model_of(name)
-    before = snapshot(model)
-    x = calib_of(shape)
+    model, before, x = cell(name)
     kw = {}
     if observer != "minmax":
         kw = {"act_observer": zo.observer_class(observer), "weight_observer": zo.observer_class(observer, True)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet():
         sim = zq_plugin.quantize_fx(model, x, w_bits=4, a_bits=4, **kw)
     assert getattr(sim, "zq_float_layers", ()) == ()
     fq_levels_respected(sim, x)
@@ -162,9 +174,7 @@ def test_quantize_fx(name, observer):
 def test_users_own_prepare_fx_calibrate_convert_fx(name):
     import copy
 
-    model, shape = model_of(name)
-    before = snapshot(model)
-    x = calib_of(shape)
+    model, before, x = cell(name)
     from torch.ao.quantization import (
         HistogramObserver,
         QConfig,
@@ -177,8 +187,7 @@ def test_users_own_prepare_fx_calibrate_convert_fx(name):
     mapping = QConfigMapping().set_global(get_default_qconfig("x86"))  # README, FX usage step 3
     # torch.ao's per-channel x86 qconfig asserts on ConvTranspose: the documented per-tensor override
     mapping.set_object_type(nn.ConvTranspose2d, QConfig(activation=HistogramObserver, weight=default_weight_observer))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet():
         prepared = prepare_fx(copy.deepcopy(model), mapping, (x[:1],))
         zq_plugin.calibrate(prepared, x)
         converted = convert_fx(prepared)
@@ -194,11 +203,8 @@ def test_users_own_prepare_fx_calibrate_convert_fx(name):
 
 @pytest.mark.parametrize("name", rows())
 def test_convert_int8_fx(name):
-    model, shape = model_of(name)
-    before = snapshot(model)
-    x = calib_of(shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    model, before, x = cell(name)
+    with quiet():
         q = zq_plugin.convert_int8_fx(model, x)
         reference = zq_plugin.convert_int8_fx(model, x, reference=True)
     # random-weight nets lose much to any 8-bit rounding, so the int8 kernels are held to torch's
@@ -222,8 +228,7 @@ def test_pareto_plan_emitted_mapping_and_hybrid_plan(name):
     x = calib_of(shape, 4)
     result = pareto_plan(model, x, budget="MP4", bits=(4, 8), progress=False)
     mapping = to_qconfig_mapping(result.plan, model, (x[:1],))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet():
         sim = zq_plugin.quantize_fx(model, x, mapping=mapping)
     fq_levels_respected(sim, x)
     hybrid, _ = hybrid_plan(model, x, result.plan, progress=False)
@@ -240,11 +245,8 @@ def test_brevitas_calibrate_bias_correct_export_run_onnx(name, tmp_path):
     pytest.importorskip("onnxruntime")
     from zq_plugin.backends import brevitas as zb
 
-    model, shape = model_of(name)
-    before = snapshot(model)
-    x = calib_of(shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    model, before, x = cell(name)
+    with quiet():
         qmodel = zb.to_brevitas(model, w_bits=4, a_bits=8)
         zb.calibrate(qmodel, x)
         zb.bias_correct(qmodel, x)
@@ -268,9 +270,7 @@ def test_brevitas_calibrate_bias_correct_export_run_onnx(name, tmp_path):
 def test_pt2e_observers_prepare_calibrate_convert(name):
     from zq_plugin.observers import pt2e
 
-    model, shape = model_of(name)
-    before = snapshot(model)
-    x = calib_of(shape)
+    model, before, x = cell(name)
     prepared, ns = pt2e_prepare(model, x, pt2e.MSEObserver, pt2e.PerChannelACIQObserver, a_bits=8, w_bits=8)
     zq_plugin.calibrate(prepared, x)
     converted = ns.convert_pt2e(prepared)
@@ -314,7 +314,6 @@ def test_cli_arch_synthesize_and_quantize(name, tmp_path, monkeypatch):
         ]
     )
     assert rc == 0 and data.exists()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet():
         rc = cli.main(["quantize", *arch, "--input-shape", dims, "--data", str(data), "--w-bits", "4", "--a-bits", "4"])
     assert rc == 0

@@ -39,7 +39,6 @@ import contextlib
 import copy
 import functools
 import importlib
-import itertools
 import logging
 import os
 import typing
@@ -50,7 +49,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from zq_plugin._utils import WEIGHT_LAYERS, eval_mode, forward_error, report_float_layers, select_output
+from zq_plugin._utils import (
+    WEIGHT_LAYERS,
+    eval_mode,
+    forward_error,
+    input_placement,
+    place,
+    report_float_layers,
+    select_output,
+)
 from zq_plugin.data import CalibrationData, collect_batches
 from zq_plugin.errors import ConfigError, MissingDependencyError, ModelError, NotCalibratedError, ZQError
 from zq_plugin.mixed_precision.plan import BitPlan
@@ -305,7 +312,7 @@ def to_brevitas(
         kwargs = _layer_kwargs(plan, unsigned, act_stats, b)
         layer_map = {float_cls: (getattr(b["qnn"], name), kwargs) for float_cls, name in _QUANT_LAYERS.items()}
         qmodel = b["layerwise_quantize"](graph, compute_layer_map=layer_map)
-    qmodel.eval().to(_device(model))  # the quantizers' own tensors go where the model's weights are
+    qmodel.eval().to(input_placement(model)[0])  # the quantizers' own tensors go where the model's weights are
     grouped = []
     for name, layer in _quant_layers(qmodel):
         if layer.bias is None:  # a zero bias: bias correction then never changes the parameter set
@@ -408,23 +415,13 @@ def _require_calibration(model: nn.Module, _args: Any) -> None:
         )
 
 
-def _device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
-    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
 def _batches(model: nn.Module, data: CalibrationData, batch_size: int) -> list[torch.Tensor]:
     """The batches of ``data``, moved to the model's device (floating batches also to its dtype)."""
-    device = _device(model)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    return [
-        x.to(device=device, dtype=dtype if dtype is not None and x.is_floating_point() else x.dtype)
-        for x in collect_batches(data, batch_size)
-    ]
+    device, dtype = input_placement(model)
+    return [place(x, device, dtype) for x in collect_batches(data, batch_size)]
 
 
-def _failed(step: str, index: int, exc: Exception, left: str) -> ZQError:
+def _failed(step: str, index: int, exc: Exception, left: str, batch: torch.Tensor | None = None) -> ZQError:
     """The error raised when a step fails on one batch.
 
     A ZQError as is; a forward that needs more inputs than the image (a ``TypeError``) as the
@@ -433,7 +430,7 @@ def _failed(step: str, index: int, exc: Exception, left: str) -> ZQError:
     if isinstance(exc, ZQError):
         return exc
     if isinstance(exc, TypeError):
-        named = forward_error(exc, index, [], f"{step} (the Brevitas backend feeds one image input)")
+        named = forward_error(exc, index, [batch], f"{step} (the Brevitas backend feeds one image input)")
         if isinstance(named, ZQError):
             return named
     return ModelError(f"{step} failed on batch {index} ({type(exc).__name__}: {exc}); {left}")
@@ -484,7 +481,8 @@ def calibrate(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) 
                 s.buffer.copy_(buffer)
                 s.value.detach().copy_(value)
                 _steps(owner, attr).copy_(n)
-        raise _failed("calibration", index, exc, "the model is as it was before this call.") from exc
+        batch = batches[index] if index < len(batches) else None
+        raise _failed("calibration", index, exc, "the model is as it was before this call.", batch) from exc
     for (owner, attr, scaler), count in zip(scalers, counts, strict=True):
         _steps(owner, attr).fill_(count)
         if count == 0:  # never reached: keep refusing to run rather than use threshold 1.0
@@ -566,7 +564,8 @@ def bias_correct(model: nn.Module, data: CalibrationData, *, batch_size: int = 6
                 model(x)
                 index += 1
     except Exception as exc:
-        raise _failed("bias correction", index, exc, "no bias was changed and no hook is left.") from exc
+        batch = batches[index] if index < len(batches) else None
+        raise _failed("bias correction", index, exc, "no bias was changed and no hook is left.", batch) from exc
     finally:
         for handle in handles:
             handle.remove()
@@ -593,7 +592,7 @@ def gptq(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> nn
     with (
         eval_mode(model),
         torch.no_grad(),
-        gptq_mode(model, use_quant_activations=False, device=str(_device(model))) as g,
+        gptq_mode(model, use_quant_activations=False, device=str(input_placement(model)[0])) as g,
     ):
         for _ in range(g.num_layers):
             for x in batches:
@@ -653,7 +652,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
         raise MissingDependencyError(
             "ONNX export needs onnx and onnxoptimizer: pip install 'zq-plugin[onnx]'."
         ) from exc
-    example = example.to(_device(model))
+    example = example.to(input_placement(model)[0])
     with eval_mode(model), torch.no_grad():
         output = model(example)
     flat = _LogitsFirst.flatten(output)

@@ -67,11 +67,6 @@ logger = logging.getLogger(__name__)
 InputFn = Callable[[Any], Any]
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of ``model``'s first parameter or buffer (CPU for a module without any)."""
-    return input_placement(model)[0]
-
-
 def batch_inputs(batch: Any, input_fn: InputFn | None = None) -> tuple[Any, ...]:
     """The positional model inputs of one calibration batch.
 

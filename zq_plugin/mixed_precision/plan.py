@@ -32,8 +32,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from zq_plugin._utils import WEIGHT_LAYERS, weight_layer_names
-from zq_plugin._utils import weight_layers as _quantizable_layers
+from zq_plugin._utils import WEIGHT_LAYERS, weight_layer_names, weight_layers
 from zq_plugin.data import atomic_write
 from zq_plugin.errors import ConfigError
 from zq_plugin.qparams import check_bits
@@ -71,16 +70,6 @@ class LayerBits:
             raise ConfigError(f"grid={self.grid!r}: use 'uniform' or 'nonuniform'.")
         if isinstance(self.params, bool) or not isinstance(self.params, int) or self.params < 0:
             raise ConfigError(f"params={self.params!r} must be a non-negative integer (the layer's weight count).")
-
-
-def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Conv/ConvTranspose/Linear layers of ``model`` that a backend quantizes, by qualified name, in module order.
-
-    Layers inside modules that torch.fx does not descend into (``nn.MultiheadAttention``'s
-    ``out_proj``, ``nn.TransformerEncoderLayer``) are left out: no backend quantizes them, so a
-    plan neither budgets nor names them (:func:`zq_plugin._utils.weight_layers`).
-    """
-    return _quantizable_layers(model)
 
 
 def _weight_count(module: nn.Module) -> int:
@@ -156,7 +145,7 @@ class BitPlan:
     def check(self, model: nn.Module) -> BitPlan:
         """Raise :class:`ConfigError` if the plan names a layer that is not a quantizable Conv/Linear of ``model``.
 
-        Quantizable: :func:`weight_layers` (not inside ``nn.MultiheadAttention`` and other modules
+        Quantizable: :func:`zq_plugin._utils.weight_layers` (not inside ``nn.MultiheadAttention`` and other modules
         torch.fx treats as leaves), the same set the FX emitter and backends quantize.
         """
         layers = weight_layers(model)
