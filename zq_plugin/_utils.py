@@ -238,3 +238,14 @@ def forward_error(exc: Exception, index: int, inputs: Sequence[Any], entry: str)
             f"({type(exc).__name__}: {exc}). Pass batches of the model's input, e.g. [N, C, H, W] images."
         )
     return exc
+
+
+def call_model(model: nn.Module, inputs: Sequence[Any], index: int, entry: str) -> Any:
+    """``model(*inputs)``, with a failure on calibration batch ``index`` turned into :func:`forward_error`'s."""
+    try:
+        return model(*inputs)
+    except Exception as exc:
+        error = forward_error(exc, index, inputs, entry)
+        if error is exc:
+            raise
+        raise error from exc

@@ -46,8 +46,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from zq_plugin import _compat
 from zq_plugin._utils import WEIGHT_LAYERS as WEIGHT_LAYERS  # re-exported: part of this module's API
 from zq_plugin._utils import (
+    call_model,
     eval_mode,
-    forward_error,
     input_placement,
     model_device_dtype,
     opaque_weight_modules,
@@ -190,13 +190,7 @@ def calibrate(
             ):
                 raise ConfigError(f"calibration batch {seen} contains NaN or Inf; clean the data first.")
             placed = tuple(place(t, device, dtype) for t in inputs)
-            try:
-                prepared(*placed)
-            except Exception as exc:
-                error = forward_error(exc, seen, placed, "calibrate")
-                if error is exc:
-                    raise
-                raise error from exc
+            call_model(prepared, placed, seen, "calibrate")
             seen += 1
     if seen == 0:
         raise ConfigError("the calibration data yielded no batch; pass at least one sample.")
@@ -636,13 +630,9 @@ def _spatial_means_as_pooling(model: nn.Module, example: tuple[Any, ...]) -> nn.
     if not maybe:
         return model
     with torch.no_grad():
-        try:
-            model(*example)  # a named error for inputs that do not fit, before ShapeProp prints its own
-        except Exception as exc:
-            error = forward_error(exc, 0, example, "convert_int8_fx")
-            if error is exc:
-                raise
-            raise error from exc
+        # one plain run on the example first: inputs that do not fit get a named error, not the
+        # traceback ShapeProp prints before raising its own RuntimeError
+        call_model(model, example, 0, "convert_int8_fx")
         ShapeProp(graph_module).propagate(*example)
     means = [node for node in maybe if _is_spatial_mean(node)]
     if not means:
