@@ -31,10 +31,10 @@ import torch
 
 from zq_plugin import datasets, synthesize, zoo
 from zq_plugin.backends.fx import quantize_fx
-from zq_plugin.cli import plot_frontier
 from zq_plugin.evaluation import accuracy
 from zq_plugin.mixed_precision import BitPlan, Budget, hybrid_plan, measure_sensitivity, pareto_plan
 from zq_plugin.mixed_precision.emit import to_qconfig_mapping
+from zq_plugin.mixed_precision.report import plot_frontier
 
 OUT = Path("zq_out")
 CANDIDATES = {"{2,4,8}": (2, 4, 8), "2..8": (2, 3, 4, 5, 6, 7, 8)}

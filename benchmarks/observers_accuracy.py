@@ -22,7 +22,7 @@ from typing import Any
 
 from zq_plugin import _compat, datasets, zoo
 from zq_plugin.backends.fx import quantize_fx
-from zq_plugin.cli import DEMO_STEPS, cached_synthesize, real_subset
+from zq_plugin.demo import DEMO_STEPS, cached_synthesize, real_subset
 from zq_plugin.evaluation import accuracy
 from zq_plugin.observers import ao
 

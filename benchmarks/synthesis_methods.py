@@ -26,7 +26,7 @@ from typing import Any
 
 from zq_plugin import datasets, zoo
 from zq_plugin.backends.fx import quantize_fx
-from zq_plugin.cli import real_subset
+from zq_plugin.demo import real_subset
 from zq_plugin.evaluation import accuracy
 from zq_plugin.observers import ao
 from zq_plugin.synth import get_method, synthesize

@@ -4,7 +4,7 @@ import pytest
 
 from zq_plugin import _compat, datasets, zoo
 from zq_plugin.backends.fx import quantize_fx
-from zq_plugin.cli import real_subset
+from zq_plugin.demo import real_subset
 from zq_plugin.evaluation import accuracy
 from zq_plugin.observers import ao
 
