@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conformance import conv_transpose_net
 from torch import nn
 
+import zq_plugin
 from tests.conftest import assert_unchanged, snapshot
 from zq_plugin.data import SyntheticDataset
 from zq_plugin.errors import ConfigError, MissingDependencyError, ModelError, NotCalibratedError
@@ -62,7 +63,8 @@ def test_uncalibrated_use_raises_then_calibration_enables(tiny_bn_net):
 
 def test_w8a8_close_to_float_and_bias_correction_runs(tiny_bn_net):
     x = _data(128)
-    q = zb.calibrate(zb.to_brevitas(tiny_bn_net, w_bits=8, a_bits=8), x)
+    q = zb.to_brevitas(tiny_bn_net, w_bits=8, a_bits=8)
+    zb.calibrate(q, x)
     ref = tiny_bn_net(x)
     sqnr = 10 * torch.log10(ref.pow(2).mean() / (q(x) - ref).pow(2).mean())
     assert sqnr > 25
@@ -73,7 +75,8 @@ def test_w8a8_close_to_float_and_bias_correction_runs(tiny_bn_net):
 
 def test_gptq_runs_after_calibration_and_keeps_the_output_close(tiny_bn_net):
     x = _data(128)
-    q = zb.calibrate(zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=8), x)
+    q = zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=8)
+    zb.calibrate(q, x)
     ref = tiny_bn_net(x)
     before = 10 * torch.log10(ref.pow(2).mean() / (q(x) - ref).pow(2).mean())
     zb.gptq(q, x)
@@ -89,7 +92,11 @@ def test_backend_does_not_care_where_data_come_from(tiny_bn_net):
         SyntheticDataset(x, method="retro", seed=1),
         torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(96)), batch_size=64),
     ]
-    outs = [zb.calibrate(zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4), s)(x[:8]) for s in sources]
+    outs = []
+    for s in sources:
+        q = zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4)
+        assert zb.calibrate(q, s) == zq_plugin.CalibrationSummary(batches=2, samples=96)
+        outs.append(q(x[:8]))
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
 
@@ -98,7 +105,8 @@ def test_export_onnx_and_onnxruntime_agree(tiny_bn_net, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxoptimizer")
     x = _data(64)
-    q = zb.calibrate(zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4), x)
+    q = zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4)
+    zb.calibrate(q, x)
     with pytest.raises(NotCalibratedError):
         zb.export_onnx(zb.to_brevitas(tiny_bn_net), x[:1], tmp_path / "raw.onnx")
     assert not (tmp_path / "raw.onnx").exists()
@@ -181,7 +189,8 @@ def test_depthwise_and_linear_kinds(tiny_bn_net):
 @pytest.mark.parametrize("stat", ["zq-mse", "zq-percentile", "zq-aciq", "zq-entropy"])
 def test_plugin_statistics_drive_brevitas_scales(tiny_bn_net, stat):
     x = _data(128)
-    q = zb.calibrate(zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4, act_stats=stat), x)
+    q = zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4, act_stats=stat)
+    zb.calibrate(q, x)
     assert any(isinstance(m, zb.PluginStatistic) for m in q.modules())
     ref = tiny_bn_net(x)
     assert 10 * torch.log10(ref.pow(2).mean() / (q(x) - ref).pow(2).mean()) > 25
@@ -224,7 +233,8 @@ def test_conv_transpose_is_quantized_per_output_channel_at_the_plan_bits(tmp_pat
     net, x = _conv_transpose_net(), _data(64)
     plan = BitPlan.uniform(net, w_bits=4, a_bits=4, first_last_bits=None)
     plan = BitPlan({**plan.layers, "2": LayerBits(w_bits=3, a_bits=5)})
-    q = zb.calibrate(zb.to_brevitas(net, plan), x)
+    q = zb.to_brevitas(net, plan)
+    zb.calibrate(q, x)
     layer = q.get_submodule("2")
     assert type(layer).__name__ == "QuantConvTranspose2d"
     assert q.zq_float_layers == ()
@@ -260,11 +270,13 @@ def _thresholds(q: nn.Module) -> list[float]:
 
 def test_a_second_calibration_continues_the_average(tiny_bn_net):
     x = _data(64)
-    q = zb.calibrate(zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4), x)
+    q = zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4)
+    zb.calibrate(q, x)
     first = _thresholds(q)
     zb.calibrate(q, 10 * x)
     # the same as one call over the batches of both (one batch each at batch_size 64)
-    both = zb.calibrate(zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4), torch.cat([x, 10 * x]))
+    both = zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4)
+    zb.calibrate(both, torch.cat([x, 10 * x]))
     assert _thresholds(q) == pytest.approx(_thresholds(both), rel=1e-6)
     assert _thresholds(q)[0] == pytest.approx(5.5 * first[0], rel=1e-5)  # (max + 10 max) / 2 on the image
     assert torch.equal(q(x), both(x))
@@ -272,7 +284,8 @@ def test_a_second_calibration_continues_the_average(tiny_bn_net):
 
 def test_calibrated_state_dict_round_trips_into_a_fresh_copy(tiny_bn_net):
     x = _data(64)
-    q = zb.calibrate(zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4), x)
+    q = zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4)
+    zb.calibrate(q, x)
     state = q.state_dict()  # right after calibration: weight scales included
     assert sum(k.endswith("weight_quant.tensor_quant.scaling_impl.value") for k in state) == 5
     buf = io.BytesIO()
@@ -292,7 +305,9 @@ def test_bias_corrected_state_dict_round_trips_for_layers_without_bias():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3, bias=False)).eval()
     x = _data(64)
-    q = zb.bias_correct(zb.calibrate(zb.to_brevitas(net, w_bits=4, a_bits=4), x), x)
+    q = zb.to_brevitas(net, w_bits=4, a_bits=4)
+    zb.calibrate(q, x)
+    q = zb.bias_correct(q, x)
     assert float(q.get_submodule("0").bias.abs().max()) > 0  # the zero bias to_brevitas gave it was corrected
     fresh = zb.to_brevitas(net, w_bits=4, a_bits=4)
     fresh.load_state_dict(q.state_dict())
@@ -318,7 +333,8 @@ def test_bias_correction_of_a_linear_on_a_4d_tensor(tmp_path):
     pytest.importorskip("onnxoptimizer")
     torch.manual_seed(0)
     net, x = _ConvNeXtMLP().eval(), _data(64)
-    q = zb.calibrate(zb.to_brevitas(net, w_bits=4, a_bits=8), x)
+    q = zb.to_brevitas(net, w_bits=4, a_bits=8)
+    zb.calibrate(q, x)
     fc1 = q.get_submodule("fc1")
     # expected: mean over N, H, W of float - quantized fc1 output on the float model's fc1 input
     inp = net.conv(x).permute(0, 2, 3, 1)
@@ -335,7 +351,8 @@ def test_bias_correction_of_a_linear_on_a_4d_tensor(tmp_path):
 
 def test_a_failing_calibration_or_bias_correction_leaves_the_model_as_it_was(tiny_bn_net):
     x = _data(64)
-    q = zb.calibrate(zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4), x)
+    q = zb.to_brevitas(tiny_bn_net, w_bits=4, a_bits=4)
+    zb.calibrate(q, x)
     out, state = q(x), {k: v.clone() for k, v in q.state_dict().items()}
     bad = torch.randn(8, 3, 8, 8)  # 3 channels for a 1-channel model
     with pytest.raises(ModelError, match=r"bias correction failed on batch 0.*no bias was changed"):
@@ -370,7 +387,8 @@ def test_every_output_of_a_two_head_model_reaches_onnx(tmp_path, as_dict):
 
     torch.manual_seed(0)
     x = _data(64)
-    q = zb.calibrate(zb.to_brevitas(TwoHeads().eval(), w_bits=8, a_bits=8), x)
+    q = zb.to_brevitas(TwoHeads().eval(), w_bits=8, a_bits=8)
+    zb.calibrate(q, x)
     path = zb.export_onnx(q, x[:1], tmp_path / "two.onnx")
     ref = q(x[:16])
     logits, aux = (ref["logits"], ref["aux"]) if as_dict else ref

@@ -33,7 +33,7 @@ def test_calibrator_in_users_own_prepare_fx_flow(tiny_bn_net, calib):
     prepared = prepare_fx(copy.deepcopy(tiny_bn_net), mapping, (calib[:1],))
     prepared.train()  # the calibrator must run in eval mode and give the mode back
     data = zq_plugin.synthesize(tiny_bn_net, "zeroq", num_samples=16, input_shape=SHAPE, steps=5, progress=False)
-    assert zq_plugin.calibrate(prepared, data, batch_size=8) is prepared
+    assert zq_plugin.calibrate(prepared, data, batch_size=8) == zq_plugin.CalibrationSummary(batches=2, samples=16)
     assert prepared.training
     observers = [m for m in prepared.modules() if isinstance(m, torch.ao.quantization.ObserverBase)]
     assert observers and all(torch.isfinite(o.min_val).all() and torch.isfinite(o.max_val).all() for o in observers)
@@ -362,16 +362,36 @@ def test_calibrate_prepared_pt2e_model():
     data = torch.randn(8, 1, 8, 8)
     prepared = ao.prepare_pt2e(torch.export.export(copy.deepcopy(model), (data,)).module(), FourBit())
     code = prepared.code
-    assert zq_plugin.calibrate(prepared, data, batch_size=8) is prepared  # NotImplementedError from eval() before
+    summary = zq_plugin.calibrate(prepared, data, batch_size=8)  # NotImplementedError from eval() before
+    assert summary == zq_plugin.CalibrationSummary(batches=1, samples=8)
     assert prepared.code == code  # the graph is given back as it was (eval dropout stays eval, p=0.2)
     with pytest.raises(NotImplementedError):
         prepared.eval()  # the exported model's own switches are as they were
     converted = ao.convert_pt2e(prepared)
     levels = [n.args[-2] - n.args[-3] + 1 for n in converted.graph.nodes if "quantize_per_tensor" in str(n.target)]
     assert levels and set(levels) == {16}
+    # accuracy() runs exported models too (their eval() raises), and gives the graph back as it was
+    labels = model(data).argmax(1)
+    code = converted.code
+    assert zq_plugin.accuracy(converted, data, labels) == 100.0 * float((converted(data).argmax(1) == labels).float().mean())
+    assert converted.code == code
     out = converted(data)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, model(data), atol=1.0, rtol=0.5)
+
+
+def test_calibrate_returns_a_one_line_summary(tiny_bn_net):
+    """In a REPL, calibrate(...) shows what it saw, not a 1,300-line model repr; the model is calibrated in place."""
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    mapping = zq_plugin.uniform_qconfig_mapping(tiny_bn_net, 4, 4)
+    data = torch.randn(10, 1, 12, 12)
+    prepared = prepare_fx(copy.deepcopy(tiny_bn_net), mapping, (data[:1],))
+    summary = zq_plugin.calibrate(prepared, data, batch_size=4)
+    assert summary == zq_plugin.CalibrationSummary(batches=3, samples=10)
+    assert repr(summary) == "CalibrationSummary(batches=3, samples=10)"
+    observed = [m for m in prepared.modules() if isinstance(getattr(m, "min_val", None), torch.Tensor)]
+    assert observed and all(torch.isfinite(m.min_val).all() for m in observed)
 
 
 def test_int8_depthwise_conv_does_not_saturate():

@@ -9,6 +9,7 @@ Example:
     ['dsg', 'genie', 'noise', 'retro', 'zeroq']
 """
 
+from zq_plugin._utils import CalibrationSummary
 from zq_plugin.backends.fx import calibrate, convert_int8_fx, qconfig, quantize_fx, uniform_qconfig_mapping
 from zq_plugin.data import SyntheticDataset, model_fingerprint
 from zq_plugin.errors import (
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "CalibrationSummary",
     "ConfigError",
     "DSGConfig",
     "DataMismatchError",

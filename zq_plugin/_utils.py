@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -21,6 +23,25 @@ WEIGHT_LAYERS: tuple[type[nn.Module], ...] = (
     *(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
     nn.Linear,
 )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CalibrationSummary:
+    """What a ``calibrate`` call saw: the model itself is calibrated in place.
+
+    Returned instead of the model so that a REPL shows one line, not the model's repr.
+
+    Attributes:
+        batches: forward passes run.
+        samples: inputs seen (the first dimension of each batch's first tensor input).
+
+    Example:
+        >>> CalibrationSummary(batches=4, samples=256)
+        CalibrationSummary(batches=4, samples=256)
+    """
+
+    batches: int
+    samples: int
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -84,14 +105,44 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode and give every module its own ``training`` flag back afterwards.
 
     Restores per module (not ``model.train(previous)``), so mixed modes survive, also on error.
+    A ``torch.export`` / ``prepare_pt2e`` GraphModule, whose ``eval()`` raises, is switched with
+    torchao's ``move_exported_model_to_eval`` and gets its own graph back afterwards (torchao
+    rewrites dropout/BN patterns in place, and switching back would make an eval-exported model train).
+
+    Raises:
+        ModelError: an exported model and a torchao without ``move_exported_model_to_eval``.
     """
-    modes = [(m, m.training) for m in model.modules()]
+    from zq_plugin import _compat  # torch.ao / torchao only where an exported model needs them
+
+    if not _compat.is_exported_module(model):
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            model.eval()
+            yield model
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        return
+    pt2e = _compat.torchao_pt2e()
+    if pt2e.move_exported_model_to_eval is None:
+        raise ModelError(
+            "an exported (PT2E) model needs torchao's move_exported_model_to_eval to run in eval mode; "
+            "upgrade torchao (pip install 'zq-plugin[pt2e]')."
+        )
+    graph_module = cast(torch.fx.GraphModule, model)
+    attr = "_exported_training"  # torchao's flag; absent on a freshly exported model
+    had, before = attr in vars(graph_module), getattr(graph_module, attr, None)
+    graph = copy.deepcopy(graph_module.graph)
+    pt2e.move_exported_model_to_eval(graph_module)
     try:
-        model.eval()
         yield model
     finally:
-        for m, mode in modes:
-            m.training = mode
+        graph_module.graph = graph
+        graph_module.recompile()
+        if had:
+            setattr(graph_module, attr, before)
+        else:
+            vars(graph_module).pop(attr, None)
 
 
 OutputFn = Callable[[Any], torch.Tensor]

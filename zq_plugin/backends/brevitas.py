@@ -28,7 +28,8 @@ Example:
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
     ...                           torch.nn.Linear(4 * 6 * 6, 10)).eval()
     >>> qmodel = to_brevitas(net, w_bits=4, a_bits=4, first_last_bits=None)
-    >>> qmodel = calibrate(qmodel, torch.randn(64, 1, 8, 8))
+    >>> calibrate(qmodel, torch.randn(64, 1, 8, 8))
+    CalibrationSummary(batches=1, samples=64)
     >>> qmodel(torch.randn(2, 1, 8, 8)).shape
     torch.Size([2, 10])
 """
@@ -51,6 +52,7 @@ from torch import nn
 
 from zq_plugin._utils import (
     WEIGHT_LAYERS,
+    CalibrationSummary,
     eval_mode,
     forward_error,
     input_placement,
@@ -436,8 +438,11 @@ def _failed(step: str, index: int, exc: Exception, left: str, batch: torch.Tenso
     return ModelError(f"{step} failed on batch {index} ({type(exc).__name__}: {exc}); {left}")
 
 
-def calibrate(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> nn.Module:
-    """Collect activation ranges over ``data`` in Brevitas's ``calibration_mode``; returns ``model``.
+def calibrate(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> CalibrationSummary:
+    """Collect activation ranges over ``data`` in Brevitas's ``calibration_mode``, in place.
+
+    Returns a :class:`~zq_plugin._utils.CalibrationSummary` (batches and samples seen), not the
+    model, so that a REPL shows one line.
 
     Every activation threshold is the average over calibration batches of the statistic
     (``act_stats``) of each batch. A second call **continues** that average, as the FX
@@ -488,7 +493,7 @@ def calibrate(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) 
         if count == 0:  # never reached: keep refusing to run rather than use threshold 1.0
             scaler.counter = 0
     _init_weight_scales(model)
-    return model
+    return CalibrationSummary(batches=len(batches), samples=sum(len(x) for x in batches))
 
 
 def _resume(scaler: Any, steps: int) -> None:
@@ -707,7 +712,8 @@ def run_onnx(
         >>> import tempfile, torch
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
         ...                           torch.nn.Linear(4 * 6 * 6, 10)).eval()
-        >>> qmodel = calibrate(to_brevitas(net, w_bits=4, a_bits=4), torch.randn(64, 1, 8, 8))
+        >>> qmodel = to_brevitas(net, w_bits=4, a_bits=4)
+        >>> _ = calibrate(qmodel, torch.randn(64, 1, 8, 8))
         >>> with tempfile.TemporaryDirectory() as tmp:
         ...     path = export_onnx(qmodel, torch.randn(1, 1, 8, 8), tmp + "/m.onnx")
         ...     run_onnx(path, torch.randn(3, 1, 8, 8)).shape

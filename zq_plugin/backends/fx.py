@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -46,6 +45,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from zq_plugin import _compat
 from zq_plugin._utils import WEIGHT_LAYERS as WEIGHT_LAYERS  # re-exported: part of this module's API
 from zq_plugin._utils import (
+    CalibrationSummary,
     call_model,
     eval_mode,
     input_placement,
@@ -103,37 +103,6 @@ def _to_model(inputs: tuple[Any, ...], model: nn.Module) -> tuple[Any, ...]:
     return tuple(place(t, device, dtype) for t in inputs)
 
 
-@contextlib.contextmanager
-def _calibration_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for calibration, given back afterwards; exported (PT2E) models through torchao's helpers."""
-    if not _compat.is_exported_module(model):
-        with eval_mode(model):
-            yield
-        return
-    pt2e = _compat.torchao_pt2e()
-    if pt2e.move_exported_model_to_eval is None:
-        raise ModelError(
-            "calibrate needs torchao's move_exported_model_to_eval for an exported (PT2E) model; "
-            "upgrade torchao (pip install 'zq-plugin[pt2e]')."
-        )
-    model = cast(torch.fx.GraphModule, model)
-    attr = "_exported_training"  # torchao's flag; absent on a freshly exported model
-    had, before = attr in vars(model), getattr(model, attr, None)
-    # torchao rewrites dropout/BN patterns in place (an eval model's dropout p even changes to the
-    # pattern's literal), and switching back would make an eval-exported model train: keep the graph
-    graph = copy.deepcopy(model.graph)
-    pt2e.move_exported_model_to_eval(model)
-    try:
-        yield
-    finally:
-        model.graph = graph
-        model.recompile()
-        if had:
-            setattr(model, attr, before)
-        else:
-            vars(model).pop(attr, None)
-
-
 def calibrate(
     prepared: nn.Module,
     data: CalibrationData,
@@ -141,8 +110,8 @@ def calibrate(
     batch_size: int = 64,
     max_batches: int | None = None,
     input_fn: InputFn | None = None,
-) -> nn.Module:
-    """Run a prepared model over calibration data so its observers record ranges.
+) -> CalibrationSummary:
+    """Run a prepared model over calibration data so its observers record ranges (in place).
 
     Runs in eval mode (BN running statistics are not updated, even for a ``prepare_qat_fx``
     model) and under ``torch.no_grad``; each module's ``training`` flag is restored afterwards.
@@ -164,7 +133,8 @@ def calibrate(
             data give it image batches.
 
     Returns:
-        ``prepared`` itself.
+        A :class:`~zq_plugin._utils.CalibrationSummary` (batches and samples seen); ``prepared``
+        itself is calibrated in place, as torch's own calibration loops leave it.
 
     Raises:
         ConfigError: no batches, or a batch with NaN/Inf, or a batch without a tensor input.
@@ -175,12 +145,12 @@ def calibrate(
         ...     def forward(self, x, mask):
         ...         return x * mask
         >>> batches = [(torch.randn(2, 3), torch.ones(2, 3))]
-        >>> calibrate(Masked(), batches, input_fn=lambda b: (b[0], b[1])).__class__.__name__
-        'Masked'
+        >>> calibrate(Masked(), batches, input_fn=lambda b: (b[0], b[1]))
+        CalibrationSummary(batches=1, samples=2)
     """
-    seen = 0
+    seen = samples = 0
     device, dtype = input_placement(prepared)
-    with _calibration_mode(prepared), torch.no_grad():
+    with eval_mode(prepared), torch.no_grad():
         for batch in _raw_batches(data, batch_size):
             if max_batches is not None and seen >= max_batches:
                 break
@@ -192,10 +162,11 @@ def calibrate(
             placed = tuple(place(t, device, dtype) for t in inputs)
             call_model(prepared, placed, seen, "calibrate")
             seen += 1
+            samples += next((len(t) for t in placed if isinstance(t, torch.Tensor) and t.dim() > 0), 1)
     if seen == 0:
         raise ConfigError("the calibration data yielded no batch; pass at least one sample.")
     logger.debug("calibrated on %d batches", seen)
-    return prepared
+    return CalibrationSummary(batches=seen, samples=samples)
 
 
 def qconfig(
