@@ -27,6 +27,14 @@ def test_same_seed_same_images_and_batches_do_not_depend_on_the_total(tiny_bn_ne
     assert not torch.equal(run(tiny_bn_net, seed=8), full)
 
 
+def test_full_batches_are_shared_by_runs_of_different_sizes(tiny_bn_net):
+    """docs/synthesis.md: the full batches are shared; a last partial batch is made at its own size."""
+    ten = run(tiny_bn_net, num_samples=10, batch_size=4)  # batches of 4, 4, 2
+    six = run(tiny_bn_net, num_samples=6, batch_size=4)  # batches of 4, 2
+    assert torch.equal(six[:4], ten[:4])
+    assert not torch.equal(six[4:], ten[4:6])
+
+
 def test_cache_reuses_finished_batches(tiny_bn_net, tmp_path, monkeypatch):
     first = run(tiny_bn_net, num_samples=6, cache_dir=tmp_path)
     calls = []
