@@ -40,7 +40,10 @@ def test_range_and_pin_come_from_the_project_files(torch_pin):
 
 def test_script_prints_pip_constraints():
     out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "torch_pin.py"), "2.13.0+cpu"], capture_output=True, text=True, check=True
+        [sys.executable, str(ROOT / "scripts" / "torch_pin.py"), "2.13.0+cpu"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert out == ["torch==2.13.0+cpu", "torchvision==0.28.0"]
 
