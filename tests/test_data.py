@@ -70,3 +70,37 @@ def test_fingerprint_tracks_weights_and_buffers(tiny_bn_net):
     with torch.no_grad():
         tiny_bn_net.bn1.running_mean[0] += 1
     assert zq_plugin.model_fingerprint(tiny_bn_net) != fp
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "cut_early", "empty"])
+def test_corrupt_file_says_not_a_zq_dataset_and_how_to_remake_it(tmp_path, data, damage):
+    """Issue 14: garbage showed torch's weights_only=False advice, a truncated file only "[Errno 22]"."""
+    path = tmp_path / "data.pt"
+    data.save(path)
+    whole = path.read_bytes()
+    cut = {"garbage": b"garbage" * 10, "truncated": whole[: len(whole) // 2], "cut_early": whole[:100], "empty": b""}
+    path.write_bytes(cut[damage])
+    with pytest.raises(DatasetCorruptError) as info:
+        SyntheticDataset.load(path)
+    msg = str(info.value)
+    assert "is not a complete zq dataset file" in msg and "zq synthesize" in msg and "SyntheticDataset.save" in msg
+    assert "weights_only" not in msg and "Errno" not in msg and "\n" not in msg
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path, data, tiny_bn_net):
+    """Issue 14: mkstemp left data files and plan.json at 0600 while other outputs got 0644."""
+    from zq_plugin.mixed_precision import BitPlan
+
+    def mode(name):
+        return os.stat(tmp_path / name).st_mode & 0o777
+
+    old = os.umask(0o022)
+    try:
+        data.save(tmp_path / "data.pt")
+        BitPlan.uniform(tiny_bn_net, w_bits=4, a_bits=8).save(tmp_path / "plan.json")
+        os.umask(0o077)
+        data.save(tmp_path / "private.pt")
+        data.save(tmp_path / "data.pt")  # replacing a file keeps its mode, as open() does
+    finally:
+        os.umask(old)
+    assert (mode("data.pt"), mode("plan.json"), mode("private.pt")) == (0o644, 0o644, 0o600)

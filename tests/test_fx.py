@@ -373,7 +373,8 @@ def test_calibrate_prepared_pt2e_model():
     # accuracy() runs exported models too (their eval() raises), and gives the graph back as it was
     labels = model(data).argmax(1)
     code = converted.code
-    assert zq_plugin.accuracy(converted, data, labels) == 100.0 * float((converted(data).argmax(1) == labels).float().mean())
+    expected = 100.0 * float((converted(data).argmax(1) == labels).float().mean())
+    assert zq_plugin.accuracy(converted, data, labels) == expected
     assert converted.code == code
     out = converted(data)
     assert torch.isfinite(out).all()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -43,16 +44,28 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _new_file_mode(path: Path) -> int:
+    """The permission bits ``open(path, "w")`` would leave: the existing file's, else 0666 less the umask."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(path.stat().st_mode)
+    umask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> None:
     """Call ``write`` on a temporary file beside ``path``, then rename: readers never see half a file.
 
     Parent folders are created; on any error (Ctrl-C included) the temporary file is removed
-    and ``path`` is left as it was.
+    and ``path`` is left as it was. The file gets the permissions ``open(path, "w")`` would give
+    it: those of the file it replaces, else 0666 less the umask (0644 under the usual 022).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _new_file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)  # mkstemp makes 0600; give the mode open() would (umask, or the replaced file's)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -67,6 +80,18 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` through :func:`atomic_write`."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _load_failure(exc: Exception) -> str:
+    """What went wrong in a ``torch.load``, in a few words, without torch's ``weights_only=False`` advice."""
+    text = str(exc)
+    if "weights_only" in text or "Unpickl" in type(exc).__name__:
+        return "not a torch.save file of tensors"
+    if "not a ZIP archive" in text:
+        return "not a torch.save file"
+    if "zip archive" in text or isinstance(exc, OSError | EOFError):  # e.g. no central directory, [Errno 22]
+        return "the file ends early or is damaged"
+    return f"{type(exc).__name__}: {text.splitlines()[0][:120] if text else ''}"
 
 
 class SyntheticDataset(Dataset[torch.Tensor]):
@@ -156,12 +181,19 @@ class SyntheticDataset(Dataset[torch.Tensor]):
             raise DatasetNotFoundError(
                 f"no synthetic dataset at {path}; create one with zq_plugin.synthesize(...).save(path)."
             )
+        remake = "Re-create it with 'zq synthesize ... --out FILE' or SyntheticDataset.save(path)."
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise DatasetCorruptError(f"{path} is not a readable torch file ({exc}).") from exc
+        except Exception as exc:  # torch's own text advises weights_only=False or says only "[Errno 22]"
+            raise DatasetCorruptError(
+                f"{path} is not a complete zq dataset file: torch cannot read it ({_load_failure(exc)}); it is "
+                f"truncated, damaged or of another kind. {remake}"
+            ) from exc
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-            raise DatasetCorruptError(f"{path} is not a {FORMAT} file (written by SyntheticDataset.save).")
+            raise DatasetCorruptError(
+                f"{path} is a torch file but not a zq dataset file ({FORMAT}, written by SyntheticDataset.save). "
+                f"{remake}"
+            )
         data = cls(
             blob["images"],
             method=blob["method"],

@@ -620,6 +620,85 @@ def _spatial_means_as_pooling(model: nn.Module, example: tuple[Any, ...]) -> nn.
     return graph_module
 
 
+class _FrozenFakeQuant(nn.Module):
+    """A calibrated FakeQuantize with its ``(scale, zero_point)`` fixed: plain tensor ops, so torch.export takes it.
+
+    Computes :func:`zq_plugin.qparams.fake_quantize`'s formula,
+    ``clamp(round(x * (1 / s)), qmin - zp, qmax - zp) * s``, without Python branches on buffers.
+    """
+
+    def __init__(self, fq: Any) -> None:
+        super().__init__()
+        sync = getattr(fq, "sync_qparams", None)
+        if sync is not None:
+            sync()
+        scale = fq.scale.detach().clone()
+        zero_point = fq.zero_point.detach().to(scale.dtype)
+        self.axis = int(fq.ch_axis) if fq.is_per_channel else None
+        self.scale: torch.Tensor
+        self.inv_scale: torch.Tensor
+        self.lo: torch.Tensor
+        self.hi: torch.Tensor
+        self.register_buffer("scale", scale)
+        self.register_buffer("inv_scale", 1.0 / scale)
+        self.register_buffer("lo", fq.quant_min - zero_point)
+        self.register_buffer("hi", fq.quant_max - zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` with the fixed parameters."""
+        scale, inv, lo, hi = self.scale, self.inv_scale, self.lo, self.hi
+        if self.axis is not None:
+            shape = [1] * x.dim()
+            shape[self.axis] = -1
+            scale, inv, lo, hi = scale.reshape(shape), inv.reshape(shape), lo.reshape(shape), hi.reshape(shape)
+        return torch.clamp(torch.round(x * inv), lo, hi) * scale
+
+
+def export_sim(sim: nn.Module, example: torch.Tensor) -> Any:
+    """The calibrated clamping simulation as a ``torch.export`` program, for use without zq_plugin.
+
+    Every FakeQuantize of ``sim`` (a :func:`quantize_fx` result or any calibrated
+    ``prepare_qat_fx`` model) is replaced, in a copy, by a module of plain tensor ops with its
+    calibrated ``(scale, zero_point)`` fixed: ``clamp(round(x / s), qmin - zp, qmax - zp) * s``,
+    the formula of :func:`zq_plugin.qparams.fake_quantize`. The batch dimension is dynamic.
+    Save it with ``torch.export.save(program, "model.pt2")`` and load it anywhere with
+    ``torch.export.load("model.pt2").module()``; ``zq quantize --out model.pt2`` does both.
+
+    Args:
+        sim: the calibrated simulation; not changed.
+        example: one input batch ``[N, C, H, W]`` on the model's device.
+
+    Returns:
+        A ``torch.export.ExportedProgram`` whose ``module()`` gives ``sim``'s outputs.
+
+    Raises:
+        ModelError: torch.export does not take a construct of the model (the message names it).
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        ...                           torch.nn.Linear(4 * 6 * 6, 10)).eval()
+        >>> sim = quantize_fx(net, torch.randn(32, 1, 8, 8), w_bits=4, a_bits=4)
+        >>> program = export_sim(sim, torch.randn(2, 1, 8, 8))
+        >>> x = torch.randn(5, 1, 8, 8)
+        >>> torch.equal(program.module()(x), sim(x))
+        True
+    """
+    frozen = copy.deepcopy(sim)
+    for module in list(frozen.modules()):
+        for name, child in list(module._modules.items()):
+            if isinstance(child, _compat.FakeQuantize):
+                setattr(module, name, _FrozenFakeQuant(child))
+    try:
+        return torch.export.export(frozen.eval(), (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    except Exception as exc:  # torch.export's own refusal, for a construct it does not take
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelError(
+            f"torch.export could not export the simulation ({type(exc).__name__}: {first}); "
+            "use the simulation from Python, or make the model torch.export-able (docs/compatibility.md)."
+        ) from exc
+
+
 def convert_int8_fx(
     model: nn.Module,
     data: CalibrationData,

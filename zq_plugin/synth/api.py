@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import logging
 import math
 import os
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -18,7 +20,15 @@ from zq_plugin.data import SyntheticDataset, model_fingerprint
 from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.synth.hooks import frozen, require_batchnorm
 from zq_plugin.synth.registry import BatchContext, get_method
-from zq_plugin.synth.store import Batch, BatchStore, dist_info, gather_batches, method_code_hash, run_key
+from zq_plugin.synth.store import (
+    Batch,
+    BatchStore,
+    SynthesisInterrupted,
+    dist_info,
+    gather_batches,
+    method_code_hash,
+    run_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +121,17 @@ def _check_model_output(
             )
 
 
+@contextlib.contextmanager
+def _report_interrupt(store: BatchStore | None, num_batches: int) -> Iterator[None]:
+    """Turn Ctrl-C into :class:`SynthesisInterrupted` (batches kept, folder) when there is a cache."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if store is None or isinstance(exc, SynthesisInterrupted):
+            raise
+        raise SynthesisInterrupted(store.count(), num_batches, store.path) from exc
+
+
 def synthesize(
     model: nn.Module,
     method: str = "zeroq",
@@ -171,6 +192,8 @@ def synthesize(
         ConfigError: bad options, an ``input_shape`` the model cannot run on, a model on several
             devices or with mixed dtypes, or a forward needing more than one input.
         ModelError: a BN-statistics method on a model without BatchNorm, non-finite outputs.
+        SynthesisInterrupted: Ctrl-C with a ``cache_dir`` (a ``KeyboardInterrupt`` that says how many
+            batches are cached and where; the same call resumes).
 
     Example:
         >>> import torch
@@ -208,7 +231,7 @@ def synthesize(
         store = BatchStore(cache_dir, key)
     rank, world = dist_info()
     mine: dict[int, Batch] = {}
-    with frozen(model):
+    with frozen(model), _report_interrupt(store, num_batches):
         _check_model_output(model, shape, device, dtype)
         for b in range(rank, num_batches, world):
             n = min(batch_size, num_samples - b * batch_size)

@@ -51,6 +51,19 @@ def run_key(**parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class SynthesisInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a cached :func:`~zq_plugin.synthesize` run: how many batches are kept, and where.
+
+    A ``KeyboardInterrupt`` (``except KeyboardInterrupt`` still catches it); rerunning the same
+    call with the same ``cache_dir`` loads the ``cached`` batches and makes the rest.
+    """
+
+    def __init__(self, cached: int, total: int, folder: Path) -> None:
+        """Record ``cached`` finished batches of ``total`` in ``folder``."""
+        super().__init__(f"{cached} of {total} batches cached in {folder}")
+        self.cached, self.total, self.folder = cached, total, folder
+
+
 class BatchStore:
     """Finished batches of one run under ``root / key``."""
 
@@ -61,6 +74,10 @@ class BatchStore:
     def file(self, index: int, n: int) -> Path:
         """Path of batch ``index`` holding ``n`` images."""
         return self.path / f"batch-{index:06d}-{n}.pt"
+
+    def count(self) -> int:
+        """How many finished batch files the run's folder holds."""
+        return len(list(self.path.glob("batch-*.pt"))) if self.path.is_dir() else 0
 
     def save(self, index: int, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Write a finished batch ``[n, ...]`` (and its labels ``[n]``) atomically."""
