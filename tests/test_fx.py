@@ -381,6 +381,14 @@ def test_calibrate_prepared_pt2e_model():
     torch.testing.assert_close(out, model(data), atol=1.0, rtol=0.5)
 
 
+def test_exported_model_of_a_fixed_batch_gets_a_named_error():
+    """torch.export specializes the batch size unless told otherwise; calibrate names the fix."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten()).eval()
+    exported = torch.export.export(model, (torch.randn(1, 1, 5, 5),)).module()
+    with pytest.raises(ConfigError, match=r"specialized it to the example's shape.*Dim\.AUTO"):
+        zq_plugin.calibrate(exported, torch.randn(8, 1, 5, 5), batch_size=4)
+
+
 def test_calibrate_returns_a_one_line_summary(tiny_bn_net):
     """In a REPL, calibrate(...) shows what it saw, not a 1,300-line model repr; the model is calibrated in place."""
     from torch.ao.quantization.quantize_fx import prepare_fx

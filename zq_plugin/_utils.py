@@ -283,6 +283,13 @@ def forward_error(exc: Exception, index: int, inputs: Sequence[Any], entry: str)
             "(x, mask, ...) where the entry point takes it, or wrap the model so the image is its only input "
             "(docs/compatibility.md)."
         )
+    if isinstance(exc, AssertionError) and "Guard failed" in str(exc):  # a torch.export program's shape guard
+        return ConfigError(
+            f"{entry}: the exported model does not take inputs of shape {shapes} ({exc}): torch.export "
+            "specialized it to the example's shape. Export with a dynamic batch and an example batch of 2 or more "
+            "(torch.export fixes a size of 1), e.g. torch.export.export(model, (images[:2],), "
+            "dynamic_shapes=({0: torch.export.Dim.AUTO},)), or pass batches of the example's size."
+        )
     if index == 0 and isinstance(exc, RuntimeError | ValueError | IndexError):
         return ConfigError(
             f"{entry}: the model fails on the first calibration batch, inputs of shape {shapes} "
