@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -240,3 +241,297 @@ def test_int8_out_creates_its_folder(tmp_path, capsys):
     argv = ["quantize", "--model", "plain_cnn", "--data", "noise", "--num-samples", "16", "--int8-out", str(out)]
     assert cli.main(argv) == 0
     assert torch.jit.load(out)(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+class Cifar3(torch.nn.Module):
+    """3x32x32 inputs, 10 classes, no BatchNorm: not a Fashion-MNIST model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4 * 30 * 30, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+
+class FiveClasses(torch.nn.Module):
+    """1x28x28 inputs but 5 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.fc = torch.nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(self.conv(x), 1), 1))
+
+
+def _arch_args(tmp_path, cls):
+    ckpt = tmp_path / f"{cls.__name__}.pt"
+    torch.manual_seed(0)
+    torch.save(cls().state_dict(), ckpt)
+    return ["--arch", f"{__name__}:{cls.__name__}", "--checkpoint", str(ckpt)]
+
+
+@pytest.mark.parametrize(
+    ("cls", "extra", "want"),
+    [
+        (Cifar3, ["--input-shape", "3,32,32", "--data", "noise", "--evaluate"], "but this model takes 3,32,32 inputs."),
+        (FiveClasses, ["--data", "noise", "--evaluate"], "but this model returns 5 classes."),
+        (Cifar3, ["--input-shape", "3,32,32", "--data", "real"], "--data noise"),
+        (Cifar3, ["--data", "noise", "--evaluate"], "but this model does not run on 1,28,28 inputs."),
+    ],
+)
+def test_fashion_mnist_flags_on_another_model_get_one_error_before_the_work(
+    cls, extra, want, tmp_path, capsys, monkeypatch
+):
+    """Issue 14: --evaluate / --data real on a non-Fashion-MNIST --arch model ended in a traceback."""
+
+    def no_work(*a, **k):
+        raise AssertionError("the check must come before any data are made or loaded")
+
+    monkeypatch.setattr(cli, "synthesize", no_work)
+    monkeypatch.setattr(cli, "real_subset", no_work)
+    assert cli.main(["quantize", *_arch_args(tmp_path, cls), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zq: error:") and err.count("\n") == 1
+    assert "uses Fashion-MNIST (1x28x28 images, 10 classes)" in err and want in err
+    assert ("zq_plugin.accuracy" in err) == ("--evaluate" in extra)
+
+
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [
+        (["--model", "resnet_s", "--input-shape", "1,2,2"], "takes 1,28,28"),
+        (["--model", "resnet_s", "--input-shape", "1,0,28"], "channels first"),
+        (["ARCH"], "cannot run on one input of shape 1,28,28 (the default"),
+        (["ARCH", "--input-shape", "1,32,32"], "cannot run on one input of shape 1,32,32: RuntimeError"),
+    ],
+)
+def test_input_shape_is_checked_against_the_model(argv, want, tmp_path, capsys, monkeypatch):
+    """Issue 14: --input-shape 1,2,2 on a 28x28 zoo model was silently accepted."""
+    monkeypatch.chdir(tmp_path)
+    argv = [a for v in argv for a in (_arch_args(tmp_path, Cifar3) if v == "ARCH" else [v])]
+    assert cli.main(["synthesize", *argv, "--method", "noise", "--out", "x.pt"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zq: error:") and err.count("\n") == 1 and want in err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_data_file_gives_the_input_shape(tmp_path, capsys):
+    """A --data file needs no --input-shape (its images have one); a different --input-shape is refused."""
+    path = tmp_path / "d.pt"
+    SyntheticDataset(torch.zeros(4, 3, 32, 32), method="noise").save(path)
+    argv = ["quantize", *_arch_args(tmp_path, Cifar3), "--data", str(path), "--allow-mismatch"]
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["w_bits"] == 8
+    SyntheticDataset(torch.zeros(4, 1, 28, 28), method="noise").save(path)
+    argv = ["quantize", *_arch_args(tmp_path, FiveClasses), "--data", str(path), "--allow-mismatch"]
+    assert cli.main([*argv, "--input-shape", "1,20,20"]) == 2  # the model runs on it, the data are 1,28,28
+    assert "--input-shape 1,20,20 does not match the images of" in capsys.readouterr().err
+
+
+def test_arch_from_a_package_in_the_current_folder(tmp_path, capsys, monkeypatch):
+    """Issue 14: --arch mypkg.models:MyNet needed PYTHONPATH=. to find a package in the current folder."""
+    import sys
+
+    pkg = tmp_path / "zq_test_userpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text(
+        "import torch\n\nclass MyNet(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(784, 10)\n\n    def forward(self, x):\n"
+        "        return self.fc(x.flatten(1))\n"
+    )
+    torch.save(torch.nn.Linear(784, 10).state_dict(), tmp_path / "w.pt")
+    state = {"fc." + k: v for k, v in torch.load(tmp_path / "w.pt").items()}
+    torch.save(state, tmp_path / "w.pt")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    try:
+        argv = ["synthesize", "--arch", "zq_test_userpkg.models:MyNet", "--checkpoint", "w.pt", "--method", "noise"]
+        assert cli.main([*argv, "--num-samples", "2", "--input-range", "none", "--out", "x.pt"]) == 0
+    finally:
+        for name in [m for m in sys.modules if m.startswith("zq_test_userpkg")]:
+            del sys.modules[name]
+    assert SyntheticDataset.load(tmp_path / "x.pt").images.shape == (2, 1, 28, 28)
+
+
+def test_normalization_gives_the_input_box(tmp_path, capsys, monkeypatch):
+    """Issue 14: --normalization MEAN,STD computes the box ((0 - mean) / std, (1 - mean) / std)."""
+    monkeypatch.chdir(tmp_path)
+    base = ["synthesize", "--method", "noise", "--num-samples", "4", "--option", "std=10"]
+    one = [*base, *_arch_args(tmp_path, FiveClasses), "--normalization", "0.5,0.25", "--out", "one.pt"]
+    assert cli.main(one) == 0
+    data = SyntheticDataset.load("one.pt")
+    assert tuple(data.options["input_range"]) == (-2.0, 2.0)
+    assert data.images.min() == -2.0 and data.images.max() == 2.0  # std=10 noise clamped to the box
+    per_channel = ["--input-shape", "3,32,32", "--normalization", "0.5,0.4,0.3/0.25,0.5,0.1"]
+    assert cli.main([*base, *_arch_args(tmp_path, Cifar3), *per_channel, "--out", "three.pt"]) == 0
+    lo, hi = SyntheticDataset.load("three.pt").options["input_range"]
+    assert (lo, hi) == pytest.approx((-3.0, 7.0))  # the widest of the per-channel boxes
+    capsys.readouterr()
+    both = [*base, *_arch_args(tmp_path, FiveClasses), "--normalization", "0.5,0.25", "--input-range=-1,1"]
+    assert cli.main([*both, "--out", "x.pt"]) == 2
+    assert "not both" in capsys.readouterr().err
+    wrong = [*base, *_arch_args(tmp_path, FiveClasses), "--normalization", "0.5,0.4/0.25,0.5", "--out", "x.pt"]
+    assert cli.main(wrong) == 2
+    assert "2 channels but the input has 1" in capsys.readouterr().err
+    assert cli.main([*base, "--model", "resnet_s", "--normalization", "0.5", "--out", "x.pt"]) == 2
+    assert "MEAN,STD" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_corrupt_data_file_gets_one_line(tmp_path, capsys):
+    """Issue 14: a garbage --data file showed torch's weights_only=False advice."""
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file" * 8)
+    assert cli.main(["quantize", "--model", "resnet_s", "--data", str(junk)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a complete zq dataset file" in err and "zq synthesize" in err
+    assert "weights_only" not in err
+
+
+def test_ctrl_c_during_synthesize_says_what_is_cached_and_the_rerun_resumes(tmp_path, capsys, monkeypatch):
+    """Issue 14: Ctrl-C printed ~40 lines of traceback; now one line, and the same command resumes."""
+    import dataclasses
+
+    from zq_plugin.synth import api
+
+    made: list[int] = []
+    interrupt_at = [1]  # the second batch
+    real_get = api.get_method
+
+    def get_method(name):
+        spec = real_get(name)
+
+        def make_batch(model, config, ctx):
+            if len(made) == interrupt_at[0]:
+                raise KeyboardInterrupt
+            made.append(ctx.offset)
+            return spec.make_batch(model, config, ctx)
+
+        return dataclasses.replace(spec, make_batch=make_batch)
+
+    monkeypatch.setattr(api, "get_method", get_method)
+    monkeypatch.chdir(tmp_path)
+    argv = ["synthesize", "--model", "resnet_s", "--num-samples", "8", "--batch-size", "4", "--option", "steps=2"]
+    try:
+        rc = cli.main([*argv, "--out", "d.pt"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped zq as a traceback")
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert err.startswith("zq: interrupted: 1 of 2 batches are cached in d.pt.cache") and err.count("\n") == 1
+    assert "same command" in err and not (tmp_path / "d.pt").exists()
+    assert made == [0]
+    interrupt_at[0] = -1
+    assert cli.main([*argv, "--out", "d.pt"]) == 0
+    assert made == [0, 4]  # the rerun made only the second batch
+    assert not (tmp_path / "d.pt.cache").exists()  # the default cache is removed once the file is written
+    made.clear()
+    assert cli.main([*argv, "--out", "whole.pt"]) == 0  # uninterrupted
+    assert made == [0, 4]
+    assert torch.equal(SyntheticDataset.load("d.pt").images, SyntheticDataset.load("whole.pt").images)
+
+
+def _quantize_out(backend, out, capsys):
+    argv = ["quantize", "--model", "plain_cnn", "--data", "noise", "--num-samples", "8", "--w-bits", "4"]
+    assert cli.main([*argv, "--a-bits", "4", "--backend", backend, "--out", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["out"] == str(out)
+    assert report["out_format"].startswith({"fx": "torch.export", "brevitas": "TorchScript"}[backend])
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~_umask()
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # written atomically: no temporary file left
+    model = zoo.load("plain_cnn")
+    data = zq_plugin.synthesize(model, "noise", num_samples=8, input_shape=(1, 28, 28), seed=0, progress=False)
+    return model, data
+
+
+def test_quantize_out_saves_the_fx_simulation(tmp_path, capsys):
+    """Issue 14: zq quantize below 8 bits wrote nothing; --out saves the calibrated simulation (torch.export)."""
+    out = tmp_path / "out" / "sim.pt2"
+    model, data = _quantize_out("fx", out, capsys)
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sim = zq_plugin.quantize_fx(model, data, w_bits=4, a_bits=4)
+        assert torch.equal(torch.export.load(out).module()(x), sim(x))  # any batch size, the same logits
+    assert cli.main(["quantize", "--model", "plain_cnn", "--data", "noise", "--out", str(tmp_path / "m.pt")]) == 2
+    assert "ends in .pt2" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("a file where a folder is needed")
+    assert (
+        cli.main(["quantize", "--model", "plain_cnn", "--data", "noise", "--out", str(tmp_path / "afile/m.pt2")]) == 2
+    )
+    assert "cannot be written" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quantize_out_loads_without_zq_plugin_on_both_backends(tmp_path, capsys):
+    """Issue 14: the saved models load in a process that imports neither zq_plugin nor Brevitas."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("brevitas")
+    model, data = _quantize_out("fx", tmp_path / "fx" / "sim.pt2", capsys)
+    _quantize_out("brevitas", tmp_path / "brevitas" / "model.pt", capsys)
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys, torch\n"
+        "x = torch.load('x.pt')\n"
+        "y = {'fx': torch.export.load('fx/sim.pt2').module()(x), 'brevitas': torch.jit.load('brevitas/model.pt')(x)}\n"
+        "assert not any(m.startswith(('zq_plugin', 'brevitas')) for m in sys.modules), 'imported'\n"
+        "torch.save({k: v.detach() for k, v in y.items()}, 'y.pt')\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    got = torch.load(tmp_path / "y.pt")
+    from zq_plugin.backends import brevitas as zb
+
+    with torch.no_grad():
+        assert torch.equal(got["fx"], zq_plugin.quantize_fx(model, data, w_bits=4, a_bits=4)(x))
+        qmodel = zb.to_brevitas(model, w_bits=4, a_bits=4)
+        zb.calibrate(qmodel, data)
+        assert torch.allclose(got["brevitas"], qmodel(x), atol=1e-5)
+
+
+def _umask():
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def test_quantize_with_plan_reports_the_plans_bits(data_file, tmp_path, capsys):
+    """Issue 14: with --plan the summary said w_bits: 8, a_bits: 8 (the unused uniform flags)."""
+    from zq_plugin.mixed_precision import BitPlan
+
+    model = zoo.load("resnet_s")
+    plan = BitPlan.uniform(model, w_bits=4, a_bits=8).replace_layer("layer3.conv2", w_bits=3)
+    plan.save(tmp_path / "plan.json")
+    argv = ["quantize", "--model", "resnet_s", "--data", str(data_file), "--plan", str(tmp_path / "plan.json")]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "w_bits" not in report and "a_bits" not in report
+    assert report["average_w_bits"] == round(plan.average_w_bits(), 3)
+    n = len(plan.layers)
+    assert report["layers_by_w_bits"] == {"3": 1, "4": n - 3, "8": 2}
+    assert report["layers_by_a_bits"] == {"8": n}
+
+
+def test_version_and_every_option_has_help(capsys):
+    """Issue 14: --help lacked help texts and defaults for most options, and there was no --version."""
+    import argparse
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"zq {zq_plugin.__version__}"
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in ("synthesize", "quantize"):
+        missing = [a.option_strings for a in commands[name]._actions if not a.help]
+        assert missing == [], name
+        text = commands[name].format_help()
+        assert "(default: 256)" in text and "(default: 0)" in text and "(default: None)" not in text
+    assert "(default: zeroq)" in commands["synthesize"].format_help()
+    assert "(default: 8)" in commands["quantize"].format_help()

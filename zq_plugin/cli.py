@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +23,16 @@ import torch
 from torch import nn
 
 from zq_plugin import datasets, zoo
-from zq_plugin.backends.fx import convert_int8_fx, quantize_fx
+from zq_plugin._utils import model_device_dtype, select_output
+from zq_plugin.backends.fx import convert_int8_fx, export_sim, quantize_fx
 from zq_plugin.data import SyntheticDataset, atomic_write, iter_batches
 from zq_plugin.demo import DEMO_STEPS, demo_markdown, real_subset, run_demo
 from zq_plugin.errors import ConfigError, DataMismatchError, ZQError
 from zq_plugin.evaluation import accuracy
-from zq_plugin.mixed_precision.report import plot_frontier
+from zq_plugin.mixed_precision.report import chosen_index, plot_frontier, points_to_measure
 from zq_plugin.observers.ao import NAMES, observer_class
 from zq_plugin.synth import synthesize
+from zq_plugin.synth.store import SynthesisInterrupted
 
 logger = logging.getLogger("zq_plugin.cli")
 
@@ -42,6 +47,10 @@ def load_model(name: str | None, arch: str | None, checkpoint: str | None) -> nn
     module_name, _, cls_name = arch.partition(":")
     if not cls_name:
         raise ConfigError(f"--arch {arch!r} must look like package.module:ClassName.")
+    cwd = os.getcwd()
+    if cwd not in sys.path:  # a package in the current folder is found, as with `python -m`
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
     try:
         cls = getattr(importlib.import_module(module_name), cls_name)
     except (ImportError, AttributeError) as exc:
@@ -81,9 +90,78 @@ def load_model(name: str | None, arch: str | None, checkpoint: str | None) -> nn
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1,28,28"`` -> ``(1, 28, 28)``."""
     try:
-        return tuple(int(v) for v in text.split(","))
+        shape = tuple(int(v) for v in text.split(","))
     except ValueError as exc:
         raise ConfigError(f"--input-shape {text!r} must be comma-separated ints, e.g. 1,28,28.") from exc
+    if len(shape) < 2 or min(shape) < 1:
+        raise ConfigError(f"--input-shape {text!r} must be one input's shape, channels first, e.g. 1,28,28 or 3,32,32.")
+    return shape
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return ",".join(str(d) for d in shape)
+
+
+def checked_input(model: nn.Module, args: argparse.Namespace) -> tuple[tuple[int, ...], int]:
+    """``--input-shape`` (default: the zoo's 1,28,28) checked against the model, and the model's class count.
+
+    Cheap, so it runs before any long work: a zoo model takes only :data:`zoo.INPUT_SHAPE`; any
+    model must run one forward on one all-zero input of that shape.
+    """
+    shape = parse_shape(args.input_shape) if args.input_shape else zoo.INPUT_SHAPE
+    if args.model and shape != zoo.INPUT_SHAPE:
+        raise ConfigError(
+            f"--input-shape {_shape_text(shape)} does not fit the zoo model {args.model}, which takes "
+            f"{_shape_text(zoo.INPUT_SHAPE)} (one Fashion-MNIST image); drop --input-shape."
+        )
+    try:
+        classes = _probe_classes(model, shape)
+    except ZQError:
+        raise
+    except Exception as exc:  # whatever the user's forward raises on the wrong shape
+        default = "" if args.input_shape else " (the default, for the zoo's models)"
+        raise ConfigError(
+            f"the model cannot run on one input of shape {_shape_text(shape)}{default}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}. Pass --input-shape C,H,W, the shape of one input "
+            "of your model, e.g. 3,32,32."
+        ) from exc
+    return shape, classes
+
+
+def _probe_classes(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """The size of the last dimension of the logits for one all-zero input of ``shape``."""
+    device, dtype = model_device_dtype(model)
+    with torch.no_grad():
+        logits = select_output(model(torch.zeros(1, *shape, device=device, dtype=dtype)))
+    return int(logits.shape[-1]) if logits.dim() else 1
+
+
+def require_fashion_mnist(model: nn.Module, args: argparse.Namespace, flag: str) -> None:
+    """Refuse ``flag`` (``--evaluate``, ``--data real``) for a model that is not a Fashion-MNIST classifier.
+
+    Cheap (one forward), so it runs before any long work.
+    """
+    shape = parse_shape(args.input_shape) if args.input_shape else zoo.INPUT_SHAPE
+    if shape != zoo.INPUT_SHAPE:
+        what = f"takes {_shape_text(shape)} inputs"
+    else:
+        try:
+            classes = _probe_classes(model, shape)
+        except Exception:  # the model does not take Fashion-MNIST images at all
+            what = f"does not run on {_shape_text(shape)} inputs"
+        else:
+            if classes == 10:
+                return
+            what = f"returns {classes} classes"
+    instead = {
+        "--data real": "Calibrate with --data FILE (from 'zq synthesize'), --data noise or a synthesis method "
+        "(--data zeroq, dsg, ...) instead, or pass your own images to zq_plugin.quantize_fx in Python.",
+    }.get(
+        flag,
+        "Evaluate in Python on your own test set instead: zq_plugin.accuracy(model, x_test, y_test) (README, "
+        "Usage step 4); zq quantize --out FILE saves the quantized model for that.",
+    )
+    raise ConfigError(f"{flag} uses Fashion-MNIST (1x28x28 images, 10 classes), but this model {what}. {instead}")
 
 
 def check_writable(path: Path | None, flag: str, *, folder: bool = False) -> None:
@@ -143,19 +221,142 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
+def parse_normalization(text: str) -> tuple[list[float], list[float]]:
+    """``--normalization``: ``"MEAN/STD"`` with per-channel comma lists, or ``"MEAN,STD"`` for one channel.
+
+    ``"0.485,0.456,0.406/0.229,0.224,0.225"`` -> ``([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])``.
+    """
+    try:
+        if "/" in text:
+            mean_text, _, std_text = text.partition("/")
+            mean, std = [float(v) for v in mean_text.split(",")], [float(v) for v in std_text.split(",")]
+        else:
+            mean_value, std_value = (float(v) for v in text.split(","))
+            mean, std = [mean_value], [std_value]
+    except ValueError as exc:
+        raise ConfigError(
+            f"--normalization {text!r} must be MEAN,STD (one channel, e.g. 0.2860,0.3530) or per-channel "
+            "MEANS/STDS (e.g. 0.485,0.456,0.406/0.229,0.224,0.225)."
+        ) from exc
+    if len(mean) != len(std) or min(std) <= 0:
+        raise ConfigError(f"--normalization {text!r} needs as many means as stds, and every std > 0.")
+    return mean, std
+
+
+def input_range_arg(args: argparse.Namespace, channels: int) -> tuple[float, float] | str | None:
+    """The input box from ``--input-range`` or ``--normalization`` (not both); ``"auto"`` with neither.
+
+    With ``--normalization``, pixels ``[0, 1]`` normalized per channel give the box
+    ``((0 - mean) / std, (1 - mean) / std)``; synthesis takes one ``(lo, hi)`` pair for all channels, so
+    per-channel boxes are merged into the widest one (logged).
+    """
+    text = getattr(args, "normalization", None)
+    if text is None:
+        return parse_input_range(args.input_range)
+    if args.input_range is not None:
+        raise ConfigError("give --input-range or --normalization, not both (--normalization computes the range).")
+    mean, std = parse_normalization(text)
+    if len(mean) not in (1, channels):
+        raise ConfigError(
+            f"--normalization has {len(mean)} channels but the input has {channels}: give one MEAN,STD or {channels}."
+        )
+    lows = [(0.0 - m) / s for m, s in zip(mean, std, strict=True)]
+    highs = [(1.0 - m) / s for m, s in zip(mean, std, strict=True)]
+    box = (min(lows), max(highs))
+    if len(mean) > 1:
+        logger.info(
+            "--normalization: per-channel input boxes %s; synthesis clamps every channel to the widest, (%.4g, %.4g)",
+            ", ".join(f"({lo:.4g}, {hi:.4g})" for lo, hi in zip(lows, highs, strict=True)),
+            *box,
+        )
+    return box
+
+
+def package_version() -> str:
+    """The installed version of the ``zq-plugin`` distribution (``zq_plugin.__version__`` if not installed)."""
+    try:
+        return importlib.metadata.version("zq-plugin")
+    except importlib.metadata.PackageNotFoundError:
+        import zq_plugin
+
+        return str(getattr(zq_plugin, "__version__", "unknown"))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Argparse help that shows ``(default: X)`` for options with a real default (not None/False/[])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == [] or default == argparse.SUPPRESS:
+            return action.help
+        if "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _export(qmodel: nn.Module, example: torch.Tensor, backend: str) -> tuple[Any, Any, str]:
+    """``(saved object, its loaded callable, format)`` for :func:`save_quantized`."""
+    if backend == "brevitas":  # Brevitas layers do not torch.export (data-dependent checks); they trace
+        traced = torch.jit.trace(qmodel, example, check_trace=False)
+        return traced, traced, "TorchScript: torch.jit.load(FILE)"
+    program = export_sim(qmodel, example)
+    return program, program.module(), "torch.export program: torch.export.load(FILE).module()"
+
+
+def save_quantized(qmodel: nn.Module, example: torch.Tensor, path: Path, backend: str) -> str:
+    """Write the calibrated model for use without zq_plugin; returns the format's name.
+
+    FX: the clamping simulation as a ``torch.export`` program (``torch.export.load(path).module()``),
+    its FakeQuantize modules frozen to their calibrated parameters, any batch size. Brevitas: a
+    TorchScript trace (``torch.jit.load(path)``); its QCDQ ONNX is ``--onnx-out``. The saved model is
+    checked against ``qmodel`` on ``example`` before the file is written (atomically).
+    """
+    with torch.no_grad():
+        expected = select_output(qmodel(example))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit/export's tracer and deprecation notes
+            saved, loaded, fmt = _export(qmodel, example, backend)
+            with torch.no_grad():
+                got = select_output(loaded(example))
+    except Exception as exc:  # an export failure of torch's, for a construct the exporter does not take
+        raise ConfigError(
+            f"--out: the quantized model could not be exported ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). "
+            + ("Use --onnx-out for QCDQ ONNX." if backend == "brevitas" else "Use the model from Python (quantize_fx).")
+        ) from exc
+    if not torch.allclose(got, expected, rtol=1e-5, atol=1e-5):
+        raise ConfigError(
+            f"--out: the exported model differs from the calibrated one by {float((got - expected).abs().max()):.3g}; "
+            "nothing was written. Use the model from Python instead."
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.save's
+        if backend == "brevitas":
+            atomic_write(path, lambda f: torch.jit.save(saved, f))
+        else:
+            atomic_write(path, lambda f: torch.export.save(saved, f))
+    return fmt
+
+
 # --------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
     """``zq demo``."""
     models = args.models or [n for n in zoo.available() if zoo.has_batchnorm(n)]
+    if args.test_images is not None and args.test_images < 1:
+        raise ConfigError(f"--test-images {args.test_images}: give at least 1 (or leave it out for all 10,000).")
     start = time.perf_counter()
-    results = run_demo(args.out, models, args.num_samples, args.steps, args.seed, not args.no_cache)
+    results = run_demo(
+        args.out, models, args.num_samples, args.steps, args.seed, not args.no_cache, num_test=args.test_images
+    )
     results["total_seconds"] = round(time.perf_counter() - start, 1)
     table = demo_markdown(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "demo.md").write_text(table)
     (args.out / "demo.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table)
-    print(f"total {results['total_seconds']} s; wrote {args.out / 'demo.md'} and {args.out / 'demo.json'}")
+    md, js = (args.out / "demo.md").resolve(), (args.out / "demo.json").resolve()
+    print(f"total {results['total_seconds']} s; wrote {md} and {js}")
     return 0
 
 
@@ -163,7 +364,10 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     """``zq synthesize``."""
     check_writable(args.out, "--out")  # before synthesis, which takes a while
     model = load_model(args.model, args.arch, args.checkpoint)
-    shape = parse_shape(args.input_shape) if args.input_shape else zoo.INPUT_SHAPE
+    shape, _ = checked_input(model, args)
+    input_range = input_range_arg(args, shape[0])
+    # without --cache-dir, finished batches go to OUT.cache (removed once OUT is written): Ctrl-C, rerun, resume
+    cache_dir = args.cache_dir if args.cache_dir is not None else Path(f"{args.out}.cache")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")  # started by torchrun: CPU processes
@@ -175,13 +379,17 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
             input_shape=shape,
             seed=args.seed,
             batch_size=args.batch_size,
-            cache_dir=args.cache_dir,
-            input_range=parse_input_range(args.input_range),  # type: ignore[arg-type]
+            cache_dir=cache_dir,
+            input_range=input_range,  # type: ignore[arg-type]
             **parse_options(args.option),
         )
         if not distributed or torch.distributed.get_rank() == 0:
             data.save(args.out)
+            if args.cache_dir is None:
+                shutil.rmtree(cache_dir, ignore_errors=True)
             print(f"wrote {data} to {args.out}")
+        if distributed:
+            torch.distributed.barrier()  # no rank tears the group down while another still uses it
     finally:
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -192,9 +400,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """``zq quantize``."""
     check_writable(args.int8_out, "--int8-out")
     check_writable(args.onnx_out, "--onnx-out")
+    if args.out is not None and args.backend == "fx" and args.out.suffix != ".pt2":
+        raise ConfigError(f"--out {args.out}: the FX model is a torch.export program, whose file name ends in .pt2.")
+    check_writable(args.out, "--out")
     model = load_model(args.model, args.arch, args.checkpoint)
+    if args.evaluate:  # before the data and the calibration, which take a while
+        require_fashion_mnist(model, args, "--evaluate")
     data = load_data(model, args)
-    report: dict[str, Any] = {"w_bits": args.w_bits, "a_bits": args.a_bits, "data": args.data}
+    report: dict[str, Any] = {"data": args.data}
+    if not args.plan:
+        report.update(w_bits=args.w_bits, a_bits=args.a_bits)
     plan = None
     if args.plan:
         from zq_plugin.mixed_precision import BitPlan
@@ -204,8 +419,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 f"--plan {args.plan} does not exist: write one with 'zq plan ... --out DIR' (DIR/plan.json)."
             )
         plan = BitPlan.load(args.plan).with_params(model)
-        report["plan"] = str(args.plan)
+        report["plan"] = str(args.plan)  # its figures, not the unused uniform --w-bits/--a-bits
         report["average_w_bits"] = round(plan.average_w_bits(), 3)
+        for kind in ("w_bits", "a_bits"):
+            counts: dict[str, int] = {}
+            for bits in plan.layers.values():
+                counts[str(getattr(bits, kind))] = counts.get(str(getattr(bits, kind)), 0) + 1
+            report[f"layers_by_{kind}"] = dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
     if args.backend == "brevitas":
         sim = _quantize_brevitas(model, data, plan, args, report)
     else:
@@ -245,6 +465,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         traced = torch.jit.trace(int8, example)
         atomic_write(args.int8_out, lambda f: torch.jit.save(traced, f))  # folders created, no half file
         report["int8_out"] = str(args.int8_out)
+    if args.out:
+        example = next(iter(iter_batches(data, 2)))[:2]  # two: a batch of one would fix the batch size
+        report["out_format"] = save_quantized(sim, example, args.out, args.backend)
+        report["out"] = str(args.out)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -279,9 +503,13 @@ def load_data(model: nn.Module, args: argparse.Namespace) -> Any:
     """``--data``: a file from ``zq synthesize``, ``real`` (training images), ``noise``, or a method to run now."""
     from zq_plugin.synth import METHODS
 
-    shape = parse_shape(args.input_shape) if args.input_shape else zoo.INPUT_SHAPE
     if args.data == "real":
+        require_fashion_mnist(model, args, "--data real")
         return real_subset(args.num_samples, args.seed)
+    if args.data not in ("noise", *METHODS):
+        return _load_data_file(model, args)
+    shape, _ = checked_input(model, args)  # before synthesis, which takes a while
+    input_range = input_range_arg(args, shape[0])
     if args.data == "noise":
         return synthesize(
             model,
@@ -289,27 +517,41 @@ def load_data(model: nn.Module, args: argparse.Namespace) -> Any:
             num_samples=args.num_samples,
             input_shape=shape,
             seed=args.seed,
-            input_range=parse_input_range(args.input_range),  # type: ignore[arg-type]
+            input_range=input_range,  # type: ignore[arg-type]
         )
-    if args.data not in METHODS and not Path(args.data).exists() and not Path(args.data).suffix:
+    return synthesize(
+        model,
+        args.data,
+        num_samples=args.num_samples,
+        input_shape=shape,
+        seed=args.seed,
+        cache_dir=getattr(args, "cache_dir", None),
+        input_range=input_range,  # type: ignore[arg-type]
+    )
+
+
+def _load_data_file(model: nn.Module, args: argparse.Namespace) -> SyntheticDataset:
+    """``--data FILE``; its images give the input shape (``--input-shape``, if given, must agree)."""
+    from zq_plugin.synth import METHODS
+
+    if not Path(args.data).exists() and not Path(args.data).suffix:
         raise ConfigError(
             f"--data {args.data!r} is neither a file nor a data source: use a file from 'zq synthesize', "
             f"'real', 'noise' or a synthesis method: {', '.join(sorted(METHODS))}."
         )
-    if args.data in METHODS:
-        return synthesize(
-            model,
-            args.data,
-            num_samples=args.num_samples,
-            input_shape=shape,
-            seed=args.seed,
-            cache_dir=getattr(args, "cache_dir", None),
-            input_range=parse_input_range(args.input_range),  # type: ignore[arg-type]
-        )
+    shape = checked_input(model, args)[0] if args.input_shape else None
     try:
-        return SyntheticDataset.load(args.data, model, allow_mismatch=getattr(args, "allow_mismatch", False))
+        data = SyntheticDataset.load(args.data, model, allow_mismatch=getattr(args, "allow_mismatch", False))
     except DataMismatchError as exc:  # the library's hint names the keyword; a CLI user has a flag
         raise DataMismatchError(str(exc).replace("allow_mismatch=True", "--allow-mismatch")) from exc
+    found = tuple(data.images.shape[1:])
+    if shape is not None and shape != found:
+        raise ConfigError(
+            f"--input-shape {_shape_text(shape)} does not match the images of {args.data} ({_shape_text(found)}); "
+            "drop --input-shape or make the data for this shape."
+        )
+    input_range_arg(args, found[0])  # the flags are checked even though a file needs no box
+    return data
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -328,14 +570,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     plan.save(args.out / "plan.json")
     rows = result.frontier_rows()
+    budget_average_bits = result.budget_bits / sum(result.sensitivity.params)
     measured: list[dict[str, Any]] = []
     evaluate = args.evaluate if args.evaluate is not None else (4 if args.model else 0)
     if evaluate:
         x_test, y_test = datasets.load_fashion_mnist("test")
         example = next(iter(iter_batches(data, 1)))[:1]
-        picks = sorted({round(i * (len(result.frontier) - 1) / max(evaluate - 1, 1)) for i in range(evaluate)})
+        picks = points_to_measure(rows, budget_average_bits, evaluate)  # around the budget, and the ends
         points: list[tuple[Any, Any]] = [(result.frontier[i], result.plan_at(result.frontier[i])) for i in picks]
-        points.append((None, plan))  # the chosen plan, no frontier point of its own
+        points.append((None, plan))  # the chosen plan (hybrid: not a frontier point of its own)
         for point, p in points:
             sim = quantize_fx(model, data, mapping=to_qconfig_mapping(p, model, (example,)))
             entry = {
@@ -346,21 +589,31 @@ def cmd_plan(args: argparse.Namespace) -> int:
             }
             measured.append(entry)
             logger.info("plan of %.2f average bits: top-1 %.2f", entry["average_bits"], entry["top1"])
+    chosen = {
+        "average_bits": plan.average_w_bits(),
+        "bytes": plan.weight_bytes(),
+        "sensitivity": rows[chosen_index(rows, budget_average_bits)]["sensitivity"],
+        "top1": next((m["top1"] for m in measured if m["chosen"]), None),
+    }
     doc = {
         "budget": args.budget,
         "budget_bits": result.budget_bits,
+        "budget_average_bits": budget_average_bits,
+        "chosen": chosen,
         "frontier": rows,
         "measured": measured,
         "sensitivity": result.sensitivity.to_dict(),
     }
     (args.out / "frontier.json").write_text(json.dumps(doc, indent=2) + "\n")
+    png = (args.out / "frontier.png").resolve()
     if not args.no_plot:
         name = args.model or args.arch
-        plot_frontier(
-            args.out / "frontier.png", rows, [m for m in measured if not m["chosen"]], f"{name}: {args.budget}"
-        )
+        title = f"{name}: {args.budget}, candidates {{{','.join(map(str, sorted(set(args.bits))))}}}"
+        plot_frontier(png, rows, measured, title, budget_average_bits=budget_average_bits, budget_label=args.budget)
     print(plan.table())
-    print(f"wrote {args.out / 'plan.json'}, {args.out / 'frontier.json'}" + ("" if args.no_plot else ", frontier.png"))
+    print(f"wrote {(args.out / 'plan.json').resolve()} and {(args.out / 'frontier.json').resolve()}")
+    if not args.no_plot:
+        print(f"frontier plot: {png}")
     return 0
 
 
@@ -368,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``zq``."""
     parser = argparse.ArgumentParser(prog="zq", description="Zero-shot quantization for PyTorch CNNs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="zero-shot vs real-data calibration on the zoo models with BatchNorm")
@@ -377,44 +631,76 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=DEMO_STEPS, help="ZeroQ Adam steps per batch")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-cache", action="store_true", help="re-synthesize even if cached data exist")
+    demo.add_argument(
+        "--test-images", type=int, metavar="N", help="evaluate on the first N test images (default: all 10,000)"
+    )
     demo.set_defaults(func=cmd_demo)
 
     def add_model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", choices=zoo.available(), help="a zoo model")
-        p.add_argument("--arch", help="your model class, package.module:Class (constructed without arguments)")
+        p.add_argument("--model", choices=zoo.available(), help="a zoo model (Fashion-MNIST, 1x28x28, 10 classes)")
+        p.add_argument(
+            "--arch",
+            help="your model instead: package.module:Class, or a function, built without arguments; the current "
+            "folder is searched first, as with 'python -m' (no PYTHONPATH=. needed)",
+        )
         p.add_argument("--checkpoint", help="state_dict file for --arch (loaded with weights_only=True)")
-        p.add_argument("--input-shape", help="one input's shape, e.g. 1,28,28 (default: the zoo's)")
+        p.add_argument(
+            "--input-shape",
+            help="one input's shape, channels first, e.g. 3,32,32; checked with one forward before the work "
+            "(default: 1,28,28, the zoo's)",
+        )
         p.add_argument(
             "--input-range",
             help="the box of valid inputs synthesis clamps to, lo,hi in the model's input space, or 'none'; write "
             "--input-range=-0.81,2.02 (with '=' when lo is negative; that is pixels [0, 1] after Fashion-MNIST's "
-            "normalization); default: the model's input_range attribute",
+            "normalization) (default: the model's input_range attribute)",
         )
-        p.add_argument("--num-samples", type=int, default=256)
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument(
+            "--normalization",
+            metavar="MEAN,STD",
+            help="instead of --input-range: the model's input normalization, from which the box of pixels [0, 1] is "
+            "computed; one channel MEAN,STD (0.2860,0.3530) or per channel MEANS/STDS "
+            "(0.485,0.456,0.406/0.229,0.224,0.225; synthesis clamps all channels to the widest box)",
+        )
+        p.add_argument("--num-samples", type=int, default=256, help="calibration images to make or use")
+        p.add_argument("--seed", type=int, default=0, help="seed of synthesis (the same seed gives the same images)")
 
-    syn = sub.add_parser("synthesize", help="write a synthetic calibration dataset file")
+    syn = sub.add_parser("synthesize", help="write a synthetic calibration dataset file", formatter_class=HelpFormatter)
     add_model_args(syn)
-    syn.add_argument("--method", default="zeroq")
-    syn.add_argument("--batch-size", type=int, default=64)
-    syn.add_argument("--option", action="append", default=[], help="method option name=value (repeatable)")
-    syn.add_argument("--out", type=Path, required=True)
+    syn.add_argument("--method", default="zeroq", help="zeroq, dsg, retro, genie or noise (docs/synthesis.md)")
+    syn.add_argument("--batch-size", type=int, default=64, help="images optimized together")
+    syn.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a method option, e.g. steps=200 (repeatable; docs/synthesis.md lists them)",
+    )
+    syn.add_argument("--out", type=Path, required=True, help="the dataset file to write (atomically)")
     syn.add_argument(
         "--cache-dir",
         type=Path,
-        help="keep finished batches here; a rerun resumes from them (and torchrun ranks share it)",
+        help="keep finished batches here, and keep them; a rerun resumes from them (and torchrun ranks share it) "
+        "(default: OUT.cache, removed once OUT is written: after Ctrl-C the same command resumes)",
     )
     syn.set_defaults(func=cmd_synthesize)
 
-    qua = sub.add_parser("quantize", help="calibrate an FX simulation (and optionally an int8 model)")
+    qua = sub.add_parser(
+        "quantize",
+        help="calibrate an FX simulation or Brevitas layers (and save them)",
+        formatter_class=HelpFormatter,
+    )
     add_model_args(qua)
     qua.add_argument(
-        "--data", required=True, help="a dataset file from 'zq synthesize', 'real', 'noise', or a method to run now"
+        "--data",
+        required=True,
+        help="a dataset file from 'zq synthesize', 'real' (Fashion-MNIST training images), 'noise', or a method to "
+        "run now (zeroq, dsg, ...)",
     )
     qua.add_argument("--allow-mismatch", action="store_true", help="use a dataset file made for other weights")
-    qua.add_argument("--w-bits", type=int, default=8)
-    qua.add_argument("--a-bits", type=int, default=8)
-    qua.add_argument("--first-last-bits", type=int, default=8)
+    qua.add_argument("--w-bits", type=int, default=8, help="weight bits of all but the first and last layer")
+    qua.add_argument("--a-bits", type=int, default=8, help="activation bits of all but the first and last layer")
+    qua.add_argument("--first-last-bits", type=int, default=8, help="weight and activation bits of the first and last")
     qua.add_argument("--act-observer", default="minmax", choices=NAMES, help="activation observer (docs/observers.md)")
     qua.add_argument(
         "--weight-observer",
@@ -422,7 +708,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[n for n in NAMES if n != "histogram"],
         help="per-channel weight observer",
     )
-    qua.add_argument("--evaluate", action="store_true", help="report top-1 on the Fashion-MNIST test set")
+    qua.add_argument(
+        "--evaluate", action="store_true", help="report top-1 on the Fashion-MNIST test set (Fashion-MNIST models)"
+    )
+    qua.add_argument(
+        "--out",
+        type=Path,
+        help="save the calibrated model, loadable without zq_plugin: FX (any bits): a torch.export program FILE.pt2, "
+        "load with torch.export.load(FILE).module(); Brevitas: TorchScript, torch.jit.load(FILE) (QCDQ ONNX: "
+        "--onnx-out)",
+    )
     qua.add_argument("--int8-out", type=Path, help="also write a TorchScript int8 model (W8A8 only)")
     qua.add_argument("--plan", type=Path, help="a BitPlan JSON (e.g. from 'zq plan') instead of uniform bits")
     qua.add_argument("--backend", choices=["fx", "brevitas"], default="fx", help="FX simulation or Brevitas layers")
@@ -445,7 +740,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pla.add_argument("--cache-dir", type=Path, help="cache of synthesized batches")
     pla.add_argument("--allow-mismatch", action="store_true", help="use a dataset file made for other weights")
-    pla.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8], help="candidate weight bits")
+    pla.add_argument(
+        "--bits",
+        type=int,
+        nargs="+",
+        default=list(range(2, 9)),
+        help="candidate weight bits (default: 2 3 4 5 6 7 8; ZeroQ's paper used 2 4 8)",
+    )
     pla.add_argument("--a-bits", type=int, default=8, help="activation bits of every layer")
     pla.add_argument("--grid", choices=["uniform", "nonuniform"], default="uniform")
     pla.add_argument("--hybrid-threshold", type=float, help="also choose per-tensor weights within this KL")
@@ -453,7 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--evaluate",
         type=nonnegative_int,
         metavar="K",
-        help="measure top-1 on the Fashion-MNIST test set at K frontier points (default: 4 for zoo models, else 0)",
+        help="measure top-1 on the Fashion-MNIST test set at the chosen plan and K frontier points around the "
+        "budget and at the ends (default: 4 for zoo models, else 0)",
     )
     pla.add_argument("--no-plot", action="store_true")
     pla.add_argument("--out", type=Path, default=Path("zq_out/plan"))
@@ -470,6 +772,16 @@ def main(argv: list[str] | None = None) -> int:
     except ZQError as exc:
         print(f"zq: error: {exc}", file=sys.stderr)
         return 2
+    except SynthesisInterrupted as exc:
+        print(
+            f"zq: interrupted: {exc.cached} of {exc.total} batches are cached in {exc.folder}; run the same command "
+            "again to resume from them.",
+            file=sys.stderr,
+        )
+        return 130
+    except KeyboardInterrupt:
+        print("zq: interrupted; nothing was written.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
