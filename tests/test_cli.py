@@ -300,6 +300,18 @@ def test_fashion_mnist_flags_on_another_model_get_one_error_before_the_work(
     assert ("zq_plugin.accuracy" in err) == ("--evaluate" in extra)
 
 
+def test_plan_evaluate_on_another_model_gets_one_error_before_the_work(tmp_path, capsys, monkeypatch):
+    def no_work(*a, **k):
+        raise AssertionError("the check must come before any data are made or loaded")
+
+    monkeypatch.setattr(cli, "synthesize", no_work)
+    argv = ["plan", *_arch_args(tmp_path, FiveClasses), "--data", "noise", "--budget", "MP4", "--evaluate", "2"]
+    assert cli.main([*argv, "--out", str(tmp_path / "plan")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zq: error: --evaluate uses Fashion-MNIST") and "returns 5 classes" in err
+    assert not (tmp_path / "plan").exists()
+
+
 @pytest.mark.parametrize(
     ("argv", "want"),
     [

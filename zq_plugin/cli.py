@@ -167,14 +167,19 @@ def require_fashion_mnist(model: nn.Module, args: argparse.Namespace, flag: str)
 def check_writable(path: Path | None, flag: str, *, folder: bool = False) -> None:
     """Fail before any work when ``path`` (a file, or a folder with ``folder``) cannot be written.
 
-    Creates the missing parent folders (or the folder), as the writers do, and tries a scratch file.
+    Tries a scratch file (removed at once) in the nearest folder that exists: nothing is left
+    behind, missing folders included (the writers create them later).
     """
     if path is None:
         return
-    where = path if folder else path.parent
+    where = (path if folder else path.parent).absolute()
+    existing = where
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        where.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=where, prefix=".zq-write-check."):
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file, not a folder")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".zq-write-check."):
             pass
     except OSError as exc:
         raise ConfigError(f"{flag} {path} cannot be written ({exc.strerror or exc}); choose a writable path.") from exc
@@ -562,6 +567,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     budget = Budget.parse(args.budget)  # before the data and the measurement, which take a while
     check_writable(args.out, "--out", folder=True)
     model = load_model(args.model, args.arch, args.checkpoint)
+    if args.evaluate:  # an explicit --evaluate K on a model that is not a Fashion-MNIST classifier
+        require_fashion_mnist(model, args, "--evaluate")
     data = load_data(model, args)
     result = pareto_plan(model, data, budget=budget, bits=args.bits, a_bits=args.a_bits, grid=args.grid, progress=True)
     plan = result.plan
