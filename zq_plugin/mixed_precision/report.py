@@ -50,6 +50,9 @@ def points_to_measure(rows: list[dict[str, Any]], budget_average_bits: float, k:
     return sorted(picked)
 
 
+_CHOSEN_STYLE: dict[str, Any] = {"marker": "*", "s": 220, "color": "tab:green", "edgecolors": "black", "zorder": 4}
+
+
 def plot_frontier(
     path: Path,
     rows: list[dict[str, Any]],
@@ -130,11 +133,7 @@ def plot_frontier(
                 top.scatter(
                     [m["average_bits"]],
                     [m["top1"]],
-                    marker="*",
-                    s=220,
-                    color="tab:green",
-                    edgecolors="black",
-                    zorder=4,
+                    **_CHOSEN_STYLE,
                     label=f"chosen plan: {m['average_bits']:.2f} bits, {m['top1']:.2f} %",
                 )
             )
@@ -152,11 +151,7 @@ def plot_frontier(
             ax.scatter(
                 [c["average_bits"]],
                 [c["sensitivity"]],
-                marker="*",
-                s=220,
-                color="tab:green",
-                edgecolors="black",
-                zorder=4,
+                **_CHOSEN_STYLE,
                 label=f"chosen plan: {c['average_bits']:.2f} bits",
             )
         )
