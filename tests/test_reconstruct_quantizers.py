@@ -1,0 +1,119 @@
+"""The quantizers reconstruction learns: AdaRound/Genie-M rounding and LSQ/QDrop activations."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from zq_plugin.errors import ConfigError
+from zq_plugin.qparams import fake_quantize
+from zq_plugin.reconstruct import LearnedRoundingWeight, LSQActivation, beta_at, rounding_regularizer
+from zq_plugin.reconstruct.quantizers import inverse_rectified_sigmoid, rectified_sigmoid
+
+
+def _weight(seed, shape=(4, 3, 3, 3)):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g)
+    scale = w.abs().flatten(1).amax(1) / 7
+    return w, scale
+
+
+@given(seed=st.integers(0, 2**16), bits=st.integers(2, 8), push=st.floats(-8.0, 8.0))
+def test_hard_rounding_moves_a_weight_by_one_grid_step_at_most(seed, bits, push):
+    """Whatever V learned, each weight lands on floor or floor + 1 of W / s0 (inside the range)."""
+    w, scale = _weight(seed)
+    qmax = 2 ** (bits - 1) - 1
+    q = LearnedRoundingWeight(w, scale * 7 / qmax, -qmax, qmax, learn_scale=False)
+    with torch.no_grad():
+        q.v.add_(push * torch.randn(q.v.shape, generator=torch.Generator().manual_seed(seed + 1)))
+    q.hard = True
+    s = (scale * 7 / qmax).reshape(-1, 1, 1, 1)
+    integer = q() / s
+    torch.testing.assert_close(integer, integer.round(), atol=1e-4, rtol=0)
+    ratio = (w / s).clamp(-qmax, qmax)
+    assert bool(((integer - ratio).abs() <= 1 + 1e-4).all())  # one grid step from the float weight
+    assert bool((integer >= torch.floor(w / s).clamp(-qmax, qmax) - 1e-4).all())
+
+
+def test_soft_rounding_starts_at_the_float_weight_and_hard_at_nearest():
+    w, scale = _weight(0)
+    q = LearnedRoundingWeight(w, scale, -7, 7)
+    torch.testing.assert_close(q(), w, atol=1e-5, rtol=1e-5)
+    q.hard = True
+    nearest = fake_quantize(w, scale.reshape(-1, 1, 1, 1), torch.zeros(4, 1, 1, 1), -7, 7)
+    torch.testing.assert_close(q(), nearest, atol=1e-6, rtol=0)
+
+
+def test_genie_m_base_rounding_is_frozen_while_the_step_learns():
+    """B = floor(W / s0) stays; only s and V train; the weight itself is never changed."""
+    w, scale = _weight(1)
+    original = w.clone()
+    q = LearnedRoundingWeight(w, scale, -7, 7)
+    base = q.base.clone()
+    opt = torch.optim.Adam([q.v, q.scale], lr=1e-2)
+    target = 1.3 * w
+    for _ in range(20):
+        opt.zero_grad()
+        loss = (q() - target).pow(2).sum() + 0.01 * q.regularizer(10.0)
+        loss.backward()
+        opt.step()
+    assert not torch.equal(q.scale.detach(), scale)  # the step learned
+    assert torch.equal(q.base, base) and torch.equal(w, original)
+    assert [n for n, p in q.named_parameters() if p.requires_grad] == ["v", "scale"]
+    fixed = LearnedRoundingWeight(w, scale, -7, 7, learn_scale=False)
+    assert [n for n, p in fixed.named_parameters() if p.requires_grad] == ["v"]  # AdaRound
+
+
+@given(h=st.floats(0.0, 0.999))
+def test_rectified_sigmoid_inverse(h):
+    v = inverse_rectified_sigmoid(torch.tensor([h], dtype=torch.float64))
+    torch.testing.assert_close(rectified_sigmoid(v), torch.tensor([h], dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_regularizer_and_beta_schedule():
+    assert float(rounding_regularizer(torch.tensor([-50.0, 50.0]), 2.0)) == 0.0
+    half = inverse_rectified_sigmoid(torch.tensor([0.5, 0.5, 0.5]))
+    assert float(rounding_regularizer(half, 20.0)) == pytest.approx(3.0)
+    assert [beta_at(s, 1000) for s in (0, 199, 200, 600, 1000)] == [None, None, 20.0, 11.0, 2.0]
+    with pytest.raises(ConfigError):
+        beta_at(0, 0)
+
+
+def test_bad_steps_are_refused():
+    w, scale = _weight(2)
+    with pytest.raises(ConfigError, match="finite and > 0"):
+        LearnedRoundingWeight(w, torch.zeros_like(scale), -7, 7)
+    with pytest.raises(ConfigError, match="channels"):
+        LearnedRoundingWeight(w, scale[:2], -7, 7)
+    with pytest.raises(ConfigError):
+        LSQActivation(0.0, 0, 0, 15)
+    with pytest.raises(ConfigError):
+        LSQActivation(1.0, 0, 0, 15, drop_prob=1.5)
+
+
+@given(seed=st.integers(0, 2**16), zp=st.integers(0, 8))
+def test_lsq_forward_is_the_fake_quantize_formula(seed, zp):
+    x = torch.randn(64, generator=torch.Generator().manual_seed(seed)) * 3
+    q = LSQActivation(torch.tensor(0.25), zp, 0, 15).eval()
+    torch.testing.assert_close(q(x), fake_quantize(x, torch.tensor(0.25), torch.tensor(float(zp)), 0, 15))
+
+
+def test_lsq_step_gets_a_gradient_and_ste_passes_inside_the_range():
+    q = LSQActivation(torch.tensor(0.5), 0, 0, 15)
+    x = torch.tensor([0.3, 2.2, 100.0], requires_grad=True)
+    q(x).sum().backward()
+    assert q.scale.grad is not None and float(q.scale.grad) != 0.0
+    assert x.grad.tolist() == [1.0, 1.0, 0.0]  # straight through inside, zero where clamped
+
+
+def test_qdrop_mixes_float_and_quantized_elements_only_in_training():
+    x = torch.linspace(0.01, 3.0, 4000)
+    q = LSQActivation(torch.tensor(0.5), 0, 0, 15, drop_prob=0.5)
+    q.generator = torch.Generator().manual_seed(0)
+    out = q(x)
+    kept = out == x
+    assert 0.4 < float(kept.float().mean()) < 0.6  # about half keep their float value
+    torch.testing.assert_close(out[~kept], q.quantize(x)[~kept])
+    q.generator = torch.Generator().manual_seed(0)
+    assert torch.equal(q(x), out)  # seeded: the same mix
+    assert torch.equal(q.eval()(x), q.quantize(x))

@@ -1,0 +1,238 @@
+"""The quantizers that reconstruction learns: AdaRound/Genie-M weight rounding and LSQ/QDrop activations.
+
+Weights (AdaRound, Nagel et al., ICML 2020; Genie-M, Jeon et al., CVPR 2023). For a weight
+``W`` with a per-channel initial step
+``s0`` and the signed narrow integer range ``[qmin, qmax]`` of the FX backend:
+
+    B    = floor(W / s0)                             frozen at construction (Genie-M)
+    h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1),   zeta = 1.1, gamma = -0.1
+    W_q  = s * clamp(B + h(V), qmin, qmax)
+
+``V`` starts where ``h(V) = W / s0 - B`` (the fractional part), so the soft weight equals ``W``
+(inside the range) before any step. AdaRound keeps ``s = s0``; Genie-M learns ``s`` with ``V``,
+which is sound only because ``B`` stays the one of ``s0`` (with ``B = floor(W / s)`` a new ``s``
+would move the base and make the learned ``V`` stale). After optimization, rounding is made
+hard: ``h = 1[V >= 0]``, so every weight lands on ``floor`` or ``floor + 1`` of ``W / s0``: one
+grid step at most from round-to-nearest.
+
+The rounding regularizer ``sum(1 - |2 h(V) - 1| ** beta)`` pushes ``h`` to 0 or 1; ``beta``
+anneals from 20 to 2 after a warm-up (:func:`beta_at`).
+
+Activations (LSQ, Esser et al., ICLR 2020; QDrop, Wei et al., ICLR 2022): a learned per-tensor
+step ``s`` with ``x_q = s * clamp(round(x / s) + z, qmin, qmax) - s * z`` and the
+straight-through estimator; LSQ scales the step's gradient by ``1 / sqrt(numel * qmax)``. In
+training mode QDrop keeps each element's float value with probability ``drop_prob``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from zq_plugin.errors import ConfigError
+
+ZETA = 1.1
+GAMMA = -0.1
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """AdaRound's ``h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)``, elementwise.
+
+    Example:
+        >>> rectified_sigmoid(torch.tensor([-100.0, 0.0, 100.0]))
+        tensor([0.0000, 0.5000, 1.0000])
+    """
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    """``V`` with ``rectified_sigmoid(V) == h`` for ``h`` in ``[0, 1)`` (the logit of ``(h - gamma) / (zeta - gamma)``).
+
+    Example:
+        >>> torch.allclose(rectified_sigmoid(inverse_rectified_sigmoid(torch.tensor([0.0, 0.3, 0.9]))),
+        ...                torch.tensor([0.0, 0.3, 0.9]), atol=1e-6)
+        True
+    """
+    p = (h - GAMMA) / (ZETA - GAMMA)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def rounding_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
+    """AdaRound's ``sum(1 - |2 h(V) - 1| ** beta)``: 0 when every ``h`` is 0 or 1, ``numel`` when all are 1/2.
+
+    Example:
+        >>> float(rounding_regularizer(torch.tensor([-100.0, 100.0]), 20.0))
+        0.0
+    """
+    return (1.0 - (2.0 * rectified_sigmoid(v) - 1.0).abs().pow(beta)).sum()
+
+
+def beta_at(step: int, total: int, *, warmup: float = 0.2, start: float = 20.0, end: float = 2.0) -> float | None:
+    """The regularizer's ``beta`` at ``step`` of ``total``: ``None`` during the warm-up, then linear ``start -> end``.
+
+    AdaRound's and BRECQ's schedule (warm-up 20 % of the iterations, beta 20 -> 2).
+
+    Example:
+        >>> beta_at(0, 100), beta_at(20, 100), beta_at(100, 100)
+        (None, 20.0, 2.0)
+    """
+    if total <= 0 or not 0.0 <= warmup < 1.0:
+        raise ConfigError(f"beta_at needs total > 0 and 0 <= warmup < 1, got total={total}, warmup={warmup}.")
+    first = warmup * total
+    if step < first:
+        return None
+    frac = min(1.0, (step - first) / max(total - first, 1.0))
+    return start + (end - start) * frac
+
+
+def _channel_shape(weight: torch.Tensor, ch_axis: int) -> list[int]:
+    shape = [1] * weight.dim()
+    shape[ch_axis] = -1
+    return shape
+
+
+class LearnedRoundingWeight(nn.Module):
+    """The fake-quantized weight of one layer, with learned rounding (and, for Genie-M, learned steps).
+
+    Args:
+        weight: the float weight ``[C_out, ...]`` (``[C_in, C_out, ...]`` for ConvTranspose with
+            ``ch_axis=1``); copied, never changed.
+        scale: the initial step ``s0`` per channel, ``[C]`` (> 0), e.g. from a calibrated observer.
+        quant_min, quant_max: the integer range, e.g. ``(-7, 7)`` for 4-bit narrow signed weights.
+        ch_axis: the channel axis of ``scale``.
+        learn_scale: learn ``s`` jointly with ``V`` (Genie-M) or keep ``s = s0`` (AdaRound).
+
+    ``forward()`` returns the fake-quantized weight, soft while :attr:`hard` is False.
+
+    Raises:
+        ConfigError: a non-positive or non-finite scale, a scale of the wrong length, or an empty range.
+
+    Example:
+        >>> w = torch.tensor([[0.26, -0.74]])
+        >>> q = LearnedRoundingWeight(w, torch.tensor([0.5]), -7, 7)
+        >>> torch.allclose(q(), w)            # soft rounding starts at the float weight
+        True
+        >>> q.hard = True
+        >>> q().tolist()                      # hard: floor or floor + 1 of w / s0 (here round-to-nearest)
+        [[0.5, -0.5]]
+    """
+
+    base: torch.Tensor
+    scale0: torch.Tensor
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        scale: torch.Tensor,
+        quant_min: int,
+        quant_max: int,
+        *,
+        ch_axis: int = 0,
+        learn_scale: bool = True,
+    ) -> None:
+        super().__init__()
+        if quant_min >= quant_max:
+            raise ConfigError(f"quant_min {quant_min} must be below quant_max {quant_max}.")
+        w = weight.detach()
+        s0 = scale.detach().to(w.dtype).flatten()
+        if s0.numel() != w.shape[ch_axis]:
+            raise ConfigError(f"scale has {s0.numel()} steps but the weight has {w.shape[ch_axis]} channels.")
+        if not bool(torch.isfinite(s0).all()) or bool((s0 <= 0).any()):
+            raise ConfigError("every weight step (scale) must be finite and > 0; calibrate the weight observer first.")
+        self.quant_min, self.quant_max, self.ch_axis = int(quant_min), int(quant_max), int(ch_axis)
+        shape = _channel_shape(w, ch_axis)
+        ratio = w / s0.reshape(shape)
+        base = torch.floor(ratio)
+        self.register_buffer("base", base)
+        self.register_buffer("scale0", s0.clone())
+        self.v = nn.Parameter(inverse_rectified_sigmoid((ratio - base).clamp(0.0, 1.0 - 1e-6)))
+        self.scale = nn.Parameter(s0.clone(), requires_grad=learn_scale)
+        self.hard = False
+
+    def rounding(self) -> torch.Tensor:
+        """``h(V)``, or its hard 0/1 value once :attr:`hard` is set."""
+        if self.hard:
+            return (self.v >= 0).to(self.v.dtype)
+        return rectified_sigmoid(self.v)
+
+    def integer(self) -> torch.Tensor:
+        """``clamp(B + h(V), qmin, qmax)``: integers once hard."""
+        return torch.clamp(self.base + self.rounding(), self.quant_min, self.quant_max)
+
+    def forward(self) -> torch.Tensor:
+        """The fake-quantized weight ``s * clamp(B + h(V), qmin, qmax)``, the float weight's shape."""
+        return self.scale.reshape(_channel_shape(self.base, self.ch_axis)) * self.integer()
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """:func:`rounding_regularizer` of this layer's ``V``."""
+        return rounding_regularizer(self.v, beta)
+
+
+class _RoundSTE(torch.autograd.Function):
+    """``round`` forward, identity backward (a new tensor, never the input: in-place ops stay legal)."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def _grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` forward, gradient times ``factor`` backward (LSQ's step-size gradient scale)."""
+    return (x - x * factor).detach() + x * factor
+
+
+class LSQActivation(nn.Module):
+    """A per-tensor activation fake-quantizer with a learned step (LSQ) and QDrop's random float elements.
+
+    Args:
+        scale: the initial step (> 0), e.g. a calibrated observer's.
+        zero_point: the integer zero point (fixed).
+        quant_min, quant_max: the integer range, e.g. ``(0, 15)`` for 4-bit unsigned activations.
+        drop_prob: QDrop's probability that an element keeps its float value, in training mode
+            (0 disables it; Genie-M and QDrop use 0.5). Eval mode always quantizes every element.
+
+    Raises:
+        ConfigError: a non-positive scale, an empty range, or ``drop_prob`` outside ``[0, 1]``.
+
+    Example:
+        >>> q = LSQActivation(torch.tensor(0.5), 0, 0, 15).eval()
+        >>> q(torch.tensor([0.2, 0.9, 100.0])).tolist()
+        [0.0, 1.0, 7.5]
+    """
+
+    def __init__(
+        self, scale: torch.Tensor | float, zero_point: int, quant_min: int, quant_max: int, *, drop_prob: float = 0.0
+    ) -> None:
+        super().__init__()
+        s = torch.as_tensor(scale, dtype=torch.float32).detach().reshape(())
+        if not bool(torch.isfinite(s)) or float(s) <= 0:
+            raise ConfigError(f"the activation step must be finite and > 0, got {float(s)}; calibrate first.")
+        if quant_min >= quant_max:
+            raise ConfigError(f"quant_min {quant_min} must be below quant_max {quant_max}.")
+        if not 0.0 <= drop_prob <= 1.0:
+            raise ConfigError(f"drop_prob must lie in [0, 1], got {drop_prob}.")
+        self.scale = nn.Parameter(s.clone())
+        self.zero_point, self.quant_min, self.quant_max = int(zero_point), int(quant_min), int(quant_max)
+        self.drop_prob = float(drop_prob)
+        self.generator: torch.Generator | None = None  # QDrop's random stream (set it for determinism)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Every element fake-quantized, with LSQ's gradients for ``x`` (STE inside the range) and the step."""
+        factor = 1.0 / math.sqrt(max(x.numel(), 1) * max(abs(self.quant_max), 1))
+        s = _grad_scale(self.scale, factor).to(x.dtype)
+        q = torch.clamp(_RoundSTE.apply(x / s) + self.zero_point, self.quant_min, self.quant_max)
+        return (q - self.zero_point) * s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` fake-quantized; in training mode with ``drop_prob > 0``, QDrop's mix of quantized and float."""
+        q = self.quantize(x)
+        if not self.training or self.drop_prob == 0.0:
+            return q
+        keep_float = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop_prob
+        return torch.where(keep_float, x, q)
