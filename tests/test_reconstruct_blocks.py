@@ -1,0 +1,68 @@
+"""Reconstruction units found from the graph (cut points), on models this project did not write."""
+
+import pytest
+import torch
+from conformance import pattern_model, torchvision_model
+
+import zq_plugin
+from zq_plugin import zoo
+from zq_plugin._utils import weight_layers
+from zq_plugin.reconstruct.blocks import cut_points, find_blocks
+
+
+def _layers(blocks):
+    return [name for b in blocks for name in b.layers]
+
+
+def test_torchvision_resnet18_units_are_its_basic_blocks():
+    model, _ = torchvision_model("resnet18")
+    blocks = find_blocks(torch.fx.symbolic_trace(model.eval()))
+    assert [b.name for b in blocks] == ["conv1", *[f"layer{i}.{j}" for i in range(1, 5) for j in range(2)], "fc"]
+    assert [len(b.layers) for b in blocks] == [1, 2, 2, 3, 2, 3, 2, 3, 2, 1]  # downsample convs inside
+    assert _layers(blocks) == list(weight_layers(model))  # every weight layer once, in order
+    for before, after in zip(blocks, blocks[1:]):
+        assert after.input == before.output  # units chain through their cut points
+
+
+def test_mobilenet_v2_units_split_at_skips_and_chains():
+    model, _ = torchvision_model("mobilenet_v2")
+    blocks = find_blocks(torch.fx.symbolic_trace(model.eval()))
+    names = [b.name for b in blocks]
+    assert "features.3.conv" in names and "features.2.conv.1.0" in names  # with a skip: one unit; without: each layer
+    assert _layers(blocks) == list(weight_layers(model))
+
+
+@pytest.mark.parametrize("name", ["resnet_s", "mobilenetv2_s", "plain_cnn"])
+def test_units_of_the_clamping_simulation_hold_the_fused_layers(name):
+    model = zoo.load(name)
+    sim = zq_plugin.quantize_fx(model, torch.randn(8, 1, 28, 28), w_bits=4, a_bits=4)
+    float_blocks = find_blocks(torch.fx.symbolic_trace(model))
+    sim_blocks = find_blocks(sim)
+    assert [len(b.layers) for b in sim_blocks] == [len(b.layers) for b in float_blocks]
+    modules = dict(sim.named_modules())
+    assert all(isinstance(modules[n], torch.nn.Conv2d | torch.nn.Linear) for n in _layers(sim_blocks))
+
+
+def test_plain_chain_gives_one_unit_per_layer_and_tuple_outputs_keep_their_tail():
+    chain = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Conv2d(2, 2, 3), torch.nn.Flatten())
+    blocks = find_blocks(torch.fx.symbolic_trace(chain))
+    assert [b.layers for b in blocks] == [("0",), ("2",)]
+    assert blocks[0].nodes == ("_0", "_1") and blocks[1].output == "_3"  # activations and flatten join
+    model, _ = pattern_model("tuple_output")
+    blocks = find_blocks(torch.fx.symbolic_trace(model))
+    assert _layers(blocks) == list(weight_layers(model))
+
+
+def test_cut_points_of_a_residual_graph():
+    class Res(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            y = torch.relu(x)
+            return y + self.a(y)
+
+    graph = torch.fx.symbolic_trace(Res()).graph
+    assert [n.name for n in cut_points(graph)] == ["x", "relu", "add"]  # not inside the residual
+    assert find_blocks(torch.fx.symbolic_trace(torch.nn.ReLU())) == []

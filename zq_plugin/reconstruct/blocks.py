@@ -1,0 +1,167 @@
+"""Reconstruction units found from the graph: residual blocks, and lone layers elsewhere (BRECQ's granularity).
+
+A *cut point* of a traced graph is a node after which exactly one value is still needed by the
+rest of the graph: everything downstream sees the model only through it. Between two
+consecutive cut points lies a unit whose inside cannot be split without cutting a live branch:
+a residual block (its skip keeps two values alive), an inverted residual with a skip, a
+multi-branch cell; in a plain chain every layer ends at a cut point, so each conv/linear is its
+own unit, with the activations and pooling that follow it. Units without a weight layer are
+merged into the one before them (the first into the next). This needs no class names (Genie's
+code matches ``BasicBlock``, ``InvertedResidual``, ...), so it works on models the package has
+never seen.
+
+Example:
+    >>> import torch
+    >>> class Res(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.stem = torch.nn.Conv2d(1, 4, 3)
+    ...         self.a, self.b = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1)
+    ...         self.fc = torch.nn.Linear(4, 2)
+    ...     def forward(self, x):
+    ...         x = torch.relu(self.stem(x))
+    ...         x = torch.relu(x + self.b(torch.relu(self.a(x))))
+    ...         return self.fc(x.mean((2, 3)))
+    >>> [b.layers for b in find_blocks(torch.fx.symbolic_trace(Res()))]
+    [('stem',), ('a', 'b'), ('fc',)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import fx
+
+from zq_plugin._utils import WEIGHT_LAYERS
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Block:
+    """One reconstruction unit of a traced graph.
+
+    Attributes:
+        name: the qualified name of the deepest module holding all of ``layers`` (the layer's
+            own name for a lone layer; ``""`` when only the root holds them).
+        layers: qualified names of the weight layers inside, in graph order.
+        nodes: names of the FX nodes of the unit, in graph order.
+        input: the node feeding the unit (the previous cut point, or the graph's input).
+        output: the node the unit ends at (a cut point).
+    """
+
+    name: str
+    layers: tuple[str, ...]
+    nodes: tuple[str, ...]
+    input: str
+    output: str
+
+
+def _weight_layers_of(node: fx.Node, modules: dict[str, torch.nn.Module]) -> list[str]:
+    """Qualified names of the weight layers a ``call_module`` node runs: the module itself, or the
+    conv/linear inside a fused module (``prepare_qat_fx``'s ConvReLU2d holds its conv at ``.0``).
+    """
+    if node.op != "call_module":
+        return []
+    target = str(node.target)
+    module = modules.get(target)
+    if module is None:
+        return []
+    if isinstance(module, WEIGHT_LAYERS):
+        return [target]
+    return [f"{target}.{name}" for name, sub in module.named_modules() if name and isinstance(sub, WEIGHT_LAYERS)]
+
+
+def _is_weight_node(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
+    return bool(_weight_layers_of(node, modules))
+
+
+def cut_points(graph: fx.Graph) -> list[fx.Node]:
+    """Nodes after which exactly one value is still live (read by a later node), in graph order.
+
+    The single graph input counts as the first; the output node is not included.
+    """
+    nodes = [n for n in graph.nodes if n.op != "output"]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last_use = {n: max((order[u] for u in n.users), default=-1) for n in nodes}
+    cuts: list[fx.Node] = []
+    live: set[fx.Node] = set()
+    for i, node in enumerate(nodes):
+        live.add(node)
+        live = {n for n in live if last_use[n] > i}
+        if live == {node} and node.op != "get_attr":
+            cuts.append(node)
+    return cuts
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".") for n in names]
+    common: list[str] = []
+    for pieces in zip(*parts, strict=False):
+        if len(set(pieces)) != 1:
+            break
+        common.append(pieces[0])
+    return ".".join(common)
+
+
+def find_blocks(gm: fx.GraphModule) -> list[Block]:
+    """The reconstruction units of ``gm`` in graph order (see the module docstring).
+
+    Args:
+        gm: a traced model: ``torch.fx.symbolic_trace``, ``prepare_fx``/``prepare_qat_fx`` or a
+            :func:`zq_plugin.quantize_fx` simulation. Not changed.
+
+    Returns:
+        The units; each weight layer of the graph is in exactly one. Empty when the graph has
+        no weight layer.
+    """
+    modules = dict(gm.named_modules())
+    cuts = cut_points(gm.graph)
+    cut_set = set(cuts)
+    segments: list[list[fx.Node]] = []
+    current: list[fx.Node] = []
+    started = False
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            break
+        if not started:  # everything up to the first cut point (the input) precedes the units
+            if node in cut_set:
+                started = True
+                first_input = node
+            continue
+        current.append(node)
+        if node in cut_set:
+            segments.append(current)
+            current = []
+    if current:
+        segments.append(current)
+    if not started:
+        return []
+    # units without a weight layer join the unit before them (the first ones join the next)
+    merged: list[list[fx.Node]] = []
+    pending: list[fx.Node] = []
+    for seg in segments:
+        if any(_is_weight_node(n, modules) for n in seg):
+            merged.append(pending + seg)
+            pending = []
+        elif merged:
+            merged[-1].extend(seg)
+        else:
+            pending.extend(seg)
+    if pending and merged:
+        merged[-1].extend(pending)
+    blocks: list[Block] = []
+    feed = first_input
+    for seg in merged:
+        layers = tuple(name for n in seg for name in _weight_layers_of(n, modules))
+        end = seg[-1]
+        blocks.append(
+            Block(
+                name=layers[0] if len(layers) == 1 else _common_prefix(list(layers)),
+                layers=layers,
+                nodes=tuple(n.name for n in seg),
+                input=feed.name,
+                output=end.name,
+            )
+        )
+        feed = end
+    return blocks
