@@ -1,5 +1,7 @@
 """Reconstruction units found from the graph (cut points), on models this project did not write."""
 
+import itertools
+
 import pytest
 import torch
 from conformance import pattern_model, torchvision_model
@@ -20,7 +22,7 @@ def test_torchvision_resnet18_units_are_its_basic_blocks():
     assert [b.name for b in blocks] == ["conv1", *[f"layer{i}.{j}" for i in range(1, 5) for j in range(2)], "fc"]
     assert [len(b.layers) for b in blocks] == [1, 2, 2, 3, 2, 3, 2, 3, 2, 1]  # downsample convs inside
     assert _layers(blocks) == list(weight_layers(model))  # every weight layer once, in order
-    for before, after in zip(blocks, blocks[1:]):
+    for before, after in itertools.pairwise(blocks):
         assert after.input == before.output  # units chain through their cut points
 
 

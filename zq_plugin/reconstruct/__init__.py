@@ -1,8 +1,10 @@
 """Block-wise reconstruction on calibration data (AdaRound, BRECQ, QDrop, Genie-M): in progress (issue 15).
 
-Today: the learned quantizers (:mod:`zq_plugin.reconstruct.quantizers`).
+Today: the learned quantizers (:mod:`zq_plugin.reconstruct.quantizers`) and the units found
+from the graph (:mod:`zq_plugin.reconstruct.blocks`).
 """
 
+from zq_plugin.reconstruct.blocks import Block, find_blocks
 from zq_plugin.reconstruct.quantizers import (
     LearnedRoundingWeight,
     LSQActivation,
@@ -11,4 +13,12 @@ from zq_plugin.reconstruct.quantizers import (
     rounding_regularizer,
 )
 
-__all__ = ["LSQActivation", "LearnedRoundingWeight", "beta_at", "rectified_sigmoid", "rounding_regularizer"]
+__all__ = [
+    "Block",
+    "LSQActivation",
+    "LearnedRoundingWeight",
+    "beta_at",
+    "find_blocks",
+    "rectified_sigmoid",
+    "rounding_regularizer",
+]

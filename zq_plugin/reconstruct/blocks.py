@@ -57,8 +57,10 @@ class Block:
 
 
 def _weight_layers_of(node: fx.Node, modules: dict[str, torch.nn.Module]) -> list[str]:
-    """Qualified names of the weight layers a ``call_module`` node runs: the module itself, or the
-    conv/linear inside a fused module (``prepare_qat_fx``'s ConvReLU2d holds its conv at ``.0``).
+    """Qualified names of the weight layers a ``call_module`` node runs.
+
+    The module itself, or the conv/linear inside a fused module (``prepare_qat_fx``'s ConvReLU2d
+    holds its conv at ``.0``).
     """
     if node.op != "call_module":
         return []
