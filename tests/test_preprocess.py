@@ -5,6 +5,7 @@ import torch
 from conformance import torchvision_model
 from conftest import assert_unchanged, snapshot
 
+import zq_plugin
 from zq_plugin import zoo
 from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.preprocess import ChannelClippedReLU, _ranges, equalize, find_pairs
@@ -22,6 +23,7 @@ def _spread(model):
 
 @pytest.mark.parametrize("name", ["mobilenetv2_s", "resnet_s"])
 def test_zoo_outputs_unchanged_and_ranges_equalized(name):
+    """Also through the clamping simulation: the equalized model is a float model like any other."""
     from torch.fx.experimental.optimization import fuse
 
     model = zoo.load(name)
@@ -36,6 +38,8 @@ def test_zoo_outputs_unchanged_and_ranges_equalized(name):
         r1, r2 = _ranges(pair, modules)
         torch.testing.assert_close(r1, r2, rtol=2e-3, atol=1e-6)  # both sides of a pair meet
     assert _spread(eq) < _spread(fuse(model, inplace=False))
+    sim = zq_plugin.quantize_fx(eq, x, w_bits=8, a_bits=8)
+    assert (sim(x).argmax(1) == model(x).argmax(1)).float().mean() >= 0.9
 
 
 def test_depthwise_net_ranges_narrow_a_lot():
@@ -66,6 +70,7 @@ def test_relu6_between_a_pair_becomes_a_per_channel_clip_and_a_shared_one_is_lef
     eq = equalize(net)
     assert [type(m).__name__ for m in eq.children()].count("ChannelClippedReLU") == 2
     torch.testing.assert_close(eq(x), net(x), atol=1e-5, rtol=1e-5)  # relu6 clipping kept exactly
+    torch.fx.symbolic_trace(eq)  # still traceable: every backend takes it
 
     class Shared(torch.nn.Module):
         def __init__(self):

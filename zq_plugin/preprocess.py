@@ -54,10 +54,11 @@ _PASS_FUNCTIONS = (F.relu, torch.relu)
 
 
 class ChannelClippedReLU(nn.Module):
-    """``min(relu(x), upper[c])`` per channel ``c`` (axis 1): a ReLU6 after its channels were scaled.
+    """``min(relu(x), upper)`` per channel: a ReLU6 after its channels were scaled.
 
     Args:
-        upper: the per-channel clip ``[C]`` (6 / s for a ReLU6 whose input was scaled by 1 / s).
+        upper: the per-channel clip, shaped to broadcast against the activation: ``[C]`` after a
+            Linear, ``[C, 1, 1]`` after a Conv2d (6 / s for a ReLU6 whose input was scaled by 1 / s).
 
     Example:
         >>> m = ChannelClippedReLU(torch.tensor([6.0, 3.0]))
@@ -72,10 +73,8 @@ class ChannelClippedReLU(nn.Module):
         self.register_buffer("upper", upper.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[N, C, ...]`` clipped per channel."""
-        shape = [1] * x.dim()
-        shape[1] = -1
-        return torch.minimum(torch.relu(x), self.upper.reshape(shape).to(x.dtype))
+        """``x`` ``[N, C, ...]`` clipped per channel (traceable: plain ``relu`` and ``minimum``)."""
+        return torch.minimum(torch.relu(x), self.upper.to(x.dtype))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -220,7 +219,8 @@ def equalize(model: nn.Module, *, iterations: int = 20, threshold: float = 1e-4)
         for name in pair.relu6:
             parent_name, _, child = name.rpartition(".")
             parent = gm.get_submodule(parent_name) if parent_name else gm
-            setattr(parent, child, ChannelClippedReLU(6.0 / total[pair]))
+            spatial = _weight(modules[pair.first]).dim() - 2  # activation dims after the channel
+            setattr(parent, child, ChannelClippedReLU((6.0 / total[pair]).reshape([-1] + [1] * spatial)))
     gm.recompile()
     gm.zq_equalized_pairs = pairs  # type: ignore[assignment]
     logger.info("equalized %d layer pairs", len(pairs))
