@@ -68,3 +68,24 @@ def test_cut_points_of_a_residual_graph():
     graph = torch.fx.symbolic_trace(Res()).graph
     assert [n.name for n in cut_points(graph)] == ["x", "relu", "add"]  # not inside the residual
     assert find_blocks(torch.fx.symbolic_trace(torch.nn.ReLU())) == []
+
+
+@pytest.mark.parametrize("source", ["resnet18", "mobilenet_v2", "resnet_s_sim"])
+def test_units_run_alone_and_chained_give_the_model(source):
+    from zq_plugin.reconstruct.graph import block_module, node_values
+
+    if source == "resnet_s_sim":
+        gm = zq_plugin.quantize_fx(zoo.load("resnet_s"), torch.randn(8, 1, 28, 28), w_bits=4, a_bits=4)
+        x = torch.randn(3, 1, 28, 28)
+    else:
+        model, shape = torchvision_model(source)
+        gm = torch.fx.symbolic_trace(model.eval())
+        x = torch.randn(3, *shape)
+    blocks = find_blocks(gm)
+    with torch.no_grad():
+        out = x
+        for block in blocks:
+            out = block_module(gm, block)(out)
+            middle = node_values(gm, block.output, [x])[0]
+            torch.testing.assert_close(out, middle, atol=1e-5, rtol=1e-5)  # the unit alone = the model there
+        torch.testing.assert_close(out, gm(x), atol=1e-5, rtol=1e-5)
