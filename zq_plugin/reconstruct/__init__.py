@@ -1,7 +1,8 @@
 """Block-wise reconstruction on calibration data (AdaRound, BRECQ, QDrop, Genie-M): in progress (issue 15).
 
-Today: the learned quantizers (:mod:`zq_plugin.reconstruct.quantizers`) and the units found
-from the graph (:mod:`zq_plugin.reconstruct.blocks`).
+Today: the learned quantizers (:mod:`zq_plugin.reconstruct.quantizers`), the units found from
+the graph (:mod:`zq_plugin.reconstruct.blocks`) and a first engine
+(:func:`zq_plugin.reconstruct.engine.reconstruct`; its defaults are not yet chosen by measurement).
 """
 
 from zq_plugin.reconstruct.blocks import Block, find_blocks

@@ -1,0 +1,74 @@
+"""The reconstruction engine on a tiny model: losses fall, rounding stays on the grid, runs are deterministic."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import assert_unchanged, snapshot
+
+import zq_plugin
+from zq_plugin import observers as zo
+from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.reconstruct.engine import METHODS, ReconstructConfig, reconstruct
+
+FAST = dataclasses.replace(METHODS["genie-m"], iterations=400, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(48, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+
+
+def test_unit_losses_fall_and_the_source_is_unchanged(tiny_bn_net, images):
+    before = snapshot(tiny_bn_net)
+    sim = reconstruct(tiny_bn_net, images, w_bits=4, a_bits=4, config=FAST)
+    assert_unchanged(tiny_bn_net, before)
+    report = sim.zq_reconstruction
+    assert [r["unit"] for r in report] == ["conv1", "", "dw", "fc"]  # the residual pair is one unit
+    total_before = sum(r["loss_before"] for r in report)
+    total_after = sum(r["loss_after"] for r in report)
+    assert total_after < total_before
+    out = sim(images)
+    assert out.shape == (48, 3) and torch.isfinite(out).all()
+
+
+def test_same_seed_same_model(tiny_bn_net, images):
+    short = dataclasses.replace(FAST, iterations=100)
+    a = reconstruct(tiny_bn_net, images, config=short, seed=3).state_dict()
+    b = reconstruct(tiny_bn_net, images, config=short, seed=3).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adaround_weights_land_on_floor_or_floor_plus_one(tiny_bn_net, images):
+    """With fixed steps (AdaRound) every weight is s0 * (floor(w / s0) + 0 or 1), clamped."""
+    from torch.fx.experimental.optimization import fuse
+
+    config = dataclasses.replace(METHODS["adaround"], units="block", iterations=60, batch_size=16)
+    plain = zq_plugin.quantize_fx(
+        fuse(tiny_bn_net, inplace=False), images, w_bits=4, a_bits=4, fold=False,
+        act_observer=zo.MSEObserver, weight_observer=zo.PerChannelMSEObserver,
+    )  # fmt: skip
+    sim = reconstruct(tiny_bn_net, images, w_bits=4, a_bits=4, config=config)
+    plain_mods, sim_mods = dict(plain.named_modules()), dict(sim.named_modules())
+    checked = 0
+    for name, layer in sim_mods.items():
+        fq = getattr(layer, "weight_fake_quant", None)
+        if fq is None or not fq.is_per_channel:
+            continue
+        s = fq.scale.reshape(-1, *[1] * (layer.weight.dim() - 1))
+        torch.testing.assert_close(fq.scale, plain_mods[name].weight_fake_quant.scale)  # steps kept
+        integer = layer.weight / s
+        torch.testing.assert_close(integer, integer.round(), atol=1e-3, rtol=0)
+        floor = torch.floor(plain_mods[name].weight / s)
+        assert bool(((integer.round() - floor) >= -1e-6).all() and ((integer.round() - floor) <= 1 + 1e-6).all())
+        checked += 1
+    assert checked == 5
+
+
+def test_bad_methods_and_units_raise_named_errors(tiny_bn_net, images):
+    with pytest.raises(ConfigError, match="unknown reconstruction method"):
+        reconstruct(tiny_bn_net, images, method="adaquant")
+    with pytest.raises(ModelError, match="units='block'"):
+        reconstruct(tiny_bn_net, images, method="adaround")  # a residual pair cannot be split by layer
+    with pytest.raises(ConfigError):
+        ReconstructConfig(units="net")

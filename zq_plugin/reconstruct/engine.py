@@ -1,0 +1,312 @@
+"""Block-wise output reconstruction on calibration data, inside the clamping FX simulation.
+
+The model is folded (BatchNorm into the convolutions, :func:`torch.fx.experimental.optimization.fuse`)
+and put into the clamping simulation of :func:`zq_plugin.quantize_fx` with unfolded weight
+fake-quantizers. The same ``GraphModule`` with its fake quantization switched off is the float
+teacher. Then, unit by unit (:func:`~zq_plugin.reconstruct.blocks.find_blocks`, or every weight
+layer alone for AdaRound), with the earlier units already reconstructed:
+
+1. cache the teacher's input ``x`` and output ``y`` of the unit and the quantized model's input
+   ``x_q`` (earlier units quantized), over all calibration images;
+2. swap the unit's weight fake-quantizers for :class:`LearnedRoundingWeight` (initial steps from
+   the calibrated observers) and its activation fake-quantizers for :class:`LSQActivation`;
+3. minimize ``mean((unit(x_in) - y)^2) + round_weight * sum(1 - |2 h(V) - 1|^beta)`` over random
+   mini-batches, ``x_in`` being QDrop's element-wise mix of ``x_q`` and ``x`` (probability
+   ``drop_prob`` for the float value), ``beta`` annealed 20 -> 2 after a 20 % warm-up;
+4. make the rounding hard and write the result back: each weight becomes its fake-quantized
+   value ``s * int`` and its fake-quantizer's step ``s``, each activation fake-quantizer its
+   learned step; the learned modules are swapped out again.
+
+The result is again a ``prepare_qat_fx``-style ``GraphModule`` (fixed rounded weights, learned
+steps) that :func:`zq_plugin.calibrate`-free evaluation, ``convert_fx`` at 8 bits and
+:func:`~zq_plugin.backends.fx.export_sim` take. The source model is never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Any, cast
+
+import torch
+from torch import fx, nn
+
+from zq_plugin import _compat
+from zq_plugin.data import CalibrationData, iter_batches
+from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.reconstruct.blocks import Block, find_blocks
+from zq_plugin.reconstruct.graph import block_module, node_values
+from zq_plugin.reconstruct.quantizers import LearnedRoundingWeight, LSQActivation, beta_at
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReconstructConfig:
+    """How each unit is reconstructed.
+
+    Attributes:
+        units: ``"block"`` (units between cut points: BRECQ, QDrop, Genie-M) or ``"layer"``
+            (every weight layer alone: AdaRound).
+        iterations: optimizer steps per unit (the papers' codes: 20,000 for BRECQ/QDrop/Genie-M,
+            10,000 for AdaRound; fewer are used here until measured).
+        batch_size: images per step (the codes: 32).
+        learn_weight_scale: learn each layer's weight steps with the rounding (Genie-M), else keep them.
+        learn_act_scale: learn the activation steps inside the unit (LSQ), else keep the calibrated ones.
+        drop_prob: QDrop's probability that an activation element keeps its float value (0.5 in
+            QDrop and Genie-M; 0 disables it).
+        round_weight: ``lambda`` of the rounding regularizer (Genie-M's code 1.0; AdaRound/BRECQ 0.01).
+        warmup: the fraction of iterations before the regularizer starts (0.2 everywhere).
+        lr_rounding, lr_weight_scale, lr_act_scale: Adam learning rates (Genie-M's code: 1e-3,
+            1e-4, 4e-5).
+    """
+
+    units: str = "block"
+    iterations: int = 500
+    batch_size: int = 32
+    learn_weight_scale: bool = True
+    learn_act_scale: bool = True
+    drop_prob: float = 0.5
+    round_weight: float = 1.0
+    warmup: float = 0.2
+    lr_rounding: float = 1e-3
+    lr_weight_scale: float = 1e-4
+    lr_act_scale: float = 4e-5
+
+    def __post_init__(self) -> None:
+        if self.units not in ("block", "layer"):
+            raise ConfigError(f"units must be 'block' or 'layer', got {self.units!r}.")
+        if self.iterations < 1 or self.batch_size < 1:
+            raise ConfigError("iterations and batch_size must be >= 1.")
+        if not 0.0 <= self.drop_prob <= 1.0 or not 0.0 <= self.warmup < 1.0 or self.round_weight < 0:
+            raise ConfigError("drop_prob must lie in [0, 1], warmup in [0, 1) and round_weight be >= 0.")
+
+
+#: The methods by name; each paper's own code defaults are in :class:`ReconstructConfig`'s docstring.
+METHODS: dict[str, ReconstructConfig] = {
+    "adaround": ReconstructConfig(
+        units="layer", learn_weight_scale=False, learn_act_scale=False, drop_prob=0.0, round_weight=0.01
+    ),
+    "brecq": ReconstructConfig(learn_weight_scale=False, learn_act_scale=True, drop_prob=0.0, round_weight=0.01),
+    "qdrop": ReconstructConfig(learn_weight_scale=False, learn_act_scale=True, drop_prob=0.5, round_weight=0.01),
+    "genie-m": ReconstructConfig(),
+}
+
+
+class _LearnedWeightFQ(nn.Module):
+    """Stands in for a layer's ``weight_fake_quant``: returns the learned weight, whatever it is given."""
+
+    def __init__(self, learned: LearnedRoundingWeight) -> None:
+        super().__init__()
+        self.learned = learned
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.learned()
+
+
+def _is_fake_quant(module: nn.Module) -> bool:
+    return isinstance(module, _compat.FakeQuantize)
+
+
+def _fake_quant_states(gm: nn.Module) -> dict[Any, bool]:
+    """Each fake-quantizer of ``gm`` and whether it quantizes now."""
+    return {m: bool(int(cast(Any, m).fake_quant_enabled[0])) for m in gm.modules() if _is_fake_quant(m)}
+
+
+def _set_fake_quant(states: dict[Any, bool], teacher: bool) -> None:
+    """The float teacher (every fake-quantizer off) or the student (each as ``states`` says)."""
+    for module, enabled in states.items():
+        module.enable_fake_quant(enabled and not teacher)
+
+
+def _unit_list(gm: fx.GraphModule, units: str) -> list[Block]:
+    blocks = find_blocks(gm)
+    if units == "block":
+        return blocks
+    # AdaRound: one unit per weight layer; a unit's other nodes go with its first layer
+    layered: list[Block] = []
+    for block in blocks:
+        if len(block.layers) == 1:
+            layered.append(block)
+            continue
+        raise ModelError(
+            f"units='layer' needs every unit to hold one weight layer, but {block.name!r} holds "
+            f"{len(block.layers)} (a residual or multi-branch block); use units='block' (BRECQ, QDrop, Genie-M)."
+        )
+    return layered
+
+
+def _swap_in(
+    unit: fx.GraphModule, block: Block, modules: dict[str, nn.Module], config: ReconstructConfig, seed: int
+) -> tuple[list[tuple[nn.Module, Any, LearnedRoundingWeight]], list[tuple[nn.Module, str, Any, LSQActivation]]]:
+    weights = []
+    for name in block.layers:
+        layer = modules[name]
+        fq = getattr(layer, "weight_fake_quant", None)
+        if fq is None or not _is_fake_quant(fq):
+            continue
+        if not fq.is_per_channel or int(fq.fake_quant_enabled[0]) == 0:
+            continue  # per-tensor weights (ConvTranspose at int8) and float layers keep their quantizer
+        learned = LearnedRoundingWeight(
+            cast(torch.Tensor, layer.weight),
+            fq.scale.detach(),
+            int(fq.quant_min),
+            int(fq.quant_max),
+            ch_axis=int(fq.ch_axis),
+            learn_scale=config.learn_weight_scale,
+        )
+        layer.weight_fake_quant = _LearnedWeightFQ(learned)
+        weights.append((layer, fq, learned))
+    acts = []
+    generator = torch.Generator().manual_seed(seed)
+    for node in unit.graph.nodes:
+        if node.op != "call_module":
+            continue
+        parent_name, _, child = str(node.target).rpartition(".")
+        module: Any = unit.get_submodule(str(node.target))
+        if not _is_fake_quant(module) or module.is_per_channel or int(module.fake_quant_enabled[0]) == 0:
+            continue
+        lsq = LSQActivation(
+            module.scale.detach(), int(module.zero_point), int(module.quant_min), int(module.quant_max),
+            drop_prob=config.drop_prob,
+        )  # fmt: skip
+        lsq.scale.requires_grad_(config.learn_act_scale)
+        lsq.generator = generator
+        parent = unit.get_submodule(parent_name) if parent_name else unit
+        setattr(parent, child, lsq)
+        acts.append((parent, child, module, lsq))
+    return weights, acts
+
+
+@torch.no_grad()
+def _write_back(weights: list[tuple[nn.Module, Any, LearnedRoundingWeight]], acts: list[Any]) -> None:
+    for layer, fq, learned in weights:
+        learned.hard = True
+        cast(torch.Tensor, layer.weight).copy_(learned())
+        fq.scale.copy_(learned.scale.detach().abs())
+        fq.zero_point.zero_()
+        layer.weight_fake_quant = fq
+    for parent, child, fq, lsq in acts:
+        fq.scale.copy_(lsq.scale.detach().abs().reshape(fq.scale.shape))
+        setattr(parent, child, fq)
+
+
+def reconstruct_unit(
+    gm: fx.GraphModule, block: Block, images: torch.Tensor, config: ReconstructConfig, *, seed: int = 0
+) -> tuple[float, float]:
+    """Reconstruct one unit of the simulation ``gm`` in place; returns its loss ``(before, after)``.
+
+    The loss is the mean squared error of the unit's output against the float teacher's on all
+    ``images`` (``[N, C, H, W]``), with the quantized input and every element quantized (QDrop
+    off): before, with the calibrated quantizers (round-to-nearest weights); after, with the
+    learned ones (hard rounding).
+    """
+    batches = list(images.split(64))
+    states = _fake_quant_states(gm)
+    try:
+        _set_fake_quant(states, teacher=True)
+        x_fp = torch.cat(node_values(gm, block.input, batches))
+        y_fp = torch.cat(node_values(gm, block.output, batches))
+    finally:
+        _set_fake_quant(states, teacher=False)
+    x_q = torch.cat(node_values(gm, block.input, batches))
+    unit = block_module(gm, block)
+    modules = dict(gm.named_modules())
+
+    def full_loss() -> float:
+        unit.eval()
+        with torch.no_grad():
+            return float(
+                sum(((unit(xb) - yb) ** 2).sum() for xb, yb in zip(x_q.split(64), y_fp.split(64), strict=True))
+            )
+
+    before = full_loss() / y_fp.numel()  # the calibrated quantizers: round-to-nearest, observed steps
+    weights, acts = _swap_in(unit, block, modules, config, seed)
+    try:
+        groups = [
+            {"params": [w.v for _, _, w in weights], "lr": config.lr_rounding},
+            {"params": [w.scale for _, _, w in weights if w.scale.requires_grad], "lr": config.lr_weight_scale},
+            {"params": [a.scale for *_, a in acts if a.scale.requires_grad], "lr": config.lr_act_scale},
+        ]
+        params = [g for g in groups if g["params"]]
+        generator = torch.Generator().manual_seed(seed)
+        if params:
+            optimizer = torch.optim.Adam(params)
+            unit.train()
+            n = len(images)
+            for step in range(config.iterations):
+                idx = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
+                x_in = x_q[idx]
+                if config.drop_prob > 0:
+                    keep_float = torch.rand(x_in.shape, generator=generator) < config.drop_prob
+                    x_in = torch.where(keep_float, x_fp[idx], x_in)
+                loss = ((unit(x_in) - y_fp[idx]) ** 2).sum(1).mean()
+                beta = beta_at(step, config.iterations, warmup=config.warmup)
+                if beta is not None and config.round_weight > 0:
+                    loss = loss + config.round_weight * sum(w.regularizer(beta) for _, _, w in weights)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        for _, _, w in weights:
+            w.hard = True
+        after = full_loss() / y_fp.numel()
+    finally:
+        _write_back(weights, acts)
+    return before, after
+
+
+def reconstruct(
+    model: nn.Module,
+    data: CalibrationData,
+    *,
+    w_bits: int = 4,
+    a_bits: int = 4,
+    method: str = "genie-m",
+    config: ReconstructConfig | None = None,
+    first_last_bits: int | None = 8,
+    seed: int = 0,
+) -> fx.GraphModule:
+    """Quantize ``model`` at W``w_bits``A``a_bits`` and reconstruct it unit by unit on ``data``.
+
+    Args:
+        model: a float model; not changed.
+        data: calibration images (any source: a SyntheticDataset, a tensor, a loader).
+        w_bits: weight bits, as :func:`zq_plugin.quantize_fx`.
+        a_bits: activation bits, as :func:`zq_plugin.quantize_fx`.
+        first_last_bits: bits of the first and last weight layer (``None``: like the others).
+        method: ``"adaround"``, ``"brecq"``, ``"qdrop"`` or ``"genie-m"`` (:data:`METHODS`).
+        config: overrides the method's configuration.
+        seed: the mini-batch and QDrop streams; the same seed gives the same model.
+
+    Returns:
+        The clamping simulation (a ``GraphModule`` in eval mode) with learned rounding and steps;
+        ``.zq_reconstruction`` lists each unit's loss before and after.
+
+    Raises:
+        ConfigError: an unknown method, or bad options.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    from zq_plugin.backends.fx import quantize_fx
+    from zq_plugin.observers.ao import MSEObserver, PerChannelMSEObserver
+
+    if config is None:
+        if method not in METHODS:
+            raise ConfigError(f"unknown reconstruction method {method!r}; choose one of {sorted(METHODS)}.")
+        config = METHODS[method]
+    images = torch.cat(list(iter_batches(data, 64))) if not isinstance(data, torch.Tensor) else data
+    folded = fuse(copy.deepcopy(model).eval(), inplace=True)  # BN folded into the weights first
+    torch.manual_seed(seed)
+    sim = quantize_fx(
+        folded, images, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits,
+        act_observer=MSEObserver, weight_observer=PerChannelMSEObserver, fold=False,
+    )  # fmt: skip
+    report = []
+    for i, block in enumerate(_unit_list(sim, config.units)):
+        before, after = reconstruct_unit(sim, block, images, config, seed=seed + i)
+        report.append({"unit": block.name, "layers": list(block.layers), "loss_before": before, "loss_after": after})
+        logger.info("reconstructed %s: output MSE %.4g -> %.4g", block.name, before, after)
+    sim.eval()
+    sim.zq_reconstruction = report  # type: ignore[assignment]
+    return sim
