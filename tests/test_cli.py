@@ -152,14 +152,19 @@ def test_plan_bad_budget_exits_2(data_file, tmp_path, capsys):
     assert not (tmp_path / "plan.json").exists()
 
 
+def _mixed_plan(tmp_path):
+    """A W4A8 plan for resnet_s with layer3.conv2 at 3 bits, saved as tmp_path/plan.json."""
+    from zq_plugin.mixed_precision import BitPlan
+
+    plan = BitPlan.uniform(zoo.load("resnet_s"), w_bits=4, a_bits=8).replace_layer("layer3.conv2", w_bits=3)
+    plan.save(tmp_path / "plan.json")
+    return plan
+
+
 def test_quantize_with_plan_on_both_backends(data_file, tmp_path, capsys):
     pytest.importorskip("brevitas")
     pytest.importorskip("onnxruntime")
-    from zq_plugin.mixed_precision import BitPlan
-
-    model = zoo.load("resnet_s")
-    plan = BitPlan.uniform(model, w_bits=4, a_bits=8).replace_layer("layer3.conv2", w_bits=3)
-    plan.save(tmp_path / "plan.json")
+    _mixed_plan(tmp_path)
     base = ["quantize", "--model", "resnet_s", "--data", str(data_file), "--plan", str(tmp_path / "plan.json")]
     assert cli.main(base) == 0
     report = json.loads(capsys.readouterr().out)
@@ -515,11 +520,7 @@ def _umask():
 
 def test_quantize_with_plan_reports_the_plans_bits(data_file, tmp_path, capsys):
     """Issue 14: with --plan the summary said w_bits: 8, a_bits: 8 (the unused uniform flags)."""
-    from zq_plugin.mixed_precision import BitPlan
-
-    model = zoo.load("resnet_s")
-    plan = BitPlan.uniform(model, w_bits=4, a_bits=8).replace_layer("layer3.conv2", w_bits=3)
-    plan.save(tmp_path / "plan.json")
+    plan = _mixed_plan(tmp_path)
     argv = ["quantize", "--model", "resnet_s", "--data", str(data_file), "--plan", str(tmp_path / "plan.json")]
     assert cli.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
