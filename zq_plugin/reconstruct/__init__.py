@@ -2,7 +2,8 @@
 
 Today: the learned quantizers (:mod:`zq_plugin.reconstruct.quantizers`), the units found from
 the graph (:mod:`zq_plugin.reconstruct.blocks`) and a first engine
-(:func:`zq_plugin.reconstruct.engine.reconstruct`; its defaults are not yet chosen by measurement).
+(:func:`zq_plugin.reconstruct.engine.reconstruct`; experimental: it lowers accuracy today,
+docs/reconstruction.md).
 """
 
 from zq_plugin.reconstruct.blocks import Block, find_blocks
