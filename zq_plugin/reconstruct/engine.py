@@ -18,8 +18,8 @@ layer alone for AdaRound), with the earlier units already reconstructed:
    learned step; the learned modules are swapped out again.
 
 The result is again a ``prepare_qat_fx``-style ``GraphModule`` (fixed rounded weights, learned
-steps) that :func:`zq_plugin.calibrate`-free evaluation, ``convert_fx`` at 8 bits and
-:func:`~zq_plugin.backends.fx.export_sim` take. The source model is never changed.
+steps), evaluated as it is (no calibration needed), converted by ``convert_fx`` at 8 bits,
+or saved with :func:`~zq_plugin.backends.fx.export_sim`. The source model is never changed.
 """
 
 from __future__ import annotations
@@ -121,20 +121,15 @@ def _set_fake_quant(states: dict[Any, bool], teacher: bool) -> None:
 
 
 def _unit_list(gm: fx.GraphModule, units: str) -> list[Block]:
+    """The units to reconstruct; ``units="layer"`` (AdaRound) needs every unit to hold one weight layer."""
     blocks = find_blocks(gm)
-    if units == "block":
-        return blocks
-    # AdaRound: one unit per weight layer; a unit's other nodes go with its first layer
-    layered: list[Block] = []
-    for block in blocks:
-        if len(block.layers) == 1:
-            layered.append(block)
-            continue
+    multi = next((b for b in blocks if len(b.layers) > 1), None)
+    if units == "layer" and multi is not None:
         raise ModelError(
-            f"units='layer' needs every unit to hold one weight layer, but {block.name!r} holds "
-            f"{len(block.layers)} (a residual or multi-branch block); use units='block' (BRECQ, QDrop, Genie-M)."
+            f"units='layer' needs every unit to hold one weight layer, but {multi.name!r} holds "
+            f"{len(multi.layers)} (a residual or multi-branch block); use units='block' (BRECQ, QDrop, Genie-M)."
         )
-    return layered
+    return blocks
 
 
 def _swap_in(
@@ -297,7 +292,6 @@ def reconstruct(
         config = METHODS[method]
     images = torch.cat(list(iter_batches(data, 64))) if not isinstance(data, torch.Tensor) else data
     folded = fuse(copy.deepcopy(model).eval(), inplace=True)  # BN folded into the weights first
-    torch.manual_seed(seed)
     sim = quantize_fx(
         folded, images, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits,
         act_observer=MSEObserver, weight_observer=PerChannelMSEObserver, fold=False,
