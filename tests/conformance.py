@@ -170,6 +170,16 @@ def no_bn() -> nn.Module:
     )
 
 
+def graph_module() -> nn.Module:
+    """A user's own ``torch.fx.symbolic_trace`` output: its submodules sit in plain ``nn.Module`` containers."""
+    net = nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6()),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)),
+    )
+    return torch.fx.symbolic_trace(net)
+
+
 PATTERNS: dict[str, Callable[[], nn.Module]] = {
     "inplace_residual": InplaceResidual,
     "functional": Functional,
@@ -178,6 +188,7 @@ PATTERNS: dict[str, Callable[[], nn.Module]] = {
     "conv_transpose": conv_transpose_net,
     "bn1d_head": bn1d_head,
     "no_bn": no_bn,
+    "graph_module": graph_module,
 }
 PATTERN_SHAPE = (1, 8, 8)
 

@@ -7,6 +7,7 @@ from conformance import pattern_model
 from conftest import assert_unchanged, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 from torch.ao.quantization import FakeQuantize, MinMaxObserver, PerChannelMinMaxObserver, QConfigMapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
@@ -105,6 +106,16 @@ def test_first_and_last_layers_stay_8bit(tiny_bn_net, calib):
         if n.endswith("weight_fake_quant")
     }
     assert wq["conv1"] == 127 and wq["fc"] == 127 and wq["conv2"] == 7 and wq["dw"] == 7
+
+
+def test_a_traced_model_keeps_its_first_and_last_layers():
+    # a GraphModule holds its submodules in plain nn.Module containers, which torch.fx's leaf rule
+    # calls leaves: the first layer was missed and quantized at 4 bits (found on fuse()'s output)
+    net = nn.Sequential(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()), nn.Flatten(), nn.Sequential(nn.Linear(144, 3)))
+    traced = torch.fx.symbolic_trace(net)
+    assert fx.weight_layer_names(traced) == fx.weight_layer_names(net) == ["0.0", "2.0"]
+    sim = fx.quantize_fx(traced, torch.randn(8, 1, 8, 8), w_bits=4, a_bits=4, fold=False)
+    assert sim.get_submodule("0.0").weight_fake_quant.quant_max == 127
 
 
 def test_source_model_unchanged(tiny_bn_net, calib):

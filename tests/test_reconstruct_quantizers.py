@@ -50,7 +50,7 @@ def test_genie_m_base_rounding_is_frozen_while_the_step_learns():
     original = w.clone()
     q = LearnedRoundingWeight(w, scale, -7, 7)
     base = q.base.clone()
-    opt = torch.optim.Adam([q.v, q.scale], lr=1e-2)
+    opt = torch.optim.Adam([q.v, q.scale_factor], lr=1e-2)
     target = 1.3 * w
     for _ in range(20):
         opt.zero_grad()
@@ -59,7 +59,7 @@ def test_genie_m_base_rounding_is_frozen_while_the_step_learns():
         opt.step()
     assert not torch.equal(q.scale.detach(), scale)  # the step learned
     assert torch.equal(q.base, base) and torch.equal(w, original)
-    assert [n for n, p in q.named_parameters() if p.requires_grad] == ["v", "scale"]
+    assert [n for n, p in q.named_parameters() if p.requires_grad] == ["v", "scale_factor"]
     fixed = LearnedRoundingWeight(w, scale, -7, 7, learn_scale=False)
     assert [n for n, p in fixed.named_parameters() if p.requires_grad] == ["v"]  # AdaRound
 

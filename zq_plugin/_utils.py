@@ -44,6 +44,16 @@ class CalibrationSummary:
     samples: int
 
 
+def _fx_leaf(tracer: torch.fx.Tracer, module: nn.Module, name: str) -> bool:
+    """Whether torch.fx calls ``module`` as one opaque leaf.
+
+    A plain ``nn.Module`` container (the hierarchy a ``GraphModule`` copies from its source,
+    e.g. the output of ``symbolic_trace`` or of torch's ``fuse``) is never called, only looked
+    through, although the tracer's rule (defined in ``torch.nn``) would call it a leaf.
+    """
+    return type(module) is not nn.Module and tracer.is_leaf_module(module, name)
+
+
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
     """The weight layers a backend quantizes, by qualified name, in module order.
 
@@ -64,7 +74,7 @@ def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if isinstance(module, WEIGHT_LAYERS):
             found[name] = module
-        elif name and tracer.is_leaf_module(module, name) and any(True for _ in module.children()):
+        elif name and _fx_leaf(tracer, module, name) and any(True for _ in module.children()):
             opaque.append(name)
     return found
 
@@ -80,7 +90,7 @@ def opaque_weight_modules(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if not name or isinstance(module, WEIGHT_LAYERS) or any(name.startswith(p + ".") for p in found):
             continue
-        if not tracer.is_leaf_module(module, name):
+        if not _fx_leaf(tracer, module, name):
             continue
         inner = any(isinstance(m, WEIGHT_LAYERS) for m in module.modules())
         matrix = any(p.dim() >= 2 for p in module.parameters(recurse=False))

@@ -221,7 +221,10 @@ def reconstruct_unit(
     try:
         groups = [
             {"params": [w.v for _, _, w in weights], "lr": config.lr_rounding},
-            {"params": [w.scale for _, _, w in weights if w.scale.requires_grad], "lr": config.lr_weight_scale},
+            {
+                "params": [w.scale_factor for _, _, w in weights if w.scale_factor.requires_grad],
+                "lr": config.lr_weight_scale,
+            },
             {"params": [a.scale for *_, a in acts if a.scale.requires_grad], "lr": config.lr_act_scale},
         ]
         params = [g for g in groups if g["params"]]

@@ -102,7 +102,8 @@ class LearnedRoundingWeight(nn.Module):
         scale: the initial step ``s0`` per channel, ``[C]`` (> 0), e.g. from a calibrated observer.
         quant_min, quant_max: the integer range, e.g. ``(-7, 7)`` for 4-bit narrow signed weights.
         ch_axis: the channel axis of ``scale``.
-        learn_scale: learn ``s`` jointly with ``V`` (Genie-M) or keep ``s = s0`` (AdaRound).
+        learn_scale: learn ``s`` jointly with ``V`` (Genie-M) or keep ``s = s0`` (AdaRound); the
+            parameter is the factor :attr:`scale_factor` of ``s = s0 * scale_factor``.
 
     ``forward()`` returns the fake-quantized weight, soft while :attr:`hard` is False.
 
@@ -148,8 +149,18 @@ class LearnedRoundingWeight(nn.Module):
         self.register_buffer("base", base)
         self.register_buffer("scale0", s0.clone())
         self.v = nn.Parameter(inverse_rectified_sigmoid((ratio - base).clamp(0.0, 1.0 - 1e-6)))
-        self.scale = nn.Parameter(s0.clone(), requires_grad=learn_scale)
+        self.scale_factor = nn.Parameter(torch.ones_like(s0), requires_grad=learn_scale)
         self.hard = False
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The step per channel, ``s = s0 * m`` (``[C]``), differentiable in the learned factor ``m``.
+
+        The step is learned as a factor of ``s0`` (:attr:`scale_factor`, 1 at the start), so an
+        optimizer's step is relative: per-channel steps span orders of magnitude (depthwise
+        layers), and one absolute learning rate moved the smallest by more than themselves.
+        """
+        return self.scale0 * self.scale_factor
 
     def rounding(self) -> torch.Tensor:
         """``h(V)``, or its hard 0/1 value once :attr:`hard` is set."""
