@@ -9,7 +9,7 @@ from conftest import assert_unchanged, snapshot
 import zq_plugin
 from zq_plugin import observers as zo
 from zq_plugin.errors import ConfigError, ModelError
-from zq_plugin.reconstruct.engine import METHODS, ReconstructConfig, reconstruct
+from zq_plugin.reconstruct.engine import METHODS, ReconstructConfig, reconstruct_fx
 
 FAST = dataclasses.replace(METHODS["genie-m"], iterations=400, batch_size=16)
 
@@ -21,7 +21,7 @@ def images():
 
 def test_unit_losses_fall_and_the_source_is_unchanged(tiny_bn_net, images):
     before = snapshot(tiny_bn_net)
-    sim = reconstruct(tiny_bn_net, images, w_bits=4, a_bits=4, config=FAST)
+    sim = reconstruct_fx(tiny_bn_net, images, w_bits=4, a_bits=4, config=FAST)
     assert_unchanged(tiny_bn_net, before)
     report = sim.zq_reconstruction
     assert [r["unit"] for r in report] == ["conv1", "", "dw", "fc"]  # the residual pair is one unit
@@ -34,8 +34,8 @@ def test_unit_losses_fall_and_the_source_is_unchanged(tiny_bn_net, images):
 
 def test_same_seed_same_model(tiny_bn_net, images):
     short = dataclasses.replace(FAST, iterations=100)
-    a = reconstruct(tiny_bn_net, images, config=short, seed=3).state_dict()
-    b = reconstruct(tiny_bn_net, images, config=short, seed=3).state_dict()
+    a = reconstruct_fx(tiny_bn_net, images, config=short, seed=3).state_dict()
+    b = reconstruct_fx(tiny_bn_net, images, config=short, seed=3).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -48,7 +48,7 @@ def test_adaround_weights_land_on_floor_or_floor_plus_one(tiny_bn_net, images):
         fuse(tiny_bn_net, inplace=False), images, w_bits=4, a_bits=4, fold=False,
         act_observer=zo.MSEObserver, weight_observer=zo.PerChannelMSEObserver,
     )  # fmt: skip
-    sim = reconstruct(tiny_bn_net, images, w_bits=4, a_bits=4, config=config)
+    sim = reconstruct_fx(tiny_bn_net, images, w_bits=4, a_bits=4, config=config)
     plain_mods, sim_mods = dict(plain.named_modules()), dict(sim.named_modules())
     checked = 0
     for name, layer in sim_mods.items():
@@ -67,8 +67,52 @@ def test_adaround_weights_land_on_floor_or_floor_plus_one(tiny_bn_net, images):
 
 def test_bad_methods_and_units_raise_named_errors(tiny_bn_net, images):
     with pytest.raises(ConfigError, match="unknown reconstruction method"):
-        reconstruct(tiny_bn_net, images, method="adaquant")
+        reconstruct_fx(tiny_bn_net, images, method="adaquant")
     with pytest.raises(ModelError, match="units='block'"):
-        reconstruct(tiny_bn_net, images, method="adaround")  # a residual pair cannot be split by layer
+        reconstruct_fx(tiny_bn_net, images, method="adaround")  # a residual pair cannot be split by layer
     with pytest.raises(ConfigError):
         ReconstructConfig(units="net")
+
+
+def test_a_stopped_run_resumes_to_the_same_model(tiny_bn_net, images, tmp_path, monkeypatch):
+    from zq_plugin.reconstruct import engine
+
+    short = dataclasses.replace(FAST, iterations=30)
+    whole = reconstruct_fx(tiny_bn_net, images, config=short, seed=1).state_dict()
+    real_unit, calls = engine.reconstruct_unit, []
+
+    def stop_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_unit(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "reconstruct_unit", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct_fx(tiny_bn_net, images, config=short, seed=1, cache_dir=tmp_path)
+    [folder] = list(tmp_path.iterdir())
+    assert [p.name for p in folder.iterdir()] == ["unit-00002.pt"]  # the two finished units, one file
+    calls.clear()
+    resumed = reconstruct_fx(tiny_bn_net, images, config=short, seed=1, cache_dir=tmp_path)
+    assert len(calls) == 2  # only the two units left
+    assert [r["unit"] for r in resumed.zq_reconstruction] == ["conv1", "", "dw", "fc"]
+    state = resumed.state_dict()
+    assert state.keys() == whole.keys() and all(torch.equal(state[k], whole[k]) for k in whole)
+
+
+def test_a_plan_sets_each_layers_bits(tiny_bn_net, images):
+    from zq_plugin.mixed_precision import BitPlan
+
+    plan = BitPlan.uniform(tiny_bn_net, w_bits=4, a_bits=8).replace_layer("dw", w_bits=2, a_bits=4)
+    sim = reconstruct_fx(tiny_bn_net, images, plan=plan, config=dataclasses.replace(FAST, iterations=20))
+    assert sim.get_submodule("dw").weight_fake_quant.quant_max == 1  # 2-bit narrow signed: -1..1
+    assert sim.get_submodule("conv2").weight_fake_quant.quant_max == 7  # conv1: the first layer, 8-bit
+
+
+def test_float64_model_and_images(tiny_bn_net, images):
+    import copy
+
+    net = copy.deepcopy(tiny_bn_net).double()
+    sim = reconstruct_fx(net, images.float(), config=dataclasses.replace(FAST, iterations=20))
+    out = sim(images.double())
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()

@@ -24,6 +24,7 @@ from zq_plugin.errors import (
 )
 from zq_plugin.evaluation import accuracy
 from zq_plugin.fake_quant import FastFakeQuantize
+from zq_plugin.reconstruct import ReconstructConfig, reconstruct_fx
 from zq_plugin.synth import METHODS, DSGConfig, NoiseConfig, ZeroQConfig, synthesize
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "ModelError",
     "NoiseConfig",
     "NotCalibratedError",
+    "ReconstructConfig",
     "SyntheticDataset",
     "ZQError",
     "ZeroQConfig",
@@ -51,6 +53,7 @@ __all__ = [
     "model_fingerprint",
     "qconfig",
     "quantize_fx",
+    "reconstruct_fx",
     "synthesize",
     "uniform_qconfig_mapping",
 ]

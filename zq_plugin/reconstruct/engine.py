@@ -27,6 +27,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
+import time
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -34,11 +37,14 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from zq_plugin import _compat
-from zq_plugin.data import CalibrationData, iter_batches
+from zq_plugin._utils import model_device_dtype
+from zq_plugin.data import CalibrationData, atomic_torch_save, iter_batches, model_fingerprint
 from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.mixed_precision.plan import BitPlan
 from zq_plugin.reconstruct.blocks import Block, find_blocks
 from zq_plugin.reconstruct.graph import block_module, node_values
 from zq_plugin.reconstruct.quantizers import LearnedRoundingWeight, LSQActivation, beta_at
+from zq_plugin.synth.store import method_code_hash, run_key
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +146,12 @@ def _unit_list(gm: fx.GraphModule, units: str) -> list[Block]:
 
 
 def _swap_in(
-    unit: fx.GraphModule, block: Block, modules: dict[str, nn.Module], config: ReconstructConfig, seed: int
+    unit: fx.GraphModule,
+    block: Block,
+    modules: dict[str, nn.Module],
+    config: ReconstructConfig,
+    seed: int,
+    device: torch.device,
 ) -> tuple[list[tuple[nn.Module, Any, LearnedRoundingWeight]], list[tuple[nn.Module, str, Any, LSQActivation]]]:
     weights = []
     for name in block.layers:
@@ -161,7 +172,7 @@ def _swap_in(
         layer.weight_fake_quant = _LearnedWeightFQ(learned)
         weights.append((layer, fq, learned))
     acts = []
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     made: dict[int, LSQActivation] = {}  # one learned step per quantizer, also where FX shares it (ReLU6, pooling)
     for node in unit.graph.nodes:
         if node.op != "call_module":
@@ -248,10 +259,11 @@ def reconstruct_unit(
     docs/reconstruction.md), which this check guards against for any data size.
 
     Returns:
-        ``{"train_before", "train_after", "held_before", "held_after", "best_step"}``: mean squared
-        output errors against the float teacher (``before``: the calibrated quantizers), and the step
-        of the kept state (0: none improved).
+        ``{"train_before", "train_after", "held_before", "held_after", "best_step", "seconds"}``:
+        mean squared output errors against the float teacher (``before``: the calibrated
+        quantizers), the step of the kept state (0: none improved) and the unit's wall time.
     """
+    started = time.perf_counter()
     batches = list(images.split(64))
     x_fp = torch.cat(node_values(teacher, block.input, batches))
     y_fp = torch.cat(node_values(teacher, block.output, batches))
@@ -270,7 +282,7 @@ def reconstruct_unit(
         return total / max(len(idx) * y_fp[0].numel(), 1)
 
     report = {"train_before": error(train_idx), "held_before": error(held_idx)}
-    weights, acts = _swap_in(unit, block, modules, config, seed)
+    weights, acts = _swap_in(unit, block, modules, config, seed, x_q.device)
     best = (report["held_before"], 0, _snapshot(weights, acts))
     try:
         groups = [
@@ -285,7 +297,8 @@ def reconstruct_unit(
             },
         ]
         params = [g for g in groups if g["params"]]
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)  # mini-batches
+        masks = torch.Generator(device=x_q.device).manual_seed(seed + 1)  # QDrop at the unit's input
         every = max(config.iterations // max(config.checks, 1), 1)
         if params:
             optimizer = torch.optim.Adam(params)
@@ -299,7 +312,7 @@ def reconstruct_unit(
                 ]
                 x_in = x_q[idx]
                 if config.drop_prob > 0:
-                    keep_float = torch.rand(x_in.shape, generator=generator) < config.drop_prob
+                    keep_float = torch.rand(x_in.shape, generator=masks, device=x_in.device) < config.drop_prob
                     x_in = torch.where(keep_float, x_fp[idx], x_in)
                 loss = ((unit(x_in) - y_fp[idx]) ** 2).sum(1).mean()
                 beta = beta_at(step - 1, config.iterations, warmup=config.warmup)
@@ -321,67 +334,159 @@ def reconstruct_unit(
         for _, _, w in weights:
             w.hard = True
         report.update(train_after=error(train_idx), held_after=error(held_idx), best_step=float(best[1]))
+        report["seconds"] = time.perf_counter() - started
     finally:
         _write_back(weights, acts)
     return report
 
 
-def reconstruct(
+def _checkpoints(folder: Path) -> list[Path]:
+    return sorted(folder.glob("unit-*.pt")) if folder.is_dir() else []
+
+
+def _resume(folder: Path, sim: fx.GraphModule, units: list[Block]) -> tuple[int, list[dict[str, Any]]]:
+    """Load the latest readable checkpoint into ``sim``; returns how many units it holds and their report."""
+    for path in reversed(_checkpoints(folder)):
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            done, report = int(blob["done"]), list(blob["report"])
+            if not 0 < done <= len(units) or [r["unit"] for r in report] != [b.name for b in units[:done]]:
+                raise ValueError("its units are not this model's")
+            sim.load_state_dict(blob["state"])
+        except Exception as exc:  # a damaged checkpoint is recomputed, never trusted
+            logger.warning("ignoring reconstruction checkpoint %s (%s)", path, exc)
+            continue
+        logger.info("resuming reconstruction after %d of %d units from %s", done, len(units), path)
+        return done, report
+    return 0, []
+
+
+def _save_checkpoint(folder: Path, sim: fx.GraphModule, done: int, report: list[dict[str, Any]]) -> None:
+    """Write the state after ``done`` units atomically, then drop the older checkpoints."""
+    path = folder / f"unit-{done:05d}.pt"
+    state = {k: v.detach().cpu() for k, v in sim.state_dict().items()}
+    atomic_torch_save({"done": done, "report": report, "state": state}, path)
+    for old in _checkpoints(folder):
+        if old != path:
+            old.unlink(missing_ok=True)
+
+
+def _images(data: CalibrationData, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """All calibration images as one tensor ``[N, ...]`` on the model's device and dtype."""
+    images = data if isinstance(data, torch.Tensor) else torch.cat(list(iter_batches(data, 64)))
+    if images.dim() < 2 or len(images) == 0:
+        raise ConfigError(f"reconstruction needs a batch of images [N, ...], got shape {tuple(images.shape)}.")
+    return images.detach().to(device=device, dtype=dtype)
+
+
+def reconstruct_fx(
     model: nn.Module,
     data: CalibrationData,
     *,
     w_bits: int = 4,
     a_bits: int = 4,
+    plan: BitPlan | None = None,
     method: str = "genie-m",
     config: ReconstructConfig | None = None,
     first_last_bits: int | None = 8,
     seed: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> fx.GraphModule:
-    """Quantize ``model`` at W``w_bits``A``a_bits`` and reconstruct it unit by unit on ``data``.
+    """Quantize ``model`` in the clamping FX simulation and reconstruct it unit by unit on ``data``.
+
+    BatchNorm is folded into the weights (torch's ``fuse``), the simulation is calibrated with the
+    MSE observers (:func:`zq_plugin.quantize_fx`, unfolded weight fake-quantizers), a float
+    teacher is copied from it (:func:`float_teacher`), then every unit of
+    :func:`~zq_plugin.reconstruct.find_blocks` is reconstructed in order
+    (:func:`reconstruct_unit`).
 
     Args:
-        model: a float model; not changed.
+        model: a float model (any device and floating dtype; the images follow it); not changed.
         data: calibration images (any source: a SyntheticDataset, a tensor, a loader).
-        w_bits: weight bits, as :func:`zq_plugin.quantize_fx`.
-        a_bits: activation bits, as :func:`zq_plugin.quantize_fx`.
-        first_last_bits: bits of the first and last weight layer (``None``: like the others).
+        w_bits: weight bits of all but the first/last layer, as :func:`zq_plugin.quantize_fx`.
+        a_bits: activation bits (FX: a layer's output), as :func:`zq_plugin.quantize_fx`.
+        plan: a :class:`~zq_plugin.mixed_precision.BitPlan` (per-layer bits) instead of
+            ``w_bits``/``a_bits``/``first_last_bits``; layers with per-tensor or non-uniform
+            weights keep their calibrated weights (only per-channel uniform weights learn rounding).
         method: ``"adaround"``, ``"brecq"``, ``"qdrop"`` or ``"genie-m"`` (:data:`METHODS`).
         config: overrides the method's configuration.
+        first_last_bits: bits of the first and last weight layer (``None``: like the others).
         seed: the mini-batch and QDrop streams; the same seed gives the same model.
+        cache_dir: keep the state after every unit under ``cache_dir/<key>/`` (the key hashes
+            the model, the images, the bits or plan, the configuration, the seed and this code);
+            the same call resumes after the last finished unit, with the same result.
         progress: a tqdm bar per unit (loss, held-out error) on a terminal.
 
     Returns:
-        The clamping simulation (a ``GraphModule`` in eval mode) with learned rounding and steps;
-        ``.zq_reconstruction`` lists each unit's loss before and after.
+        The clamping simulation (a ``prepare_qat_fx`` ``GraphModule`` in eval mode) with the
+        rounded weights and the learned steps written in; ``.zq_reconstruction`` lists each unit's
+        output errors before and after (:func:`reconstruct_unit`). It needs no calibration;
+        ``convert_fx`` converts it at 8 bits and :func:`zq_plugin.backends.fx.export_sim` saves it.
 
     Raises:
-        ConfigError: an unknown method, or bad options.
+        ConfigError: an unknown method, bad bits or options, data that are not images.
+        ModelError: the model does not trace, or ``units="layer"`` on a model with residual units.
+
+    Example:
+        >>> import torch, zq_plugin
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        ...                           torch.nn.Conv2d(4, 4, 3), torch.nn.Flatten(), torch.nn.Linear(64, 3)).eval()
+        >>> quick = dataclasses.replace(METHODS["genie-m"], iterations=20)
+        >>> sim = zq_plugin.reconstruct_fx(net, torch.randn(32, 1, 8, 8), config=quick, progress=False)
+        >>> [r["unit"] for r in sim.zq_reconstruction]
+        ['0', '3', '5']
     """
     from torch.fx.experimental.optimization import fuse
 
-    from zq_plugin.backends.fx import quantize_fx
+    from zq_plugin.backends.fx import check_traceable, quantize_fx
+    from zq_plugin.mixed_precision.emit import to_qconfig_mapping
     from zq_plugin.observers.ao import MSEObserver, PerChannelMSEObserver
 
     if config is None:
         if method not in METHODS:
             raise ConfigError(f"unknown reconstruction method {method!r}; choose one of {sorted(METHODS)}.")
         config = METHODS[method]
-    images = torch.cat(list(iter_batches(data, 64))) if not isinstance(data, torch.Tensor) else data
+    check_traceable(model, "reconstruct_fx")
+    device, dtype = model_device_dtype(model)
+    images = _images(data, device, dtype)
     folded = fuse(copy.deepcopy(model).eval(), inplace=True)  # BN folded into the weights first
+    observers = {"act_observer": MSEObserver, "weight_observer": PerChannelMSEObserver}
+    mapping = None
+    if plan is not None:
+        mapping = to_qconfig_mapping(plan, folded, (images[:1],), **observers)
     sim = quantize_fx(
         folded, images, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits,
-        act_observer=MSEObserver, weight_observer=PerChannelMSEObserver, fold=False,
+        mapping=mapping, fold=False, **observers,
     )  # fmt: skip
-    report = []
+    units = _unit_list(sim, config.units)
     teacher = float_teacher(sim)
-    for i, block in enumerate(_unit_list(sim, config.units)):
+    folder = None
+    done, report = 0, cast(list[dict[str, Any]], [])
+    if cache_dir is not None:
+        key = run_key(
+            model=model_fingerprint(model), images=_tensor_hash(images), w_bits=w_bits, a_bits=a_bits,
+            plan=None if plan is None else plan.to_json(), first_last_bits=first_last_bits,
+            config=dataclasses.asdict(config), seed=seed, code=method_code_hash(_resume),
+        )  # fmt: skip
+        folder = Path(cache_dir) / f"reconstruct-{key}"
+        done, report = _resume(folder, sim, units)
+    for i, block in enumerate(units[done:], start=done):
         errors = reconstruct_unit(sim, block, images, config, teacher=teacher, seed=seed + i, progress=progress)
         report.append({"unit": block.name, "layers": list(block.layers), **errors})
         logger.info(
             "reconstructed %s: held-out output MSE %.4g -> %.4g (step %d)",
             block.name, errors["held_before"], errors["held_after"], errors["best_step"],
         )  # fmt: skip
+        if folder is not None:
+            _save_checkpoint(folder, sim, i + 1, report)
     sim.eval()
     sim.zq_reconstruction = report  # type: ignore[assignment]
     return sim
+
+
+def _tensor_hash(t: torch.Tensor) -> str:
+    import hashlib
+
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]

@@ -1,0 +1,151 @@
+"""Reconstruction (``zq_plugin.reconstruct``): top-1 and time per model, method and bit width.
+
+For each zoo model with BatchNorm and each ``W/A`` pair: the clamping FX simulation with the MSE
+observers (no reconstruction), then each reconstruction method, first/last layer 8-bit, on 256
+calibration images (ZeroQ, 200 steps, seed 0: the demo's data, cached under ``zq_out/cache``;
+``--source real`` takes 256 real training images), evaluated on the 10,000 Fashion-MNIST test
+images. ``--iterations`` overrides every method's steps per unit. Times are wall seconds on this
+machine, for the whole call (folding, calibration and every unit).
+
+``--step-ratio`` instead times, on every unit of each model, one reconstruction step (forward
+with the learned quantizers, backward, Adam) against a bare forward and backward of the same
+unit in float with plain parameters, in the same process, and prints the ratio per unit and
+the time per unit at the default iterations.
+
+Run: ``.venv/bin/python benchmarks/reconstruction.py`` (about 20 minutes on 2 cores at 500
+iterations); ``--step-ratio`` about 1 minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.fx.experimental.optimization import fuse
+
+from zq_plugin import datasets, zoo
+from zq_plugin.backends.fx import quantize_fx
+from zq_plugin.demo import DEMO_STEPS, cached_synthesize, real_subset
+from zq_plugin.evaluation import accuracy
+from zq_plugin.observers import ao
+from zq_plugin.reconstruct import Block, engine, find_blocks
+from zq_plugin.reconstruct.graph import block_module, node_values
+
+
+def _bits(text: str) -> tuple[int, int]:
+    w, a = text.split("/")
+    return int(w), int(a)
+
+
+def accuracy_table(args: argparse.Namespace) -> None:
+    x_test, y_test = datasets.load_fashion_mnist("test")
+    print(f"| model | W/A | {' | '.join(['MSE observers', *args.methods])} |")
+    print("|---|---|" + "---|" * (1 + len(args.methods)))
+    for name in args.models:
+        model = zoo.load(name)
+        if args.source == "real":
+            data = real_subset(args.num_samples)
+        else:
+            data = cached_synthesize(
+                model, "zeroq", Path("zq_out/cache"), num_samples=args.num_samples, seed=0, steps=DEMO_STEPS
+            ).images
+        for w_bits, a_bits in args.bits:
+            base = quantize_fx(
+                model, data, w_bits=w_bits, a_bits=a_bits,
+                act_observer=ao.MSEObserver, weight_observer=ao.PerChannelMSEObserver,
+            )  # fmt: skip
+            cells = [f"{accuracy(base, x_test, y_test):.2f}"]
+            for method in args.methods:
+                config = engine.METHODS[method]
+                if args.iterations is not None:
+                    config = dataclasses.replace(config, iterations=args.iterations)
+                if method == "adaround" and any(len(b.layers) > 1 for b in _units(model, data)):
+                    config = dataclasses.replace(config, units="block")  # residual pairs stay whole
+                t = time.perf_counter()
+                sim = engine.reconstruct_fx(model, data, w_bits=w_bits, a_bits=a_bits, config=config, progress=False)
+                seconds = time.perf_counter() - t
+                cells.append(f"{accuracy(sim, x_test, y_test):.2f} ({seconds:.0f} s)")
+            print(f"| {name} | W{w_bits}A{a_bits} | {' | '.join(cells)} |", flush=True)
+
+
+def _units(model: torch.nn.Module, data: torch.Tensor) -> list[Block]:
+    sim = quantize_fx(fuse(copy.deepcopy(model).eval()), data[:8], w_bits=4, a_bits=4, fold=False)
+    return find_blocks(sim)
+
+
+def step_ratio(args: argparse.Namespace) -> None:
+    """One reconstruction step vs a bare float forward+backward of the same unit, per unit."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(engine.METHODS[args.methods[0]], checks=1, holdout=0.0)
+    for name in args.models:
+        model = zoo.load(name)
+        data = real_subset(256)
+        folded = fuse(copy.deepcopy(model).eval())
+        sim = quantize_fx(
+            folded, data, w_bits=4, a_bits=4, fold=False,
+            act_observer=ao.MSEObserver, weight_observer=ao.PerChannelMSEObserver,
+        )  # fmt: skip
+        teacher = engine.float_teacher(sim)
+        ratios, unit_seconds = [], []
+        for block in find_blocks(sim):
+            bare = block_module(teacher, block)
+            for p in bare.parameters():
+                p.requires_grad_(True)
+            x = node_values(teacher, block.input, [data[: config.batch_size]])[0]
+            steps = args.steps
+
+            def float_step(bare: torch.nn.Module = bare, x: torch.Tensor = x) -> None:
+                bare.zero_grad(set_to_none=True)
+                bare(x).pow(2).sum().backward()
+
+            for _ in range(3):
+                float_step()
+            t = time.perf_counter()
+            for _ in range(steps):
+                float_step()
+            bare_seconds = (time.perf_counter() - t) / steps
+            timed = dataclasses.replace(config, iterations=steps)
+            report = engine.reconstruct_unit(copy.deepcopy(sim), block, data, timed, teacher=teacher)
+            short = dataclasses.replace(config, iterations=1)
+            overhead = engine.reconstruct_unit(copy.deepcopy(sim), block, data, short, teacher=teacher)["seconds"]
+            step_seconds = (report["seconds"] - overhead) / (steps - 1)
+            ratios.append(step_seconds / bare_seconds)
+            unit_seconds.append(overhead + step_seconds * config.iterations)
+            print(
+                f"{name} {block.name or '(residual)':24s} step {1e3 * step_seconds:6.2f} ms, "
+                f"float fwd+bwd {1e3 * bare_seconds:6.2f} ms, ratio {ratios[-1]:5.2f}, "
+                f"unit at {config.iterations} iterations {unit_seconds[-1]:5.1f} s",
+                flush=True,
+            )
+        print(
+            f"{name}: median ratio {statistics.median(ratios):.2f}, {len(ratios)} units, "
+            f"{sum(unit_seconds):.0f} s per model at {config.iterations} iterations"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=[n for n in zoo.available() if zoo.has_batchnorm(n)])
+    parser.add_argument("--bits", nargs="*", type=_bits, default=[(4, 4), (3, 3), (2, 4), (4, 8)], metavar="W/A")
+    parser.add_argument("--methods", nargs="*", default=list(engine.METHODS), choices=list(engine.METHODS))
+    parser.add_argument("--source", choices=["zeroq", "real"], default="zeroq")
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--iterations", type=int, default=None, help="steps per unit (default: each method's)")
+    parser.add_argument("--step-ratio", action="store_true", help="time one step against a bare fwd+bwd")
+    parser.add_argument("--steps", type=int, default=50, help="steps timed per unit with --step-ratio")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.step_ratio:
+        step_ratio(args)
+    else:
+        accuracy_table(args)
+
+
+if __name__ == "__main__":
+    main()
