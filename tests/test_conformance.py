@@ -236,6 +236,68 @@ def test_pareto_plan_emitted_mapping_and_hybrid_plan(name):
     assert_unchanged(model, before)
 
 
+# --- reconstruction and preprocessing -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", rows())
+def test_units_cover_every_layer_and_chain_to_the_model(name):
+    from zq_plugin.reconstruct import find_blocks
+    from zq_plugin.reconstruct.graph import block_module, node_values
+
+    model, before, x = cell(name)
+    gm = torch.fx.symbolic_trace(model)
+    blocks = find_blocks(gm)
+    layers = [layer for b in blocks for layer in b.layers]
+    assert layers == weight_layer_names(model)  # every weight layer once, in execution order
+    first = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    h = x
+    for block in blocks:  # the units chained reproduce the value the model has at the last unit's output
+        assert block.input == first or torch.equal(h, node_values(gm, block.input, [x])[0])
+        h = block_module(gm, block)(h)
+    torch.testing.assert_close(h, node_values(gm, blocks[-1].output, [x])[0])
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", rows())
+def test_reconstruct_fx(name):
+    import dataclasses
+
+    model, before, x = cell(name)
+    quick = dataclasses.replace(zq_plugin.ReconstructConfig(), iterations=4, checks=2)
+    with quiet():
+        sim = zq_plugin.reconstruct_fx(model, calib_of(x.shape[1:], 16), config=quick, seed=0, progress=False)
+    report = sim.zq_reconstruction
+    assert [layer for r in report for layer in r["layers"]] == weight_layer_names(model)
+    assert all(r["held_after"] <= r["held_before"] for r in report)
+    fq_levels_respected(sim, x)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", rows())
+def test_equalize_keeps_the_function(name):
+    from zq_plugin.preprocess import equalize
+
+    model, before, x = cell(name)
+    with quiet():
+        eq = equalize(model)
+    ref, out = logits(model, x), logits(eq, x)
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", rows())
+def test_export_sim_round_trip(name, tmp_path):
+    from zq_plugin.backends.fx import export_sim
+
+    model, before, x = cell(name)
+    with quiet():
+        sim = zq_plugin.quantize_fx(model, x, w_bits=4, a_bits=4)
+        torch.export.save(export_sim(sim, x), tmp_path / "sim.pt2")
+        loaded = torch.export.load(tmp_path / "sim.pt2").module()
+    torch.testing.assert_close(logits(loaded, x), logits(sim, x))
+    assert_unchanged(model, before)
+
+
 # --- Brevitas --------------------------------------------------------------------------------------------
 
 

@@ -37,7 +37,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from zq_plugin import _compat
-from zq_plugin._utils import model_device_dtype
+from zq_plugin._utils import model_device_dtype, weight_layer_names
 from zq_plugin.data import CalibrationData, atomic_torch_save, iter_batches, model_fingerprint
 from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.mixed_precision.plan import BitPlan
@@ -196,15 +196,20 @@ def _swap_in(
 
 
 @torch.no_grad()
-def _write_back(weights: list[tuple[nn.Module, Any, LearnedRoundingWeight]], acts: list[Any]) -> None:
+def _write_back(
+    weights: list[tuple[nn.Module, Any, LearnedRoundingWeight]], acts: list[Any], *, keep: bool = True
+) -> None:
+    """Put the calibrated fake-quantizers back; with ``keep``, holding the learned rounding and steps."""
     for layer, fq, learned in weights:
-        learned.hard = True
-        cast(torch.Tensor, layer.weight).copy_(learned())
-        fq.scale.copy_(learned.scale.detach().abs())
-        fq.zero_point.zero_()
+        if keep:
+            learned.hard = True
+            cast(torch.Tensor, layer.weight).copy_(learned())
+            fq.scale.copy_(learned.scale.detach().abs())
+            fq.zero_point.zero_()
         layer.weight_fake_quant = fq
     for parent, child, fq, lsq in acts:
-        fq.scale.copy_(lsq.scale.detach().abs().reshape(fq.scale.shape))
+        if keep:
+            fq.scale.copy_(lsq.scale.detach().abs().reshape(fq.scale.shape))
         setattr(parent, child, fq)
 
 
@@ -283,7 +288,8 @@ def reconstruct_unit(
 
     report = {"train_before": error(train_idx), "held_before": error(held_idx)}
     weights, acts = _swap_in(unit, block, modules, config, seed, x_q.device)
-    best = (report["held_before"], 0, _snapshot(weights, acts))
+    best: tuple[float, int, list[torch.Tensor] | None] = (report["held_before"], 0, None)
+    keep = False
     try:
         groups = [
             {"params": [w.v for _, _, w in weights], "lr": config.lr_rounding},
@@ -330,13 +336,13 @@ def reconstruct_unit(
                     if held < best[0]:
                         best = (held, step, _snapshot(weights, acts))
                     bar.set_postfix(loss=f"{loss.item():.4g}", held=f"{held:.4g}", best=f"{best[0]:.4g}")
-        _restore(weights, acts, best[2])
-        for _, _, w in weights:
-            w.hard = True
-        report.update(train_after=error(train_idx), held_after=error(held_idx), best_step=float(best[1]))
-        report["seconds"] = time.perf_counter() - started
+        keep = best[2] is not None
+        if best[2] is not None:
+            _restore(weights, acts, best[2])
     finally:
-        _write_back(weights, acts)
+        _write_back(weights, acts, keep=keep)  # no state better than the calibrated one: nothing changes
+    report.update(train_after=error(train_idx), held_after=error(held_idx), best_step=float(best[1]))
+    report["seconds"] = time.perf_counter() - started
     return report
 
 
@@ -460,6 +466,7 @@ def reconstruct_fx(
         mapping=mapping, fold=False, **observers,
     )  # fmt: skip
     units = _unit_list(sim, config.units)
+    names = set(weight_layer_names(model))
     teacher = float_teacher(sim)
     folder = None
     done, report = 0, cast(list[dict[str, Any]], [])
@@ -473,7 +480,7 @@ def reconstruct_fx(
         done, report = _resume(folder, sim, units)
     for i, block in enumerate(units[done:], start=done):
         errors = reconstruct_unit(sim, block, images, config, teacher=teacher, seed=seed + i, progress=progress)
-        report.append({"unit": block.name, "layers": list(block.layers), **errors})
+        report.append({"unit": block.name, "layers": [_model_layer(n, names) for n in block.layers], **errors})
         logger.info(
             "reconstructed %s: held-out output MSE %.4g -> %.4g (step %d)",
             block.name, errors["held_before"], errors["held_after"], errors["best_step"],
@@ -483,6 +490,12 @@ def reconstruct_fx(
     sim.eval()
     sim.zq_reconstruction = report  # type: ignore[assignment]
     return sim
+
+
+def _model_layer(name: str, names: set[str]) -> str:
+    """The model's name of a simulation layer (a ConvTranspose's wrapper holds it at ``<layer>.conv``)."""
+    parent = name.rpartition(".")[0]
+    return parent if name not in names and parent in names else name
 
 
 def _tensor_hash(t: torch.Tensor) -> str:

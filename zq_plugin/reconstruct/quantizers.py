@@ -194,8 +194,13 @@ class _RoundSTE(torch.autograd.Function):
 
 
 def _grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """``x`` forward, gradient times ``factor`` backward (LSQ's step-size gradient scale)."""
-    return (x - x * factor).detach() + x * factor
+    """``x`` forward (bit-exact: ``y - y.detach()`` is exactly 0), gradient times ``factor`` backward (LSQ's scale).
+
+    ``(x - x * f).detach() + x * f`` is ``x`` only up to rounding: a step one ulp off rounds some
+    elements differently from the fake-quantizer the step is written back into.
+    """
+    scaled = x * factor
+    return x.detach() + (scaled - scaled.detach())
 
 
 class LSQActivation(nn.Module):
@@ -237,7 +242,8 @@ class LSQActivation(nn.Module):
         """Every element fake-quantized, with LSQ's gradients for ``x`` (STE inside the range) and the step."""
         factor = 1.0 / math.sqrt(max(x.numel(), 1) * max(abs(self.quant_max), 1))
         s = _grad_scale(self.scale, factor).to(x.dtype)
-        q = torch.clamp(_RoundSTE.apply(x / s) + self.zero_point, self.quant_min, self.quant_max)
+        # x * (1 / s) as torch's fake_quantize computes it, so the same elements round the same way
+        q = torch.clamp(_RoundSTE.apply(x * (1.0 / s)) + self.zero_point, self.quant_min, self.quant_max)
         return (q - self.zero_point) * s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
