@@ -116,3 +116,17 @@ def test_float64_model_and_images(tiny_bn_net, images):
     sim = reconstruct_fx(net, images.float(), config=dataclasses.replace(FAST, iterations=20))
     out = sim(images.double())
     assert out.dtype == torch.float64 and torch.isfinite(out).all()
+
+
+def test_the_result_converts_at_8_bits_with_convert_fx(tiny_bn_net, images):
+    import copy
+
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    sim = reconstruct_fx(tiny_bn_net, images, w_bits=8, a_bits=8, config=dataclasses.replace(FAST, iterations=40))
+    converted = convert_fx(copy.deepcopy(sim))
+    with torch.no_grad():
+        ref, out = sim(images), converted(images)
+    assert any(str(n.target).startswith("quantize_per") or "quantized" in str(n.target) for n in converted.graph.nodes)
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.99, f"convert_fx disagrees with the reconstructed simulation: cosine {float(cos):.4f}"
