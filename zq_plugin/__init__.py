@@ -24,6 +24,7 @@ from zq_plugin.errors import (
 )
 from zq_plugin.evaluation import accuracy
 from zq_plugin.fake_quant import FastFakeQuantize
+from zq_plugin.recipe import quantize
 from zq_plugin.reconstruct import ReconstructConfig, reconstruct_fx
 from zq_plugin.synth import METHODS, DSGConfig, NoiseConfig, ZeroQConfig, synthesize
 
@@ -52,6 +53,7 @@ __all__ = [
     "convert_int8_fx",
     "model_fingerprint",
     "qconfig",
+    "quantize",
     "quantize_fx",
     "reconstruct_fx",
     "synthesize",

@@ -1,0 +1,59 @@
+"""zq_plugin.quantize: the best recipe from the model alone, and its named errors."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import assert_unchanged, snapshot
+from torch import nn
+
+import zq_plugin
+from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.reconstruct import METHODS
+
+QUICK = dataclasses.replace(METHODS["genie-m"], iterations=10, batch_size=8)
+
+
+def _net():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)
+    )
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(16, 1, 8, 8))  # BN statistics that are not the identity
+    return net.eval()
+
+
+def test_from_the_model_alone_deterministic_and_unchanged():
+    net = _net()
+    before = snapshot(net)
+    kw = {"input_shape": (1, 8, 8), "num_samples": 16, "steps": 3, "config": QUICK, "progress": False}
+    a = zq_plugin.quantize(net, w_bits=4, a_bits=4, **kw)
+    b = zq_plugin.quantize(net, w_bits=4, a_bits=4, **kw)
+    assert_unchanged(net, before)
+    assert len(a.zq_calibration) == 16 and [r["unit"] for r in a.zq_reconstruction] == ["0", "3", "6"]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.get_submodule("3").weight_fake_quant.quant_max == 7  # 4-bit middle layer
+
+
+def test_given_data_skip_synthesis():
+    x = torch.randn(16, 1, 8, 8)
+    sim = zq_plugin.quantize(_net(), data=x, config=QUICK, progress=False)
+    assert sim.zq_calibration is x
+
+
+def test_named_errors():
+    net = _net()
+    with pytest.raises(ConfigError, match="input_shape"):
+        zq_plugin.quantize(net, progress=False)
+    with pytest.raises(ConfigError, match="backend 'brevitas'"):
+        zq_plugin.quantize(net, input_shape=(1, 8, 8), backend="brevitas")
+    with pytest.raises(ConfigError, match="unknown reconstruction method"):
+        zq_plugin.quantize(net, input_shape=(1, 8, 8), reconstruction="adaquant")
+    with pytest.raises(ConfigError, match="unknown synthesizer"):
+        zq_plugin.quantize(net, input_shape=(1, 8, 8), synthesizer="gdfq")
+    no_bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
+    with pytest.raises(ModelError, match="BatchNorm"):
+        zq_plugin.quantize(no_bn, input_shape=(1, 8, 8), num_samples=4, progress=False)
