@@ -88,6 +88,8 @@ def test_user_checkpoint_and_arch(tmp_path, capsys):
         (["synthesize", "--model", "resnet_s", "--option", "steps=abc", "--out", "x.pt"], "steps='abc'"),
         (["synthesize", "--model", "resnet_s", "--out", "afile/x.pt"], "cannot be written"),
         (["synthesize", "--model", "resnet_s", "--input-range", "2,1", "--out", "x.pt"], "lo < hi"),
+        (["quantize", "--model", "resnet_s", "--data", "noise", "--recipe", "best", "--backend", "brevitas"], "FX"),
+        (["quantize", "--model", "resnet_s", "--data", "noise", "--reconstruct", "qdrop", "--iterations", "0"], ">= 1"),
     ],
 )
 def test_bad_input_exits_2_with_message(argv, match, capsys, tmp_path, monkeypatch):
@@ -548,3 +550,12 @@ def test_version_and_every_option_has_help(capsys):
         assert "(default: 256)" in text and "(default: 0)" in text and "(default: None)" not in text
     assert "(default: zeroq)" in commands["synthesize"].format_help()
     assert "(default: 8)" in commands["quantize"].format_help()
+
+
+def test_quantize_best_recipe_reconstructs(tmp_path, capsys):
+    argv = ["quantize", "--model", "resnet_s", "--data", "noise", "--num-samples", "32", "--w-bits", "4"]
+    rc = cli.main([*argv, "--a-bits", "4", "--recipe", "best", "--iterations", "3", "--cache-dir", str(tmp_path)])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["reconstruction"], report["iterations"], report["act_observer"]) == ("genie-m", 3, "mse")
+    assert [p.name for p in tmp_path.glob("reconstruct-*/unit-*.pt")] == ["unit-00005.pt"]  # 5 units, resumable

@@ -431,8 +431,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             for bits in plan.layers.values():
                 counts[str(getattr(bits, kind))] = counts.get(str(getattr(bits, kind)), 0) + 1
             report[f"layers_by_{kind}"] = dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
+    method = args.reconstruct or ("genie-m" if args.recipe == "best" else None)
     if args.backend == "brevitas":
+        if method is not None:
+            raise ConfigError(
+                "--reconstruct and --recipe best run in the FX simulation (--backend fx); Brevitas models "
+                "are not reconstructed yet."
+            )
         sim = _quantize_brevitas(model, data, plan, args, report)
+    elif method is not None:
+        if args.onnx_out or args.bias_correction or args.gptq:
+            raise ConfigError("--onnx-out, --bias-correction and --gptq belong to --backend brevitas.")
+        sim = _quantize_reconstructed(model, data, plan, method, args, report)
     else:
         if args.onnx_out or args.bias_correction or args.gptq:
             raise ConfigError("--onnx-out, --bias-correction and --gptq belong to --backend brevitas.")
@@ -476,6 +486,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         report["out"] = str(args.out)
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _quantize_reconstructed(
+    model: nn.Module, data: Any, plan: Any, method: str, args: argparse.Namespace, report: dict[str, Any]
+) -> nn.Module:
+    """``zq quantize --reconstruct METHOD`` / ``--recipe best``: MSE observers, then reconstruction (FX)."""
+    import dataclasses
+
+    from zq_plugin.reconstruct import METHODS, reconstruct_fx
+
+    if args.iterations is not None and args.iterations < 1:
+        raise ConfigError(f"--iterations {args.iterations}: give the reconstruction steps per unit, >= 1.")
+    config = METHODS[method]
+    if args.iterations is not None:
+        config = dataclasses.replace(config, iterations=args.iterations)
+    report.update(act_observer="mse", weight_observer="mse", reconstruction=method, iterations=config.iterations)
+    started = time.perf_counter()
+    sim = reconstruct_fx(
+        model, data, w_bits=args.w_bits, a_bits=args.a_bits, plan=plan, config=config,
+        first_last_bits=args.first_last_bits, cache_dir=args.cache_dir, progress=sys.stderr.isatty(),
+    )  # fmt: skip
+    report["reconstruction_seconds"] = round(time.perf_counter() - started, 1)
+    return sim
 
 
 def _quantize_brevitas(
@@ -728,6 +761,21 @@ def build_parser() -> argparse.ArgumentParser:
     qua.add_argument("--int8-out", type=Path, help="also write a TorchScript int8 model (W8A8 only)")
     qua.add_argument("--plan", type=Path, help="a BitPlan JSON (e.g. from 'zq plan') instead of uniform bits")
     qua.add_argument("--backend", choices=["fx", "brevitas"], default="fx", help="FX simulation or Brevitas layers")
+    qua.add_argument(
+        "--recipe",
+        choices=["plain", "best"],
+        default="plain",
+        help="best: the measured-best pipeline, MSE observers then Genie-M reconstruction (docs/reconstruction.md)",
+    )
+    qua.add_argument(
+        "--reconstruct",
+        choices=["adaround", "brecq", "qdrop", "genie-m"],
+        help="after calibration with the MSE observers, reconstruct unit by unit (FX; default: none)",
+    )
+    qua.add_argument("--iterations", type=int, help="reconstruction steps per unit (default: 500)")
+    qua.add_argument(
+        "--cache-dir", type=Path, help="keep synthesized batches and reconstruction checkpoints here (resume)"
+    )
     qua.add_argument(
         "--act-stats",
         default="max",
