@@ -1,21 +1,24 @@
 """Block-wise output reconstruction on calibration data, inside the clamping FX simulation.
 
 The model is folded (BatchNorm into the convolutions, :func:`torch.fx.experimental.optimization.fuse`)
-and put into the clamping simulation of :func:`zq_plugin.quantize_fx` with unfolded weight
-fake-quantizers. The same ``GraphModule`` with its fake quantization switched off is the float
-teacher. Then, unit by unit (:func:`~zq_plugin.reconstruct.blocks.find_blocks`, or every weight
-layer alone for AdaRound), with the earlier units already reconstructed:
+and put into the clamping simulation of :func:`zq_plugin.quantize_fx` (MSE observers, unfolded
+weight fake-quantizers). A copy of it with every fake-quantizer off, taken before any unit
+changes, is the float teacher (:func:`float_teacher`). Then, unit by unit
+(:func:`~zq_plugin.reconstruct.blocks.find_blocks`, or every weight layer alone for AdaRound),
+with the earlier units already reconstructed (:func:`reconstruct_unit`):
 
 1. cache the teacher's input ``x`` and output ``y`` of the unit and the quantized model's input
    ``x_q`` (earlier units quantized), over all calibration images;
 2. swap the unit's weight fake-quantizers for :class:`LearnedRoundingWeight` (initial steps from
    the calibrated observers) and its activation fake-quantizers for :class:`LSQActivation`;
-3. minimize ``mean((unit(x_in) - y)^2) + round_weight * sum(1 - |2 h(V) - 1|^beta)`` over random
-   mini-batches, ``x_in`` being QDrop's element-wise mix of ``x_q`` and ``x`` (probability
-   ``drop_prob`` for the float value), ``beta`` annealed 20 -> 2 after a 20 % warm-up;
-4. make the rounding hard and write the result back: each weight becomes its fake-quantized
-   value ``s * int`` and its fake-quantizer's step ``s``, each activation fake-quantizer its
-   learned step; the learned modules are swapped out again.
+3. minimize ``sum_c (unit(x_in) - y)^2 + round_weight * sum(1 - |2 h(V) - 1|^beta)`` (channels
+   summed, images and positions averaged) over random mini-batches, ``x_in`` being QDrop's
+   element-wise mix of ``x_q`` and ``x`` (probability ``drop_prob`` for the float value),
+   ``beta`` annealed 20 -> 2 after a 20 % warm-up (BRECQ, QDrop, Genie-M; AdaRound per layer);
+4. keep the state whose held-out error (hard rounding) was lowest, if it beats the calibrated
+   quantizers, and write it back: each weight becomes its fake-quantized value ``s * int`` and
+   its fake-quantizer's step ``s``, each activation fake-quantizer its learned step; the learned
+   modules are swapped out again.
 
 The result is again a ``prepare_qat_fx``-style ``GraphModule`` (fixed rounded weights, learned
 steps), evaluated as it is (no calibration needed), converted by ``convert_fx`` at 8 bits,
