@@ -34,7 +34,7 @@ from zq_plugin.backends.fx import quantize_fx
 from zq_plugin.demo import DEMO_STEPS, cached_synthesize, real_subset
 from zq_plugin.evaluation import accuracy
 from zq_plugin.observers import ao
-from zq_plugin.reconstruct import Block, engine, find_blocks
+from zq_plugin.reconstruct import engine, find_blocks
 from zq_plugin.reconstruct.graph import block_module, node_values
 
 
@@ -65,18 +65,11 @@ def accuracy_table(args: argparse.Namespace) -> None:
                 config = engine.METHODS[method]
                 if args.iterations is not None:
                     config = dataclasses.replace(config, iterations=args.iterations)
-                if method == "adaround" and any(len(b.layers) > 1 for b in _units(model, data)):
-                    config = dataclasses.replace(config, units="block")  # residual pairs stay whole
                 t = time.perf_counter()
                 sim = engine.reconstruct_fx(model, data, w_bits=w_bits, a_bits=a_bits, config=config, progress=False)
                 seconds = time.perf_counter() - t
                 cells.append(f"{accuracy(sim, x_test, y_test):.2f} ({seconds:.0f} s)")
             print(f"| {name} | W{w_bits}A{a_bits} | {' | '.join(cells)} |", flush=True)
-
-
-def _units(model: torch.nn.Module, data: torch.Tensor) -> list[Block]:
-    sim = quantize_fx(fuse(copy.deepcopy(model).eval()), data[:8], w_bits=4, a_bits=4, fold=False)
-    return find_blocks(sim)
 
 
 def step_ratio(args: argparse.Namespace) -> None:

@@ -8,7 +8,7 @@ from conftest import assert_unchanged, snapshot
 
 import zq_plugin
 from zq_plugin import observers as zo
-from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.errors import ConfigError
 from zq_plugin.reconstruct.engine import METHODS, ReconstructConfig, reconstruct_fx
 
 FAST = dataclasses.replace(METHODS["genie-m"], iterations=400, batch_size=16)
@@ -69,8 +69,6 @@ def test_adaround_weights_land_on_floor_or_floor_plus_one(tiny_bn_net, images):
 def test_bad_methods_and_units_raise_named_errors(tiny_bn_net, images):
     with pytest.raises(ConfigError, match="unknown reconstruction method"):
         reconstruct_fx(tiny_bn_net, images, method="adaquant")
-    with pytest.raises(ModelError, match="units='block'"):
-        reconstruct_fx(tiny_bn_net, images, method="adaround")  # a residual pair cannot be split by layer
     with pytest.raises(ConfigError):
         ReconstructConfig(units="net")
 
@@ -131,3 +129,11 @@ def test_the_result_converts_at_8_bits_with_convert_fx(tiny_bn_net, images):
     assert any(str(n.target).startswith("quantize_per") or "quantized" in str(n.target) for n in converted.graph.nodes)
     cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
     assert cos > 0.99, f"convert_fx disagrees with the reconstructed simulation: cosine {float(cos):.4f}"
+
+
+def test_adaround_reconstructs_each_layer_also_inside_a_residual_block(tiny_bn_net, images):
+    config = dataclasses.replace(METHODS["adaround"], iterations=20, batch_size=16)
+    sim = reconstruct_fx(tiny_bn_net, images, config=config)
+    report = sim.zq_reconstruction
+    assert [r["unit"] for r in report] == ["conv1", "conv2", "short", "dw", "fc"]
+    assert all(r["layers"] == [r["unit"]] for r in report)

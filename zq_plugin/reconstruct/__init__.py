@@ -7,7 +7,7 @@ simulation and reconstructs it unit by unit; the learned quantizers
 its parts. docs/reconstruction.md has the math, the defaults and the measurements.
 """
 
-from zq_plugin.reconstruct.blocks import Block, find_blocks
+from zq_plugin.reconstruct.blocks import Block, find_blocks, find_layers
 from zq_plugin.reconstruct.engine import METHODS, ReconstructConfig, float_teacher, reconstruct_fx, reconstruct_unit
 from zq_plugin.reconstruct.quantizers import (
     LearnedRoundingWeight,
@@ -25,6 +25,7 @@ __all__ = [
     "ReconstructConfig",
     "beta_at",
     "find_blocks",
+    "find_layers",
     "float_teacher",
     "reconstruct_fx",
     "reconstruct_unit",

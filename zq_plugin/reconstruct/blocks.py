@@ -34,6 +34,7 @@ import torch
 from torch import fx
 
 from zq_plugin._utils import WEIGHT_LAYERS
+from zq_plugin.errors import ModelError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -167,3 +168,46 @@ def find_blocks(gm: fx.GraphModule) -> list[Block]:
         )
         feed = end
     return blocks
+
+
+def find_layers(gm: fx.GraphModule) -> list[Block]:
+    """One unit per weight layer (AdaRound's granularity), in graph order, also inside residual blocks.
+
+    A unit is the layer's call and, when its output goes only to a module whose name says it is a
+    quantizer or observer (``activation_post_process_*``), that module too; its input is the
+    layer's input value. Unlike :func:`find_blocks` the units need not chain: the layers of a
+    residual block each read their own input.
+
+    Raises:
+        ModelError: a weight layer called with more than one tensor input.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+        >>> [(b.name, b.input, b.output) for b in find_layers(torch.fx.symbolic_trace(net))]
+        [('0', 'input_1', '_0'), ('2', '_1', '_2')]
+    """
+    modules = dict(gm.named_modules())
+    units: list[Block] = []
+    for node in gm.graph.nodes:
+        layers = _weight_layers_of(node, modules)
+        if not layers:
+            continue
+        inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        if len(inputs) != 1:
+            raise ModelError(
+                f"layer {node.target!r} takes {len(inputs)} tensor inputs; reconstruct it with units='block'."
+            )
+        nodes = [node]
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and "activation_post_process" in str(users[0].target):
+            nodes.append(users[0])
+        units.append(
+            Block(
+                name=layers[0] if len(layers) == 1 else str(node.target),
+                layers=tuple(layers),
+                nodes=tuple(n.name for n in nodes),
+                input=inputs[0].name,
+                output=nodes[-1].name,
+            )
+        )
+    return units

@@ -42,9 +42,9 @@ from tqdm.auto import tqdm
 from zq_plugin import _compat
 from zq_plugin._utils import model_device_dtype, weight_layer_names
 from zq_plugin.data import CalibrationData, atomic_torch_save, iter_batches, model_fingerprint
-from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.errors import ConfigError
 from zq_plugin.mixed_precision.plan import BitPlan
-from zq_plugin.reconstruct.blocks import Block, find_blocks
+from zq_plugin.reconstruct.blocks import Block, find_blocks, find_layers
 from zq_plugin.reconstruct.graph import block_module, node_values
 from zq_plugin.reconstruct.quantizers import LearnedRoundingWeight, LSQActivation, beta_at
 from zq_plugin.synth.store import method_code_hash, run_key
@@ -137,15 +137,8 @@ def float_teacher(sim: fx.GraphModule) -> fx.GraphModule:
 
 
 def _unit_list(gm: fx.GraphModule, units: str) -> list[Block]:
-    """The units to reconstruct; ``units="layer"`` (AdaRound) needs every unit to hold one weight layer."""
-    blocks = find_blocks(gm)
-    multi = next((b for b in blocks if len(b.layers) > 1), None)
-    if units == "layer" and multi is not None:
-        raise ModelError(
-            f"units='layer' needs every unit to hold one weight layer, but {multi.name!r} holds "
-            f"{len(multi.layers)} (a residual or multi-branch block); use units='block' (BRECQ, QDrop, Genie-M)."
-        )
-    return blocks
+    """The units to reconstruct: blocks between cut points, or every weight layer alone (AdaRound)."""
+    return find_layers(gm) if units == "layer" else find_blocks(gm)
 
 
 def _swap_in(
