@@ -89,3 +89,20 @@ def test_units_run_alone_and_chained_give_the_model(source):
             middle = node_values(gm, block.output, [x])[0]
             torch.testing.assert_close(out, middle, atol=1e-5, rtol=1e-5)  # the unit alone = the model there
         torch.testing.assert_close(out, gm(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_value_read_by_indexing_is_no_cut_point():
+    """ShuffleNet's ``x.chunk(2, dim=1)``: the tuple is the only live value, but a unit's input is one tensor."""
+
+    class Shuffle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            left, right = self.a(x).chunk(2, dim=1)
+            return torch.cat([left, self.b(right)], 1)
+
+    gm = torch.fx.symbolic_trace(Shuffle())
+    assert "chunk" not in [n.name for n in cut_points(gm.graph)]
+    assert [b.layers for b in find_blocks(gm)] == [("a",), ("b",)]  # the second from a's output to the cat

@@ -137,3 +137,19 @@ def test_adaround_reconstructs_each_layer_also_inside_a_residual_block(tiny_bn_n
     report = sim.zq_reconstruction
     assert [r["unit"] for r in report] == ["conv1", "conv2", "short", "dw", "fc"]
     assert all(r["layers"] == [r["unit"]] for r in report)
+
+
+def test_batchnorm_that_no_conv_absorbs_keeps_its_statistics(images):
+    """Pre-activation order (BN after ReLU) stays a BatchNorm in the simulation: training must not touch it."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 4, 3),
+        torch.nn.Flatten(), torch.nn.Linear(256, 3),
+    )  # fmt: skip
+    net.train()
+    net(torch.randn(32, 1, 12, 12))
+    net.eval()
+    sim = reconstruct_fx(net, images, config=dataclasses.replace(FAST, iterations=30))
+    bn = next(m for m in sim.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    torch.testing.assert_close(bn.running_mean, net[2].running_mean, rtol=0, atol=0)
+    assert all(r["held_after"] <= r["held_before"] for r in sim.zq_reconstruction)

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import torch
 from torch import fx
@@ -78,10 +79,16 @@ def _is_weight_node(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
     return bool(_weight_layers_of(node, modules))
 
 
+def _is_container(node: fx.Node) -> bool:
+    """A value read by indexing (a tuple, list or dict: ``chunk``, ``split``, a multi-output layer)."""
+    return any(u.op == "call_function" and u.target is operator.getitem for u in node.users)
+
+
 def cut_points(graph: fx.Graph) -> list[fx.Node]:
     """Nodes after which exactly one value is still live (read by a later node), in graph order.
 
-    The single graph input counts as the first; the output node is not included.
+    The single graph input counts as the first; the output node is not included. A value read by
+    indexing (``x.chunk(2)`` in ShuffleNet) is no cut point: a unit's input is one tensor.
     """
     nodes = [n for n in graph.nodes if n.op != "output"]
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -91,7 +98,7 @@ def cut_points(graph: fx.Graph) -> list[fx.Node]:
     for i, node in enumerate(nodes):
         live.add(node)
         live = {n for n in live if last_use[n] > i}
-        if live == {node} and node.op != "get_attr":
+        if live == {node} and node.op != "get_attr" and not _is_container(node):
             cuts.append(node)
     return cuts
 

@@ -308,7 +308,10 @@ def reconstruct_unit(
                 range(1, config.iterations + 1), desc=block.name, leave=False, disable=None if progress else True
             )
             for step in bar:
-                unit.train()
+                # only the learned quantizers train (QDrop): BatchNorm that no conv absorbed (after a
+                # concatenation, pre-activation nets) and dropout keep their eval behaviour and statistics
+                for *_, lsq in acts:
+                    lsq.train()
                 idx = train_idx[
                     torch.randint(0, len(train_idx), (min(config.batch_size, len(train_idx)),), generator=generator)
                 ]
