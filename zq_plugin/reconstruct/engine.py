@@ -464,6 +464,7 @@ def reconstruct_fx(
         folded, images, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits,
         mapping=mapping, fold=False, **observers,
     )  # fmt: skip
+    del folded, mapping  # quantize_fx worked on its own copy: one model fewer in memory while reconstructing
     units = _unit_list(sim, config.units)
     names = set(weight_layer_names(model))
     teacher = float_teacher(sim)
