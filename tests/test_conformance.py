@@ -287,6 +287,20 @@ def test_reconstruct_fx(name):
 
 
 @pytest.mark.parametrize("name", rows())
+def test_quantize_best_recipe(name):
+    import dataclasses
+
+    model, before, x = cell(name)
+    quick = dataclasses.replace(zq_plugin.ReconstructConfig(), iterations=2, checks=1)
+    with quiet():  # noise: the BN-statistics synthesizers are their own column; this one is the pipeline
+        sim = zq_plugin.quantize(
+            model, input_shape=tuple(x.shape[1:]), synthesizer="noise", num_samples=16, config=quick, progress=False
+        )
+    fq_levels_respected(sim, x)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", rows())
 def test_equalize_keeps_the_function(name):
     from zq_plugin.preprocess import equalize
 

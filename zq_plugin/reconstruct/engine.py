@@ -221,15 +221,18 @@ def _split(n: int, holdout: float) -> tuple[torch.Tensor, torch.Tensor]:
     return order[: n - held], order[n - held :]
 
 
+def _learned(weights: list[Any], acts: list[Any]) -> list[torch.Tensor]:
+    """Every tensor the unit learns: each layer's ``V`` and step factor, each activation step."""
+    return [t for _, _, w in weights for t in (w.v, w.scale_factor)] + [a.scale for *_, a in acts]
+
+
 def _snapshot(weights: list[Any], acts: list[Any]) -> list[torch.Tensor]:
-    params = [t for _, _, w in weights for t in (w.v, w.scale_factor)] + [a.scale for *_, a in acts]
-    return [t.detach().clone() for t in params]
+    return [t.detach().clone() for t in _learned(weights, acts)]
 
 
 @torch.no_grad()
 def _restore(weights: list[Any], acts: list[Any], state: list[torch.Tensor]) -> None:
-    params = [t for _, _, w in weights for t in (w.v, w.scale_factor)] + [a.scale for *_, a in acts]
-    for target, value in zip(params, state, strict=True):
+    for target, value in zip(_learned(weights, acts), state, strict=True):
         target.copy_(value)
 
 
