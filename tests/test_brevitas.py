@@ -431,3 +431,38 @@ def test_forward_with_extra_inputs_is_refused_by_name():
     qmodel = zb.to_brevitas(Masked().eval(), w_bits=4, a_bits=8)
     with pytest.raises(ConfigError, match=r"one image input.*missing 1 required positional argument.*wrap the model"):
         zb.calibrate(qmodel, torch.randn(8, 1, 8, 8))
+
+
+def test_reconstruction_is_carried_into_brevitas_and_survives_onnx(tiny_bn_net, tmp_path):
+    """Brevitas's weights are the simulation's rounded ones on the same steps, and ONNX agrees."""
+    import dataclasses
+
+    from zq_plugin.reconstruct import METHODS
+
+    images = _data(48)
+    before = snapshot(tiny_bn_net)
+    config = dataclasses.replace(METHODS["genie-m"], iterations=60, batch_size=16)
+    q = zq_plugin.backends.brevitas.reconstruct_brevitas(
+        tiny_bn_net, images, w_bits=4, a_bits=4, config=config, progress=False
+    )
+    assert_unchanged(tiny_bn_net, before)
+    sim = zq_plugin.reconstruct_fx(tiny_bn_net, images, w_bits=4, a_bits=4, config=config, progress=False)
+    assert q.zq_carried["weight_steps"] == q.zq_carried["layers"] == 5
+    assert q.zq_carried["act_steps"] >= 1  # ReLU outputs take the learned steps
+    checked = 0
+    for name, layer in q.named_modules():
+        if not hasattr(layer, "quant_weight"):
+            continue
+        fx_layer = sim.get_submodule(name)
+        with torch.no_grad():
+            qw = layer.quant_weight()
+            torch.testing.assert_close(qw.scale.reshape(-1), fx_layer.weight_fake_quant.scale, rtol=1e-6, atol=0)
+            torch.testing.assert_close(qw.value, fx_layer.weight_fake_quant(fx_layer.weight), rtol=0, atol=1e-6)
+        checked += 1
+    assert checked == 5
+    path = zq_plugin.backends.brevitas.export_onnx(q, images[:1], tmp_path / "r.onnx")
+    x = _data(32)
+    with torch.no_grad():
+        ref = q(x)
+    out = zq_plugin.backends.brevitas.run_onnx(path, x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -44,12 +44,25 @@ def test_given_data_skip_synthesis():
     assert sim.zq_calibration is x
 
 
+def test_brevitas_backend_gives_a_calibrated_brevitas_model():
+    pytest.importorskip("brevitas")
+    x = torch.randn(16, 1, 8, 8)
+    q = zq_plugin.quantize(_net(), data=x, config=QUICK, backend="brevitas", progress=False)
+    assert q.zq_carried["weight_steps"] == q.zq_carried["layers"] == 3 and q.zq_carried["act_steps"] >= 1
+    sim = zq_plugin.quantize(_net(), data=x, config=QUICK, progress=False)
+    with torch.no_grad():
+        assert torch.equal(
+            q.get_submodule("3").quant_weight().value,
+            sim.get_submodule("3").weight_fake_quant(sim.get_submodule("3").weight),
+        )
+
+
 def test_named_errors():
     net = _net()
     with pytest.raises(ConfigError, match="input_shape"):
         zq_plugin.quantize(net, progress=False)
-    with pytest.raises(ConfigError, match="backend 'brevitas'"):
-        zq_plugin.quantize(net, input_shape=(1, 8, 8), backend="brevitas")
+    with pytest.raises(ConfigError, match="backend 'pt2e'"):
+        zq_plugin.quantize(net, input_shape=(1, 8, 8), backend="pt2e")
     with pytest.raises(ConfigError, match="unknown reconstruction method"):
         zq_plugin.quantize(net, input_shape=(1, 8, 8), reconstruction="adaquant")
     with pytest.raises(ConfigError, match="unknown synthesizer"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from torch import fx, nn
+from torch import nn
 
 from zq_plugin.data import CalibrationData
 from zq_plugin.errors import ConfigError
@@ -41,13 +41,15 @@ def quantize(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     **synth_options: Any,
-) -> fx.GraphModule:
+) -> nn.Module:
     """Quantize ``model`` at W``w_bits``A``a_bits`` (or a ``plan``) with no data: the best recipe measured.
 
     1. calibration images: ``data`` if given, else ``num_samples`` images made by
        ``synthesizer`` (ZeroQ) from the model's BatchNorm statistics;
     2. the clamping FX simulation with the MSE observers, BN folded;
-    3. ``reconstruction`` (Genie-M) unit by unit (:func:`zq_plugin.reconstruct_fx`).
+    3. ``reconstruction`` (Genie-M) unit by unit (:func:`zq_plugin.reconstruct_fx`);
+    4. with ``backend="brevitas"``, the result carried into Brevitas quant layers
+       (:func:`zq_plugin.backends.brevitas.reconstruct_brevitas`), ready for ``export_onnx``.
 
     Args:
         model: the trained float model; not changed.
@@ -62,14 +64,16 @@ def quantize(
         reconstruction: a :data:`zq_plugin.reconstruct.METHODS` name.
         config: overrides the reconstruction method's configuration.
         first_last_bits: bits of the first and last weight layer (``None``: like the others).
-        backend: ``"fx"`` (the result is a ``prepare_qat_fx`` GraphModule).
+        backend: ``"fx"`` (the result is a ``prepare_qat_fx`` GraphModule) or ``"brevitas"``
+            (a calibrated Brevitas model).
         seed: synthesis and reconstruction seed; the same seed gives the same model.
         cache_dir: synthesis batches and reconstruction checkpoints (resume after a stop).
         progress: tqdm bars.
         **synth_options: the synthesizer's own options (e.g. ``steps=200``).
 
     Returns:
-        The reconstructed clamping simulation (see :func:`zq_plugin.reconstruct_fx`);
+        The reconstructed clamping simulation (see :func:`zq_plugin.reconstruct_fx`), or the
+        Brevitas model (:func:`~zq_plugin.backends.brevitas.reconstruct_brevitas`);
         ``.zq_calibration`` holds the images it was calibrated and reconstructed on.
 
     Raises:
@@ -91,10 +95,10 @@ def quantize(
     from zq_plugin.synth import METHODS as SYNTHESIZERS
     from zq_plugin.synth import synthesize
 
-    if backend != "fx":
+    if backend not in ("fx", "brevitas"):
         raise ConfigError(
-            f"backend {backend!r} has no reconstruction yet; quantize(..., backend='fx') runs the best recipe, "
-            "and zq_plugin.backends.brevitas calibrates Brevitas models with synthetic data."
+            f"backend {backend!r}: quantize runs the best recipe for backend='fx' (the clamping simulation) "
+            "or backend='brevitas' (Brevitas layers, ONNX export)."
         )
     if config is None and reconstruction not in METHODS:
         raise ConfigError(f"unknown reconstruction method {reconstruction!r}; choose one of {sorted(METHODS)}.")
@@ -110,9 +114,14 @@ def quantize(
             model, synthesizer, num_samples=num_samples, input_shape=tuple(input_shape), seed=seed,
             progress=progress, cache_dir=cache_dir, **synth_options,
         )  # fmt: skip
-    sim = reconstruct_fx(
-        model, data, w_bits=w_bits, a_bits=a_bits, plan=plan, method=reconstruction, config=config,
-        first_last_bits=first_last_bits, seed=seed, cache_dir=cache_dir, progress=progress,
-    )  # fmt: skip
+    options: dict[str, Any] = {"w_bits": w_bits, "a_bits": a_bits, "plan": plan, "config": config}
+    options.update(method=reconstruction, first_last_bits=first_last_bits, seed=seed)
+    options.update(cache_dir=cache_dir, progress=progress)
+    if backend == "brevitas":
+        from zq_plugin.backends.brevitas import reconstruct_brevitas
+
+        sim: nn.Module = reconstruct_brevitas(model, data, **options)
+    else:
+        sim = reconstruct_fx(model, data, **options)
     sim.zq_calibration = data  # type: ignore[assignment]
     return sim

@@ -606,6 +606,152 @@ def gptq(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> nn
     return model
 
 
+def _sim_layer(sim: nn.Module, name: str) -> nn.Module | None:
+    """The FX simulation's layer for the model layer ``name`` (a ConvTranspose wrapper holds it at ``.conv``)."""
+    for candidate in (name, f"{name}.conv"):
+        with contextlib.suppress(AttributeError):
+            layer = sim.get_submodule(candidate)
+            if isinstance(layer, WEIGHT_LAYERS):
+                return layer
+    return None
+
+
+def _input_fake_quant(sim: Any, name: str) -> Any:
+    """The FX fake-quantizer whose output is the input of the simulation layer ``name`` (None if it is not one)."""
+    from zq_plugin import _compat
+
+    modules = dict(sim.named_modules())
+    for node in sim.graph.nodes:
+        if node.op == "call_module" and str(node.target) in (name, f"{name}.conv") and node.args:
+            arg = node.args[0]
+            source = modules.get(str(arg.target)) if getattr(arg, "op", None) == "call_module" else None
+            return source if isinstance(source, _compat.FakeQuantize) else None
+    return None
+
+
+@torch.no_grad()
+def _rescale(value: torch.Tensor, current: torch.Tensor, target: torch.Tensor) -> None:
+    """Multiply a Brevitas scale parameter so that the quantizer's scale ``current`` becomes ``target``."""
+    value.mul_((target.reshape(current.shape) / current).reshape(value.shape).to(value.dtype))
+
+
+def reconstruct_brevitas(
+    model: nn.Module,
+    data: CalibrationData,
+    *,
+    w_bits: int = 4,
+    a_bits: int = 4,
+    plan: BitPlan | None = None,
+    method: str = "genie-m",
+    config: Any = None,
+    first_last_bits: int | None = 8,
+    act_stats: str = "zq-mse",
+    seed: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """A calibrated Brevitas model holding a reconstruction's rounded weights and learned steps.
+
+    Reconstruction runs in the clamping FX simulation (:func:`zq_plugin.reconstruct_fx`, one
+    engine for every backend); its result is then carried into the Brevitas layers of
+    :func:`to_brevitas`:
+
+    1. each weight layer gets the simulation's folded weight and bias. A reconstructed weight is
+       ``s * q`` with ``q`` an integer of the narrow signed range, the same range Brevitas uses,
+       and the layer's per-channel weight scale is set to that ``s`` (the learned step), so
+       Brevitas's round-to-nearest gives back ``q`` exactly: the learned rounding is baked into
+       the weights and survives :func:`export_onnx` bit for bit (Brevitas's own ``LearnedRoundSte``
+       would hold the same up/down choice as one more parameter per weight, and is not needed
+       once the choice is made);
+    2. the activation quantizers are calibrated on ``data`` with ``act_stats`` (:func:`calibrate`);
+       then every layer whose input is unsigned and whose simulation input is an FX
+       fake-quantizer with zero point 0 and the same integer range takes that quantizer's
+       learned step. Brevitas quantizes each layer's **input** symmetrically, FX each op's
+       **output** with a zero point: signed inputs (the image, a linear bottleneck, a residual
+       sum) keep the calibrated Brevitas step.
+
+    Args:
+        model: the float model (not changed).
+        data: calibration images (any source), used by reconstruction and by calibration.
+        w_bits: weight bits of all but the first/last layer.
+        a_bits: input bits of all but the first/last layer (Brevitas: a layer's input).
+        plan: per-layer bits instead of the three uniform ones (:func:`to_brevitas`).
+        method: the reconstruction method (:func:`zq_plugin.reconstruct_fx`).
+        config: overrides the method's configuration.
+        first_last_bits: bits of the first and last weight layer (``None``: like the others).
+        seed: the reconstruction seed.
+        cache_dir: reconstruction checkpoints (resume), as :func:`zq_plugin.reconstruct_fx`.
+        progress: tqdm bars.
+        act_stats: the statistic of the calibrated activation ranges (:func:`to_brevitas`).
+
+    Returns:
+        The calibrated Brevitas model (eval mode); ``.zq_reconstruction`` is the per-unit report,
+        ``.zq_carried`` counts the weight and activation steps taken from the simulation.
+
+    Raises:
+        ConfigError, ModelError: as :func:`zq_plugin.reconstruct_fx` and :func:`to_brevitas`.
+        MissingDependencyError: Brevitas is not installed.
+
+    Example:
+        >>> import dataclasses, torch
+        >>> from zq_plugin.reconstruct import METHODS
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        ...                           torch.nn.Linear(4 * 6 * 6, 10)).eval()
+        >>> quick = dataclasses.replace(METHODS["genie-m"], iterations=5)
+        >>> qmodel = reconstruct_brevitas(net, torch.randn(32, 1, 8, 8), config=quick, progress=False)
+        >>> qmodel(torch.randn(2, 1, 8, 8)).shape
+        torch.Size([2, 10])
+    """
+    from zq_plugin.reconstruct.engine import reconstruct_fx
+
+    _brevitas()
+    sim = reconstruct_fx(
+        model, data, w_bits=w_bits, a_bits=a_bits, plan=plan, method=method, config=config,
+        first_last_bits=first_last_bits, seed=seed, cache_dir=cache_dir, progress=progress,
+    )  # fmt: skip
+    if plan is None:
+        plan = BitPlan.uniform(model, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits)
+    qmodel = to_brevitas(model, plan, act_stats=act_stats)
+    carried: dict[str, Any] = {}
+    with torch.no_grad():
+        for name, layer in _quant_layers(qmodel):
+            source = _sim_layer(sim, name)
+            if source is None or source.weight.shape != layer.weight.shape:
+                raise ModelError(
+                    f"reconstruct_brevitas: layer {name!r} has no counterpart of the same shape in the FX "
+                    "simulation; quantize this model with zq_plugin.reconstruct_fx instead."
+                )
+            layer.weight.copy_(source.weight)
+            layer.bias.copy_(source.bias if source.bias is not None else torch.zeros_like(layer.bias))
+            carried[name] = source
+    calibrate(qmodel, data)
+    weights = acts = 0
+    unsigned = nonnegative_inputs(model)
+    with torch.no_grad():
+        for name, layer in _quant_layers(qmodel):
+            fq: Any = getattr(carried[name], "weight_fake_quant", None)
+            w_quant = layer.weight_quant
+            if fq is not None and fq.is_per_channel and int(fq.fake_quant_enabled[0]) and w_quant.is_quant_enabled:
+                bits = int(w_quant.bit_width())
+                if (int(fq.quant_min), int(fq.quant_max)) == quant_range(bits, signed=True, narrow=True):
+                    scaler = w_quant.tensor_quant.scaling_impl
+                    _rescale(scaler.value, layer.quant_weight().scale, fq.scale)
+                    weights += 1
+            act = _input_fake_quant(sim, name)
+            i_quant = layer.input_quant
+            if act is None or not unsigned.get(name, False) or not i_quant.is_quant_enabled:
+                continue
+            bits = int(i_quant.bit_width())
+            same = (int(act.quant_min), int(act.quant_max)) == quant_range(bits, signed=False, narrow=False)
+            if same and int(act.zero_point.reshape(-1)[0]) == 0:
+                scaler = next(m for m in i_quant.modules() if isinstance(m, _brevitas()["runtime_scaling"]))
+                _rescale(scaler.value, i_quant.scale(), act.scale)
+                acts += 1
+    qmodel.zq_reconstruction = sim.zq_reconstruction
+    qmodel.zq_carried = {"weight_steps": weights, "act_steps": acts, "layers": len(carried)}  # type: ignore[assignment]
+    return qmodel
+
+
 def _tensors(output: Any) -> list[torch.Tensor]:
     """Every tensor in a (nested) tuple/list/dict output, depth first in order."""
     if isinstance(output, torch.Tensor):
