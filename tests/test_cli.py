@@ -88,7 +88,21 @@ def test_user_checkpoint_and_arch(tmp_path, capsys):
         (["synthesize", "--model", "resnet_s", "--option", "steps=abc", "--out", "x.pt"], "steps='abc'"),
         (["synthesize", "--model", "resnet_s", "--out", "afile/x.pt"], "cannot be written"),
         (["synthesize", "--model", "resnet_s", "--input-range", "2,1", "--out", "x.pt"], "lo < hi"),
-        (["quantize", "--model", "resnet_s", "--data", "noise", "--recipe", "best", "--backend", "brevitas"], "FX"),
+        (
+            [
+                "quantize",
+                "--model",
+                "resnet_s",
+                "--data",
+                "noise",
+                "--recipe",
+                "best",
+                "--backend",
+                "brevitas",
+                "--gptq",
+            ],
+            "--gptq",
+        ),
         (["quantize", "--model", "resnet_s", "--data", "noise", "--reconstruct", "qdrop", "--iterations", "0"], ">= 1"),
     ],
 )
@@ -559,3 +573,15 @@ def test_quantize_best_recipe_reconstructs(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert (report["reconstruction"], report["iterations"], report["act_observer"]) == ("genie-m", 3, "mse")
     assert [p.name for p in tmp_path.glob("reconstruct-*/unit-*.pt")] == ["unit-00005.pt"]  # 5 units, resumable
+
+
+def test_quantize_best_recipe_on_brevitas_exports_onnx(tmp_path, capsys):
+    pytest.importorskip("brevitas")
+    pytest.importorskip("onnxruntime")
+    onnx = tmp_path / "best.onnx"
+    argv = ["quantize", "--model", "resnet_s", "--data", "noise", "--num-samples", "32", "--w-bits", "4"]
+    argv += ["--a-bits", "4", "--recipe", "best", "--iterations", "3", "--backend", "brevitas", "--onnx-out", str(onnx)]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["backend"], report["reconstruction"], report["act_stats"]) == ("brevitas", "genie-m", "zq-mse")
+    assert onnx.is_file()

@@ -433,12 +433,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             report[f"layers_by_{kind}"] = dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
     method = args.reconstruct or ("genie-m" if args.recipe == "best" else None)
     if args.backend == "brevitas":
-        if method is not None:
-            raise ConfigError(
-                "--reconstruct and --recipe best run in the FX simulation (--backend fx); Brevitas models "
-                "are not reconstructed yet."
-            )
-        sim = _quantize_brevitas(model, data, plan, args, report)
+        if method is not None and args.gptq:
+            raise ConfigError("--gptq would overwrite the reconstructed rounding: use one of --gptq, --reconstruct.")
+        sim = _quantize_brevitas(model, data, plan, args, report, method)
     elif method is not None:
         if args.onnx_out or args.bias_correction or args.gptq:
             raise ConfigError("--onnx-out, --bias-correction and --gptq belong to --backend brevitas.")
@@ -488,20 +485,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quantize_reconstructed(
-    model: nn.Module, data: Any, plan: Any, method: str, args: argparse.Namespace, report: dict[str, Any]
-) -> nn.Module:
-    """``zq quantize --reconstruct METHOD`` / ``--recipe best``: MSE observers, then reconstruction (FX)."""
+def _reconstruct_config(method: str, args: argparse.Namespace, report: dict[str, Any]) -> Any:
+    """The method's configuration with ``--iterations``, noted in the report."""
     import dataclasses
 
-    from zq_plugin.reconstruct import METHODS, reconstruct_fx
+    from zq_plugin.reconstruct import METHODS
 
     if args.iterations is not None and args.iterations < 1:
         raise ConfigError(f"--iterations {args.iterations}: give the reconstruction steps per unit, >= 1.")
     config = METHODS[method]
     if args.iterations is not None:
         config = dataclasses.replace(config, iterations=args.iterations)
-    report.update(act_observer="mse", weight_observer="mse", reconstruction=method, iterations=config.iterations)
+    report.update(reconstruction=method, iterations=config.iterations)
+    return config
+
+
+def _quantize_reconstructed(
+    model: nn.Module, data: Any, plan: Any, method: str, args: argparse.Namespace, report: dict[str, Any]
+) -> nn.Module:
+    """``zq quantize --reconstruct METHOD`` / ``--recipe best``: MSE observers, then reconstruction (FX)."""
+    from zq_plugin.reconstruct import reconstruct_fx
+
+    config = _reconstruct_config(method, args, report)
+    report.update(act_observer="mse", weight_observer="mse")
     started = time.perf_counter()
     sim = reconstruct_fx(
         model, data, w_bits=args.w_bits, a_bits=args.a_bits, plan=plan, config=config,
@@ -512,25 +518,34 @@ def _quantize_reconstructed(
 
 
 def _quantize_brevitas(
-    model: nn.Module, data: Any, plan: Any, args: argparse.Namespace, report: dict[str, Any]
+    model: nn.Module,
+    data: Any,
+    plan: Any,
+    args: argparse.Namespace,
+    report: dict[str, Any],
+    method: str | None = None,
 ) -> nn.Module:
-    """``zq quantize --backend brevitas``: Brevitas layers, calibration, bias correction / GPTQ, ONNX."""
+    """``zq quantize --backend brevitas``: Brevitas layers, calibration or reconstruction, then BC / GPTQ, ONNX."""
     from zq_plugin.backends import brevitas as zb
 
-    qmodel = zb.to_brevitas(
-        model,
-        plan,
-        w_bits=args.w_bits,
-        a_bits=args.a_bits,
-        first_last_bits=args.first_last_bits,
-        act_stats=args.act_stats,
-    )
-    zb.calibrate(qmodel, data)
+    bits = {"w_bits": args.w_bits, "a_bits": args.a_bits, "first_last_bits": args.first_last_bits}
+    act_stats = args.act_stats or ("max" if method is None else "zq-mse")
+    if method is not None:
+        config = _reconstruct_config(method, args, report)
+        started = time.perf_counter()
+        qmodel = zb.reconstruct_brevitas(
+            model, data, plan=plan, config=config, act_stats=act_stats, cache_dir=args.cache_dir,
+            progress=sys.stderr.isatty(), **bits,
+        )  # fmt: skip
+        report["reconstruction_seconds"] = round(time.perf_counter() - started, 1)
+    else:
+        qmodel = zb.to_brevitas(model, plan, act_stats=act_stats, **bits)
+        zb.calibrate(qmodel, data)
     if args.gptq:
         zb.gptq(qmodel, data)
     if args.bias_correction:
         zb.bias_correct(qmodel, data)
-    report.update(backend="brevitas", act_stats=args.act_stats, gptq=args.gptq, bias_correction=args.bias_correction)
+    report.update(backend="brevitas", act_stats=act_stats, gptq=args.gptq, bias_correction=args.bias_correction)
     if args.onnx_out:
         example = next(iter(iter_batches(data, 1)))[:1]
         report["onnx_out"] = str(zb.export_onnx(qmodel, example, args.onnx_out))
@@ -778,9 +793,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qua.add_argument(
         "--act-stats",
-        default="max",
         choices=["max", "percentile", "mse", "zq-mse", "zq-percentile", "zq-aciq", "zq-entropy"],
-        help="Brevitas activation statistic (docs/brevitas.md)",
+        help="Brevitas activation statistic (docs/brevitas.md; default: max, zq-mse with --recipe best/--reconstruct)",
     )
     qua.add_argument("--bias-correction", action="store_true", help="Brevitas bias correction after calibration")
     qua.add_argument("--gptq", action="store_true", help="Brevitas GPTQ after calibration")
