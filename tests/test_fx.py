@@ -507,3 +507,33 @@ def test_extra_inputs_without_input_fn_get_a_named_error(entry):
 def test_calibration_data_of_the_wrong_shape_get_a_named_error():
     with pytest.raises(zq_plugin.ConfigError, match=r"first calibration batch, inputs of shape \(4, 3, 8, 8\)"):
         zq_plugin.quantize_fx(_bn_net(), torch.randn(4, 3, 8, 8))
+
+
+@pytest.mark.parametrize("kind", ["module", "functional", "hardtanh"])
+def test_relu6_after_conv_bn_is_observed_after_the_activation(kind):
+    """FX would observe the signed conv output before a ReLU6 (half a 4-bit grid wasted); zero point 0 now."""
+    import torch.nn.functional as F
+
+    from zq_plugin.backends.fx import relu6_as_relu_then_clamp
+
+    act = {"module": nn.ReLU6(), "functional": F.relu6, "hardtanh": lambda t: F.hardtanh(t, 0.0, 6.0)}[kind]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 6 * 6, 3)
+            self.act = act if isinstance(act, nn.Module) else nn.Identity()
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            y = self.act(y) if kind == "module" else act(y)
+            return self.fc(torch.flatten(y, 1))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = 4 * torch.randn(64, 1, 8, 8)
+    torch.testing.assert_close(relu6_as_relu_then_clamp(net)(x), net(x))  # the same function
+    sim = zq_plugin.quantize_fx(net, x, w_bits=4, a_bits=4, first_last_bits=None)
+    fqs = [m for m in sim.modules() if hasattr(m, "zero_point") and not m.is_per_channel]
+    assert len(fqs) == 3  # image, ReLU6 output (shared with the clamp), logits
+    assert int(fqs[1].zero_point) == 0 and int(fqs[1].quant_max) == 15

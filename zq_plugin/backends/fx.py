@@ -559,7 +559,7 @@ def quantize_fx(
             act_observer=act_observer,
             weight_observer=weight_observer,
         )
-    float_model = copy.deepcopy(model).eval()
+    float_model = relu6_as_relu_then_clamp(copy.deepcopy(model).eval())
     example = _to_model(_example_inputs(data, batch_size, input_fn), model)
     prepared = _compat.prepare_qat_fx(float_model, mapping, example).eval()
     _swap_conv_transpose(prepared)
@@ -615,6 +615,50 @@ def _spatial_means_as_pooling(model: nn.Module, example: tuple[Any, ...]) -> nn.
             new = pooled if keepdim else graph_module.graph.call_function(torch.flatten, (pooled, 1))
         node.replace_all_uses_with(new)
         graph_module.graph.erase_node(node)
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return graph_module
+
+
+def _is_relu6(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """``nn.ReLU6`` / ``nn.Hardtanh(0, 6)`` modules, ``F.relu6`` and ``F.hardtanh(x, 0, 6)`` calls."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        return isinstance(module, nn.ReLU6) or (
+            isinstance(module, nn.Hardtanh) and (module.min_val, module.max_val) == (0.0, 6.0)
+        )
+    if node.op != "call_function":
+        return False
+    if node.target is F.relu6:
+        return True
+    bounds = (*node.args[1:3], *(node.kwargs[k] for k in ("min_val", "max_val") if k in node.kwargs))
+    return node.target is F.hardtanh and bounds == (0.0, 6.0)
+
+
+def relu6_as_relu_then_clamp(model: nn.Module) -> nn.Module:
+    """``model`` traced, each ReLU6 written as ``relu`` then ``clamp(max=6)`` (the same function).
+
+    torch.ao fuses Conv(+BN)+**ReLU** and observes the activation after it, but not ReLU6:
+    after a Conv+BN+ReLU6 it observes the convolution's **signed** output and the ReLU6 shares
+    that grid, so half of a low-bit activation grid is spent on values the ReLU6 zeroes
+    (zero point near the middle). Written as ``relu`` + ``clamp``, the convolution fuses with
+    the ReLU, the observer sees only non-negative values (zero point 0), and the clamp shares
+    its grid. Returns ``model`` itself when it has no ReLU6 (the module names are kept).
+    """
+    graph_module = torch.fx.symbolic_trace(model)
+    modules = dict(graph_module.named_modules())
+    found = [node for node in graph_module.graph.nodes if _is_relu6(node, modules)]
+    if not found:
+        return model
+    for node in found:
+        x = node.args[0] if node.args else node.kwargs["input"]
+        with graph_module.graph.inserting_before(node):
+            relu = graph_module.graph.call_function(F.relu, (x,))
+            clamped = graph_module.graph.call_function(torch.clamp, (relu,), {"max": 6.0})
+        node.replace_all_uses_with(clamped)
+        graph_module.graph.erase_node(node)
+    graph_module.graph.eliminate_dead_code()
+    graph_module.delete_all_unused_submodules()
     graph_module.graph.lint()
     graph_module.recompile()
     return graph_module
