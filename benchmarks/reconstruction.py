@@ -7,6 +7,10 @@ calibration images (ZeroQ, 200 steps, seed 0: the demo's data, cached under ``zq
 images. ``--iterations`` overrides every method's steps per unit. Times are wall seconds on this
 machine, for the whole call (folding, calibration and every unit).
 
+``--brevitas`` also carries the last method's result into Brevitas layers
+(``reconstruct_brevitas``, resumed from the same checkpoints), exports it to QCDQ ONNX and gives
+its top-1 in PyTorch and in onnxruntime and how many test images the two agree on.
+
 ``--step-ratio`` instead times, on every unit of each model, one reconstruction step (forward
 with the learned quantizers, backward, Adam) against a bare forward and backward of the same
 unit in float with plain parameters, in the same process, and prints the ratio per unit and
@@ -43,10 +47,31 @@ def _bits(text: str) -> tuple[int, int]:
     return int(w), int(a)
 
 
+def brevitas_cells(model, data, w_bits, a_bits, config, cache, x_test, y_test) -> list[str]:
+    """The reconstruction carried into Brevitas (resumed from ``cache``), and its ONNX file in onnxruntime."""
+    import tempfile
+
+    from zq_plugin.backends import brevitas as zb
+
+    qmodel = zb.reconstruct_brevitas(
+        model, data, w_bits=w_bits, a_bits=a_bits, config=config, cache_dir=cache, progress=False
+    )
+    with torch.no_grad():
+        ours = torch.cat([qmodel(x) for x in x_test.split(500)]).argmax(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx = zb.run_onnx(zb.export_onnx(qmodel, x_test[:1], Path(tmp) / "m.onnx"), x_test).argmax(1)
+    top1 = 100 * float((ours == y_test).float().mean())
+    onnx_top1 = 100 * float((onnx == y_test).float().mean())
+    return [f"{top1:.2f}", f"{onnx_top1:.2f}", f"{100 * float((ours == onnx).float().mean()):.2f}"]
+
+
 def accuracy_table(args: argparse.Namespace) -> None:
+    import tempfile
+
     x_test, y_test = datasets.load_fashion_mnist("test")
-    print(f"| model | W/A | {' | '.join(['MSE observers', *args.methods])} |")
-    print("|---|---|" + "---|" * (1 + len(args.methods)))
+    extra = ["Brevitas", "ONNX (onnxruntime)", "agree %"] if args.brevitas else []
+    print(f"| model | W/A | {' | '.join(['MSE observers', *args.methods, *extra])} |")
+    print("|---|---|" + "---|" * (1 + len(args.methods) + len(extra)))
     for name in args.models:
         model = zoo.load(name)
         if args.source == "real":
@@ -66,9 +91,14 @@ def accuracy_table(args: argparse.Namespace) -> None:
                 if args.iterations is not None:
                     config = dataclasses.replace(config, iterations=args.iterations)
                 t = time.perf_counter()
-                sim = engine.reconstruct_fx(model, data, w_bits=w_bits, a_bits=a_bits, config=config, progress=False)
-                seconds = time.perf_counter() - t
-                cells.append(f"{accuracy(sim, x_test, y_test):.2f} ({seconds:.0f} s)")
+                with tempfile.TemporaryDirectory() as cache:
+                    sim = engine.reconstruct_fx(
+                        model, data, w_bits=w_bits, a_bits=a_bits, config=config, progress=False, cache_dir=cache
+                    )
+                    seconds = time.perf_counter() - t
+                    cells.append(f"{accuracy(sim, x_test, y_test):.2f} ({seconds:.0f} s)")
+                    if args.brevitas and method == args.methods[-1]:
+                        cells += brevitas_cells(model, data, w_bits, a_bits, config, cache, x_test, y_test)
             print(f"| {name} | W{w_bits}A{a_bits} | {' | '.join(cells)} |", flush=True)
 
 
@@ -130,6 +160,9 @@ def main() -> None:
     parser.add_argument("--source", choices=["zeroq", "real"], default="zeroq")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=None, help="steps per unit (default: each method's)")
+    parser.add_argument(
+        "--brevitas", action="store_true", help="also carry the last method's result into Brevitas and ONNX"
+    )
     parser.add_argument("--step-ratio", action="store_true", help="time one step against a bare fwd+bwd")
     parser.add_argument("--steps", type=int, default=50, help="steps timed per unit with --step-ratio")
     args = parser.parse_args()

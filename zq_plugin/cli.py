@@ -350,10 +350,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     models = args.models or [n for n in zoo.available() if zoo.has_batchnorm(n)]
     if args.test_images is not None and args.test_images < 1:
         raise ConfigError(f"--test-images {args.test_images}: give at least 1 (or leave it out for all 10,000).")
+    if args.iterations is not None and args.iterations < 1:
+        raise ConfigError(f"--iterations {args.iterations}: give the reconstruction steps per unit, >= 1.")
     start = time.perf_counter()
     results = run_demo(
-        args.out, models, args.num_samples, args.steps, args.seed, not args.no_cache, num_test=args.test_images
-    )
+        args.out, models, args.num_samples, args.steps, args.seed, not args.no_cache, num_test=args.test_images,
+        iterations=args.iterations,
+    )  # fmt: skip
     results["total_seconds"] = round(time.perf_counter() - start, 1)
     table = demo_markdown(results)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -689,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--test-images", type=int, metavar="N", help="evaluate on the first N test images (default: all 10,000)"
     )
+    demo.add_argument("--iterations", type=int, help="the best recipe's reconstruction steps per unit (default: 500)")
     demo.set_defaults(func=cmd_demo)
 
     def add_model_args(p: argparse.ArgumentParser) -> None:

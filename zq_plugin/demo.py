@@ -1,14 +1,15 @@
 """The ``zq demo`` experiment: zero-shot vs real-data calibration on the zoo, as data and a table.
 
-Each bits row holds the plain recipe (MinMax activations) with four calibration sources, and
-the best recipe the product has (:data:`BEST_RECIPE`, applied by :func:`quantize_best`) with
-real and with ZeroQ data; :func:`demo_conclusion` reads the answer off the numbers. The
-command line (``zq demo``) only prints and writes what :func:`run_demo` and
-:func:`demo_markdown` return.
+Each bits row holds the plain recipe (MinMax activations) with four calibration sources, the
+MSE observers with real and with ZeroQ data, and the best recipe the product has
+(:data:`BEST_RECIPE`, applied by :func:`quantize_best`) with ZeroQ data;
+:func:`demo_conclusion` reads the answer off the numbers. The command line (``zq demo``) only
+prints and writes what :func:`run_demo` and :func:`demo_markdown` return.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,36 +29,58 @@ from zq_plugin.synth import synthesize
 
 logger = logging.getLogger("zq_plugin.demo")
 
-DEMO_BITS = ((8, 8), (4, 8), (4, 4))
+DEMO_BITS = ((8, 8), (4, 8), (4, 4), (3, 3))
 # "noise" is the standard Gaussian-noise baseline (N(0, 1) pixels, as the "random data" row of
 # ZeroQ's comparison); "noise_box" is the same noise clamped to the model's valid input box.
 DEMO_SOURCES = ("real", "noise", "noise_box", "zeroq")
 DEMO_STEPS = 200
 
-# The best recipe the product has, in one place: today the MSE range search on activations and
-# per-channel weights (docs/results.md, "Observers at W4A8 and W4A4"). A better recipe (e.g.
-# reconstruction) replaces BEST_RECIPE and quantize_best; the table, JSON and conclusion follow.
-BEST_RECIPE = "MSE observers"
-BEST_RECIPE_DETAIL = "activations MSEObserver, weights PerChannelMSEObserver"
-BEST_SOURCES = ("real", "zeroq")
-BEST_BITS = ((4, 8), (4, 4))  # at W8A8 every recipe is within a few tenths of FP32
+# The MSE range search on activations and per-channel weights (docs/results.md, "Observers at
+# W4A8 and W4A4"): the best calibration-only recipe, on real and on ZeroQ data.
+MSE_RECIPE = "MSE observers"
+MSE_DETAIL = "activations MSEObserver, weights PerChannelMSEObserver"
+MSE_BITS = ((4, 8), (4, 4), (3, 3))  # at W8A8 every recipe is within a few tenths of FP32
+# The best recipe the product has, in one place (zq_plugin.quantize): the MSE observers, then
+# Genie-M reconstruction (docs/reconstruction.md), on ZeroQ data. quantize_best applies it.
+BEST_RECIPE = "MSE + Genie-M"
+BEST_RECIPE_DETAIL = "the MSE observers, then Genie-M reconstruction, 500 iterations per unit (zq_plugin.quantize)"
+BEST_BITS = ((4, 4), (3, 3))
 
-# (column key in a row, header, one-line explanation); a "best_<source>" key is the best recipe.
+# (column key in a row, header, one-line explanation)
 DEMO_COLUMNS = (
     ("real", "real data", "Fashion-MNIST training images (a seeded draw), MinMax activations: the reference"),
     ("noise", "Gaussian noise N(0,1)", "standard normal pixels, the data-free baseline of ZeroQ's comparison, MinMax"),
     ("noise_box", "noise in input box", "the same noise clamped to the model's valid input range, MinMax"),
     ("zeroq", "ZeroQ synthetic", "images distilled from the BatchNorm statistics (no data), MinMax"),
-    ("best_real", f"real + {BEST_RECIPE}", f"real data with the best recipe ({BEST_RECIPE_DETAIL})"),
-    ("best_zeroq", f"ZeroQ + {BEST_RECIPE}", "ZeroQ data with the best recipe: no data at all, the product's answer"),
+    ("mse_real", f"real + {MSE_RECIPE}", f"real data with the {MSE_RECIPE} ({MSE_DETAIL})"),
+    ("mse_zeroq", f"ZeroQ + {MSE_RECIPE}", f"ZeroQ data with the {MSE_RECIPE}"),
+    ("best_zeroq", f"ZeroQ + {BEST_RECIPE}", f"no data at all, the best recipe: {BEST_RECIPE_DETAIL}"),
 )
 
 
-def quantize_best(model: nn.Module, data: torch.Tensor | SyntheticDataset, w_bits: int, a_bits: int) -> nn.Module:
-    """``model`` quantized at W``w_bits``A``a_bits`` with the best recipe (:data:`BEST_RECIPE`)."""
+def quantize_mse(model: nn.Module, data: torch.Tensor | SyntheticDataset, w_bits: int, a_bits: int) -> nn.Module:
+    """``model`` quantized at W``w_bits``A``a_bits`` with the MSE observers (:data:`MSE_RECIPE`)."""
     return quantize_fx(
         model, data, w_bits=w_bits, a_bits=a_bits, act_observer=MSEObserver, weight_observer=PerChannelMSEObserver
     )
+
+
+def quantize_best(
+    model: nn.Module,
+    data: torch.Tensor | SyntheticDataset,
+    w_bits: int,
+    a_bits: int,
+    *,
+    iterations: int | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """``model`` quantized at W``w_bits``A``a_bits`` with the best recipe (:data:`BEST_RECIPE`) on ``data``."""
+    from zq_plugin.reconstruct import METHODS, reconstruct_fx
+
+    config = METHODS["genie-m"]
+    if iterations is not None:
+        config = dataclasses.replace(config, iterations=iterations)
+    return reconstruct_fx(model, data, w_bits=w_bits, a_bits=a_bits, config=config, progress=progress)
 
 
 def real_subset(num_samples: int, seed: int = 0) -> torch.Tensor:
@@ -101,12 +124,14 @@ def run_demo(
     use_cache: bool,
     *,
     num_test: int | None = None,
+    iterations: int | None = None,
 ) -> dict[str, Any]:
-    """FP32 and W8A8/W4A8/W4A4 top-1 for each column of :data:`DEMO_COLUMNS`; returns the results.
+    """FP32 and W8A8/W4A8/W4A4/W3A3 top-1 for each column of :data:`DEMO_COLUMNS`; returns the results.
 
-    ``results["models"][name]["rows"]["W4A4"]`` maps a column key to top-1; the best recipe's
-    columns are present only in the rows of :data:`BEST_BITS`. ``num_test`` limits the test set
-    to its first images (for tests; default: all 10,000).
+    ``results["models"][name]["rows"]["W4A4"]`` maps a column key to top-1; the MSE columns are
+    present only in the rows of :data:`MSE_BITS`, the best recipe's only in those of
+    :data:`BEST_BITS`. ``num_test`` limits the test set to its first images (for tests; default:
+    all 10,000); ``iterations`` overrides the reconstruction's steps per unit (default 500).
     """
     x_test, y_test = datasets.load_fashion_mnist("test")
     if num_test is not None:
@@ -119,6 +144,7 @@ def run_demo(
         "seed": seed,
         "test_images": len(x_test),
         "best_recipe": f"{BEST_RECIPE} ({BEST_RECIPE_DETAIL})",
+        "reconstruction_iterations": 500 if iterations is None else iterations,
         "models": {},
     }
     for name in models:
@@ -140,9 +166,14 @@ def run_demo(
             for src, data in sources.items():
                 sim = quantize_fx(model, data, w_bits=w_bits, a_bits=a_bits)
                 row[src] = accuracy(sim, x_test, y_test)
+            if (w_bits, a_bits) in MSE_BITS:
+                for src in ("real", "zeroq"):
+                    row[f"mse_{src}"] = accuracy(quantize_mse(model, sources[src], w_bits, a_bits), x_test, y_test)
             if (w_bits, a_bits) in BEST_BITS:
-                for src in BEST_SOURCES:
-                    row[f"best_{src}"] = accuracy(quantize_best(model, sources[src], w_bits, a_bits), x_test, y_test)
+                t_best = time.perf_counter()
+                best = quantize_best(model, sources["zeroq"], w_bits, a_bits, iterations=iterations)
+                row["best_zeroq"] = accuracy(best, x_test, y_test)
+                entry[f"best_seconds_W{w_bits}A{a_bits}"] = round(time.perf_counter() - t_best, 1)
             entry["rows"][f"W{w_bits}A{a_bits}"] = row
             logger.info("%s W%dA%d %s", name, w_bits, a_bits, {k: round(v, 2) for k, v in row.items()})
         entry["seconds"] = round(time.perf_counter() - t0, 1)
@@ -151,7 +182,7 @@ def run_demo(
 
 
 def demo_conclusion(results: dict[str, Any], bits: str = "W4A4") -> list[str]:
-    """Two lines read off the numbers: zero data vs real data at ``bits``, and which column wins where.
+    """Lines read off the numbers: zero data vs real data at ``bits`` (and W3A3), and which column wins where.
 
     The averages are over the models, of the values the table shows (rounded to 2 decimals).
     """
@@ -163,21 +194,31 @@ def demo_conclusion(results: dict[str, Any], bits: str = "W4A4") -> list[str]:
     def mean(values: list[float]) -> float:
         return sum(round(v, 2) for v in values) / len(values)
 
-    fp32 = mean([e["fp32"] for e in models.values() if bits in e["rows"]])
+    def fp32_at(at: str) -> float:
+        return mean([e["fp32"] for e in models.values() if at in e["rows"]])
+
     n = f"{len(rows)} model{'s' if len(rows) > 1 else ''}"
-    if all("best_zeroq" in r and "best_real" in r for r in rows):
-        zeroq, real = mean([r["best_zeroq"] for r in rows]), mean([r["best_real"] for r in rows])
+    lines = []
+    if all("best_zeroq" in r and "mse_real" in r for r in rows):
+        zeroq, real = mean([r["best_zeroq"] for r in rows]), mean([r["mse_real"] for r in rows])
         plain = mean([r["zeroq"] for r in rows])
-        first = (
+        lines.append(
             f"At {bits} with the best recipe ({BEST_RECIPE}), zero data (ZeroQ) reaches {zeroq:.2f} % on average "
-            f"over {n} vs {real:.2f} % with real training images (FP32 {fp32:.2f} %; ZeroQ with MinMax "
-            f"activations: {plain:.2f} %)."
+            f"over {n} vs {real:.2f} % with real training images and the {MSE_RECIPE} (FP32 {fp32_at(bits):.2f} %; "
+            f"ZeroQ with MinMax activations: {plain:.2f} %)."
         )
+        low = [e["rows"]["W3A3"] for e in models.values() if "best_zeroq" in e["rows"].get("W3A3", {})]
+        if low and all("mse_real" in r for r in low):
+            lines.append(
+                f"At W3A3 it reaches {mean([r['best_zeroq'] for r in low]):.2f} % vs "
+                f"{mean([r['mse_real'] for r in low]):.2f} % with real images and the {MSE_RECIPE} "
+                f"(FP32 {fp32_at('W3A3'):.2f} %)."
+            )
     else:
         zeroq, real = mean([r["zeroq"] for r in rows]), mean([r["real"] for r in rows])
-        first = (
+        lines.append(
             f"At {bits} with MinMax activations, zero data (ZeroQ) reaches {zeroq:.2f} % on average over {n} "
-            f"vs {real:.2f} % with real training images (FP32 {fp32:.2f} %)."
+            f"vs {real:.2f} % with real training images (FP32 {fp32_at(bits):.2f} %)."
         )
     headers = {key: header for key, header, _ in DEMO_COLUMNS}
     wins: dict[str, list[str]] = {}
@@ -192,12 +233,13 @@ def demo_conclusion(results: dict[str, Any], bits: str = "W4A4") -> list[str]:
     second = "Highest top-1 per row: " + "; ".join(
         f"{headers[k]} in {len(wins[k])} of {total} ({', '.join(wins[k])})" for k in order
     )
-    return [first, second + "."]
+    return [*lines, second + "."]
 
 
 def demo_markdown(results: dict[str, Any]) -> str:
     """The demo's results as a Markdown table, one line per column, and the conclusion."""
     best_bits = ", ".join(f"W{w}A{a}" for w, a in BEST_BITS)
+    mse_bits = ", ".join(f"W{w}A{a}" for w, a in MSE_BITS)
     lines = [
         f"Top-1 (%) on the {results['test_images']} Fashion-MNIST test images; "
         f"{results['num_samples']} calibration images per source, ZeroQ {results['zeroq_steps']} steps, "
@@ -212,6 +254,9 @@ def demo_markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | {entry['fp32']:.2f} | {bits} | {cells} |")
     lines += ["", "Columns:", ""]
     lines += [f"- *{header}*: {text}." for _, header, text in DEMO_COLUMNS]
-    lines.append(f'- The best recipe runs at {best_bits} only ("—" elsewhere).')
+    lines.append(
+        f'- The {MSE_RECIPE} run at {mse_bits}, the best recipe at {best_bits} only ("—" elsewhere); the best '
+        f"recipe reconstructs {results.get('reconstruction_iterations', 500)} iterations per unit."
+    )
     lines += ["", *demo_conclusion(results)]
     return "\n".join(lines) + "\n"

@@ -620,13 +620,25 @@ def _spatial_means_as_pooling(model: nn.Module, example: tuple[Any, ...]) -> nn.
     return graph_module
 
 
-def _is_relu6(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """``nn.ReLU6`` / ``nn.Hardtanh(0, 6)`` modules, ``F.relu6`` and ``F.hardtanh(x, 0, 6)`` calls."""
-    if node.op == "call_module":
-        module = modules.get(str(node.target))
-        return isinstance(module, nn.ReLU6) or (
-            isinstance(module, nn.Hardtanh) and (module.min_val, module.max_val) == (0.0, 6.0)
-        )
+class ReLUThenClamp(nn.Module):
+    """ReLU6 written as ``clamp(relu(x), max=6)``: the same function, which torch.ao fuses with a Conv(+BN).
+
+    Example:
+        >>> ReLUThenClamp()(torch.tensor([-1.0, 3.0, 9.0])).tolist()
+        [0.0, 3.0, 6.0]
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` of any shape, clipped to ``[0, 6]``."""
+        return torch.clamp(F.relu(x), max=6.0)
+
+
+def _is_relu6_module(module: nn.Module) -> bool:
+    return isinstance(module, nn.Hardtanh) and (float(module.min_val), float(module.max_val)) == (0.0, 6.0)
+
+
+def _is_relu6_call(node: torch.fx.Node) -> bool:
+    """``F.relu6(x)`` and ``F.hardtanh(x, 0, 6)`` calls."""
     if node.op != "call_function":
         return False
     if node.target is F.relu6:
@@ -636,18 +648,27 @@ def _is_relu6(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def relu6_as_relu_then_clamp(model: nn.Module) -> nn.Module:
-    """``model`` traced, each ReLU6 written as ``relu`` then ``clamp(max=6)`` (the same function).
+    """``model`` with each ReLU6 written as ``relu`` then ``clamp(max=6)`` (the same function); **in place**.
 
     torch.ao fuses Conv(+BN)+**ReLU** and observes the activation after it, but not ReLU6:
     after a Conv+BN+ReLU6 it observes the convolution's **signed** output and the ReLU6 shares
-    that grid, so half of a low-bit activation grid is spent on values the ReLU6 zeroes
-    (zero point near the middle). Written as ``relu`` + ``clamp``, the convolution fuses with
-    the ReLU, the observer sees only non-negative values (zero point 0), and the clamp shares
-    its grid. Returns ``model`` itself when it has no ReLU6 (the module names are kept).
+    that grid, so half of a low-bit activation grid is spent on values the ReLU6 zeroes (zero
+    point near the middle). Written as ``relu`` + ``clamp``, the convolution fuses with the
+    ReLU, the observer sees only non-negative values (zero point 0), and the clamp shares its
+    grid. ``nn.ReLU6`` / ``nn.Hardtanh(0, 6)`` modules become :class:`ReLUThenClamp` modules at
+    the same names (their qconfig scope is kept); functional ``F.relu6`` / ``F.hardtanh(x, 0, 6)``
+    calls need a traced copy, returned instead of ``model`` only when there are any. Call it on
+    a copy you own (``quantize_fx`` does).
     """
-    graph_module = torch.fx.symbolic_trace(model)
-    modules = dict(graph_module.named_modules())
-    found = [node for node in graph_module.graph.nodes if _is_relu6(node, modules)]
+    for name, module in list(model.named_modules()):
+        if _is_relu6_module(module) and name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, ReLUThenClamp())
+    try:
+        graph_module = torch.fx.symbolic_trace(model)
+    except Exception:  # untraceable: quantize_fx names the reason itself
+        return model
+    found = [node for node in graph_module.graph.nodes if _is_relu6_call(node)]
     if not found:
         return model
     for node in found:
@@ -657,8 +678,6 @@ def relu6_as_relu_then_clamp(model: nn.Module) -> nn.Module:
             clamped = graph_module.graph.call_function(torch.clamp, (relu,), {"max": 6.0})
         node.replace_all_uses_with(clamped)
         graph_module.graph.erase_node(node)
-    graph_module.graph.eliminate_dead_code()
-    graph_module.delete_all_unused_submodules()
     graph_module.graph.lint()
     graph_module.recompile()
     return graph_module
