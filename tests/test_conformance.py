@@ -42,13 +42,14 @@ def _release_memory():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def rows(select=lambda name: True):
-    """Matrix rows: the fast ones in the default run, the rest under the ``conformance`` marker."""
+def rows(select=lambda name: True, fast_rows=None):
+    """Matrix rows: the fast ones (``fast_rows``, by default the fast torchvision architectures and
+    every pattern) in the default run, the rest under the ``conformance`` marker."""
     out = []
     for name in ROWS:
         if not select(name):
             continue
-        fast = name in FAST_TORCHVISION or name in PATTERNS
+        fast = name in fast_rows if fast_rows is not None else (name in FAST_TORCHVISION or name in PATTERNS)
         out.append(pytest.param(name, marks=() if fast else pytest.mark.conformance))
     return out
 
@@ -313,6 +314,27 @@ def test_equalize_keeps_the_function(name):
 
 
 @pytest.mark.parametrize("name", rows())
+def test_bn_statistics_absorb_and_correct_bias(name):
+    """High-bias absorption keeps the function; analytic bias correction runs on the unfolded simulation."""
+    from torch.fx.experimental.optimization import fuse
+
+    from zq_plugin.preprocess import absorb_high_bias, correct_bias, input_statistics
+
+    model, before, x = cell(name)
+    with quiet():
+        stats = input_statistics(model)
+        moved = absorb_high_bias(model)
+        sim = zq_plugin.quantize_fx(fuse(model), x, w_bits=4, a_bits=8, fold=False)
+        changed = correct_bias(sim, model)
+    assert set(changed) <= set(stats) and all(v == v and v < float("inf") for v in changed.values())
+    ref, out = logits(model, x), logits(moved, x)
+    # a moved bias differs only where a pre-activation lies below beta - 3 gamma, or at padded borders
+    assert float((out - ref).abs().mean()) <= 0.05 * float(ref.abs().mean()) + 1e-6
+    logits(sim, x)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", rows())
 def test_export_sim_round_trip(name, tmp_path):
     from zq_plugin.backends.fx import export_sim
 
@@ -347,6 +369,27 @@ def test_brevitas_calibrate_bias_correct_export_run_onnx(name, tmp_path):
     assert torch.isfinite(got).all()
     cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
     # one rounding flip in a deep random net moves the logits a little: a bound, not equality
+    assert cos > 0.95, f"ONNX disagrees with PyTorch: cosine {float(cos):.4f}"
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", rows(fast_rows={"resnet18", "inplace_residual", "tuple_output"}))
+def test_reconstruct_brevitas_export_run_onnx(name, tmp_path):
+    pytest.importorskip("brevitas")
+    pytest.importorskip("onnxruntime")
+    import dataclasses
+
+    from zq_plugin.backends import brevitas as zb
+
+    model, before, x = cell(name)
+    quick = dataclasses.replace(zq_plugin.ReconstructConfig(), iterations=2, checks=1)
+    with quiet():
+        qmodel = zb.reconstruct_brevitas(model, calib_of(x.shape[1:], 16), config=quick, progress=False)
+        path = zb.export_onnx(qmodel, x[:1], tmp_path / "r.onnx")
+    carried = qmodel.zq_carried
+    assert carried["weight_steps"] <= carried["layers"] and carried["layers"] > 0
+    ref, got = logits(qmodel, x), zb.run_onnx(path, x)
+    cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0)
     assert cos > 0.95, f"ONNX disagrees with PyTorch: cosine {float(cos):.4f}"
     assert_unchanged(model, before)
 
