@@ -752,9 +752,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(qua)
     qua.add_argument(
         "--data",
-        required=True,
+        default="zeroq",
         help="a dataset file from 'zq synthesize', 'real' (Fashion-MNIST training images), 'noise', or a method to "
-        "run now (zeroq, dsg, ...)",
+        "run now (zeroq, dsg, ...; zeroq is what zq_plugin.quantize synthesizes)",
     )
     qua.add_argument("--allow-mismatch", action="store_true", help="use a dataset file made for other weights")
     qua.add_argument("--w-bits", type=int, default=8, help="weight bits of all but the first and last layer")

@@ -63,7 +63,7 @@ def resolve_input_range(
             logger.warning(
                 "%s has no input_range attribute: synthetic images are not clamped to valid inputs, which "
                 "inflates activation ranges (docs/synthesis.md). Pass input_range=(lo, hi), the image of "
-                "valid pixels under the model's normalization (zq: --input-range lo,hi), or None to silence this.",
+                "valid pixels under the model's normalization (zq: --input-range=lo,hi), or None to silence this.",
                 type(model).__name__,
             )
             return None
