@@ -108,13 +108,15 @@ def test_a_plan_sets_each_layers_bits(tiny_bn_net, images):
     assert sim.get_submodule("conv2").weight_fake_quant.quant_max == 7  # conv1: the first layer, 8-bit
 
 
-def test_float64_model_and_images(tiny_bn_net, images):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_float64_and_bfloat16_models(tiny_bn_net, images, dtype):
     import copy
 
-    net = copy.deepcopy(tiny_bn_net).double()
+    net = copy.deepcopy(tiny_bn_net).to(dtype)
     sim = reconstruct_fx(net, images.float(), config=dataclasses.replace(FAST, iterations=20))
-    out = sim(images.double())
-    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+    assert all(r["held_after"] <= r["held_before"] for r in sim.zq_reconstruction)
+    out = sim(images.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
 
 
 def test_the_result_converts_at_8_bits_with_convert_fx(tiny_bn_net, images):
