@@ -43,7 +43,7 @@ MSE_BITS = ((4, 8), (4, 4), (3, 3))  # at W8A8 every recipe is within a few tent
 # The best recipe the product has, in one place (zq_plugin.quantize): the MSE observers, then
 # Genie-M reconstruction (docs/reconstruction.md), on ZeroQ data. quantize_best applies it.
 BEST_RECIPE = "MSE + Genie-M"
-BEST_RECIPE_DETAIL = "the MSE observers, then Genie-M reconstruction, 500 iterations per unit (zq_plugin.quantize)"
+BEST_RECIPE_DETAIL = "the MSE observers, then Genie-M reconstruction (zq_plugin.quantize)"
 BEST_BITS = ((4, 4), (3, 3))
 
 # (column key in a row, header, one-line explanation)
@@ -74,13 +74,19 @@ def quantize_best(
     iterations: int | None = None,
     progress: bool = False,
 ) -> nn.Module:
-    """``model`` quantized at W``w_bits``A``a_bits`` with the best recipe (:data:`BEST_RECIPE`) on ``data``."""
-    from zq_plugin.reconstruct import METHODS, reconstruct_fx
+    """``model`` quantized at W``w_bits``A``a_bits`` with the best recipe (:func:`zq_plugin.quantize`) on ``data``."""
+    from zq_plugin.recipe import quantize
 
-    config = METHODS["genie-m"]
-    if iterations is not None:
-        config = dataclasses.replace(config, iterations=iterations)
-    return reconstruct_fx(model, data, w_bits=w_bits, a_bits=a_bits, config=config, progress=progress)
+    config = None if iterations is None else dataclasses.replace(best_config(), iterations=iterations)
+    return quantize(model, w_bits=w_bits, a_bits=a_bits, data=data, config=config, progress=progress)
+
+
+def best_config() -> Any:
+    """The reconstruction configuration :func:`zq_plugin.quantize` uses by default."""
+    from zq_plugin.recipe import BEST_RECONSTRUCTION
+    from zq_plugin.reconstruct import METHODS
+
+    return METHODS[BEST_RECONSTRUCTION]
 
 
 def real_subset(num_samples: int, seed: int = 0) -> torch.Tensor:
@@ -144,7 +150,7 @@ def run_demo(
         "seed": seed,
         "test_images": len(x_test),
         "best_recipe": f"{BEST_RECIPE} ({BEST_RECIPE_DETAIL})",
-        "reconstruction_iterations": 500 if iterations is None else iterations,
+        "reconstruction_iterations": best_config().iterations if iterations is None else iterations,
         "models": {},
     }
     for name in models:
@@ -256,7 +262,7 @@ def demo_markdown(results: dict[str, Any]) -> str:
     lines += [f"- *{header}*: {text}." for _, header, text in DEMO_COLUMNS]
     lines.append(
         f'- The {MSE_RECIPE} run at {mse_bits}, the best recipe at {best_bits} only ("—" elsewhere); the best '
-        f"recipe reconstructs {results.get('reconstruction_iterations', 500)} iterations per unit."
+        f"recipe reconstructs {results.get('reconstruction_iterations', best_config().iterations)} iterations per unit."
     )
     lines += ["", *demo_conclusion(results)]
     return "\n".join(lines) + "\n"

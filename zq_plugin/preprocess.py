@@ -246,7 +246,6 @@ def equalize(
 
 _MEAN_KEEPING_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AvgPool1d, nn.AvgPool2d)
 _MEAN_KEEPING_FUNCTIONS = {"adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "avg_pool2d", "flatten"}
-_ACT_NAMES = {"relu": "relu", "relu_": "relu", "relu6": "relu6", "hardtanh": None}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

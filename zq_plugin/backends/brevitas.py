@@ -616,17 +616,23 @@ def _sim_layer(sim: nn.Module, name: str) -> nn.Module | None:
     return None
 
 
-def _input_fake_quant(sim: Any, name: str) -> Any:
-    """The FX fake-quantizer whose output is the input of the simulation layer ``name`` (None if it is not one)."""
+def _input_fake_quants(sim: Any) -> dict[str, Any]:
+    """``layer -> FX fake-quantizer`` for each simulation layer whose input is a fake-quantizer's output.
+
+    Keyed by the model's layer name (a ConvTranspose wrapper's ``<name>.conv`` under ``<name>``).
+    """
     from zq_plugin import _compat
 
     modules = dict(sim.named_modules())
+    found: dict[str, Any] = {}
     for node in sim.graph.nodes:
-        if node.op == "call_module" and str(node.target) in (name, f"{name}.conv") and node.args:
-            arg = node.args[0]
-            source = modules.get(str(arg.target)) if getattr(arg, "op", None) == "call_module" else None
-            return source if isinstance(source, _compat.FakeQuantize) else None
-    return None
+        if node.op != "call_module" or not node.args or getattr(node.args[0], "op", None) != "call_module":
+            continue
+        source = modules.get(str(node.args[0].target))
+        if isinstance(source, _compat.FakeQuantize):
+            name = str(node.target)
+            found[name.removesuffix(".conv") if isinstance(modules.get(name), WEIGHT_LAYERS) else name] = source
+    return found
 
 
 @torch.no_grad()
@@ -727,6 +733,7 @@ def reconstruct_brevitas(
     calibrate(qmodel, data)
     weights = acts = 0
     unsigned = nonnegative_inputs(model)
+    input_fqs = _input_fake_quants(sim)
     with torch.no_grad():
         for name, layer in _quant_layers(qmodel):
             fq: Any = getattr(carried[name], "weight_fake_quant", None)
@@ -737,7 +744,7 @@ def reconstruct_brevitas(
                     scaler = w_quant.tensor_quant.scaling_impl
                     _rescale(scaler.value, layer.quant_weight().scale, fq.scale)
                     weights += 1
-            act = _input_fake_quant(sim, name)
+            act = input_fqs.get(name)
             i_quant = layer.input_quant
             if act is None or not unsigned.get(name, False) or not i_quant.is_quant_enabled:
                 continue
