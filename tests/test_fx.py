@@ -537,3 +537,45 @@ def test_relu6_after_conv_bn_is_observed_after_the_activation(kind):
     fqs = [m for m in sim.modules() if hasattr(m, "zero_point") and not m.is_per_channel]
     assert len(fqs) == 3  # image, ReLU6 output (shared with the clamp), logits
     assert int(fqs[1].zero_point) == 0 and int(fqs[1].quant_max) == 15
+
+
+@pytest.mark.parametrize("kind", ["hardswish", "silu", "gelu", "functional_hardswish", "functional_silu"])
+def test_negative_lobe_activations_keep_their_minimum(kind):
+    """Hardswish/SiLU/GELU outputs keep a negative level at 4 bits (a shrinking search rounded the lobe to 0)."""
+    import torch.nn.functional as F
+
+    from zq_plugin.observers import MSEObserver, PerChannelMSEObserver
+
+    modules = {"hardswish": nn.Hardswish(), "silu": nn.SiLU(), "gelu": nn.GELU()}
+    functions = {"functional_hardswish": F.hardswish, "functional_silu": F.silu}
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 6 * 6, 3)
+            self.act = modules.get(kind, nn.Identity())
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            y = self.act(y) if kind in modules else functions[kind](y)
+            return self.fc(torch.flatten(y, 1))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():  # conv and BN pass the image through: the activation sees N(0, 1) and a long tail
+        net.conv.weight.zero_()[:, 0, 1, 1] = 1.0
+        net.conv.bias.zero_()
+    x = torch.randn(64, 1, 8, 8)
+    x.view(-1)[::97] = 12 * torch.rand(x.numel() // 97 + 1)[: x.view(-1)[::97].numel()]
+    sim = zq_plugin.quantize_fx(
+        net, x, w_bits=4, a_bits=4, first_last_bits=None,
+        act_observer=MSEObserver, weight_observer=PerChannelMSEObserver,
+    )  # fmt: skip
+    fqs = [m for m in sim.modules() if hasattr(m, "zero_point") and not m.is_per_channel]
+    assert len(fqs) == 4  # image, conv output (not fused with these activations), activation output, logits
+    assert [fq.activation_post_process.keep_min for fq in fqs] == [False, False, True, False]
+    fq, observer = fqs[2], fqs[2].activation_post_process
+    assert float(observer.calculate_range()[0]) == float(observer.min_val) < 0
+    assert float(-fq.zero_point * fq.scale) <= float(observer.min_val) + float(fq.scale) / 2
+    if kind == "hardswish":
+        assert int(fq.zero_point) == 1  # 0 before: every negative value rounded to zero

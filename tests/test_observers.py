@@ -638,3 +638,37 @@ def test_missing_torchao_names_the_extra(monkeypatch):
 def test_non_integer_range_raises_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         ao.MSEObserver(**kwargs)
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    lobe=st.floats(0.01, 1.0),
+    tail=st.floats(2.0, 50.0),
+    bits=st.integers(2, 8),
+)
+def test_keep_min_keeps_the_low_end_and_searches_only_the_high_end(seed, lobe, tail, bits):
+    """keep_min: lo is the observed min for any data; hi lies in (0, max]; the free search clips more or as much."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.cat([-lobe * torch.rand(2000, generator=gen), torch.rand(2000, generator=gen).pow(4) * tail])
+    hist = histogram.observe(None, x)
+    qmin, qmax = quant_range(bits, signed=False)
+    lo, hi = stats.lp_range(hist, qmin, qmax, False, keep_min=True)
+    assert float(lo) == float(x.min())
+    assert 0.0 < float(hi) <= float(x.max())
+    free_lo, _ = stats.lp_range(hist, qmin, qmax, False)
+    assert float(free_lo) >= float(lo)  # the free search may clip the low end; keep_min never does
+
+
+def test_keep_min_gives_a_hardswish_output_a_negative_level_at_4_bits():
+    """Smallest case of the MobileNetV3 collapse: a long-tailed Hardswish output got zero point 0 (lobe lost)."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.cat([torch.randn(20000, generator=gen), 12 * torch.rand(50, generator=gen)])
+    y = torch.nn.functional.hardswish(z)
+    obs = ao.MSEObserver(dtype=torch.quint8, quant_min=0, quant_max=15)
+    obs(y)
+    _, zp_free = obs.calculate_qparams()
+    obs.keep_min = True  # drops the cached answer
+    scale, zp = obs.calculate_qparams()
+    assert int(zp_free) == 0  # the fault: every negative value quantizes to 0
+    assert int(zp) >= 1 and float(-zp * scale) <= float(y.min()) + float(scale) / 2
+    assert obs.keep_min and not ao.MSEObserver().keep_min

@@ -165,8 +165,12 @@ def _search(
     coarse: int,
     fine: int,
     eps: float,
+    keep_min: bool = False,
 ) -> Range:
     """Minimise ``objective`` over ratios ``alpha``; see the module docstring.
+
+    ``keep_min``: the low end stays at the observed minimum and only ``alpha max`` is searched
+    (for the negative lobe of Hardswish, SiLU or GELU, see :attr:`RangeObserverMixin.keep_min`).
 
     ``objective(scale, zero_point)`` gets ``[G, C]`` float64 candidate qparams for all ``C``
     channels and returns a ``[G, C]`` loss. The caller has checked that some channel is non-empty.
@@ -176,7 +180,7 @@ def _search(
     mn, mx = torch.where(hist.empty, 0.0, mn), torch.where(hist.empty, 0.0, mx)
 
     def evaluate(alpha: torch.Tensor) -> torch.Tensor:  # alpha [G, C] -> loss [G, C]
-        lo, hi = alpha * mn, alpha * mx
+        lo, hi = (mn.expand_as(alpha) if keep_min else alpha * mn), alpha * mx
         scale, zp = compute_qparams(lo.to(torch.float32), hi.to(torch.float32), quant_min, quant_max, symmetric, eps)
         return objective(scale.to(torch.float64), zp.to(torch.float64))
 
@@ -188,7 +192,7 @@ def _search(
     offsets = torch.linspace(1.0, -1.0, fine + 2, dtype=torch.float64)[1:-1].unsqueeze(1) / coarse  # [F, 1]
     alpha2 = (best1 + offsets).clamp(1.0 / (coarse * fine + 1), 1.0)  # [F, C]
     chosen = _pick(torch.cat([best1, alpha2]), torch.cat([best1_loss, evaluate(alpha2)]))  # [C]
-    return _finish(hist, chosen * mn, chosen * mx)
+    return _finish(hist, mn if keep_min else chosen * mn, chosen * mx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,6 +495,7 @@ def lp_range(
     coarse: int = 64,
     fine: int = 32,
     eps: float = EPS,
+    keep_min: bool = False,
 ) -> Range:
     """Clipping range minimising the Lp quantization error ``E |x - Q(x)|^p`` (MSE for ``p = 2``).
 
@@ -498,7 +503,8 @@ def lp_range(
     ``(alpha min, alpha max)``; see :func:`lp_error`. ``p = 2.4`` is the choice of BRECQ and Genie.
     For a whole-number ``p`` (MSE) the error is evaluated from prefix sums of bin moments
     (:func:`lp_error_moments`, the same value up to float rounding), which costs ``O(levels)``
-    instead of ``O(bins)`` per candidate.
+    instead of ``O(bins)`` per candidate. ``keep_min=True`` fixes the low end at the observed
+    minimum and searches ``alpha max`` alone.
 
     Example:
         >>> import torch
@@ -507,7 +513,9 @@ def lp_range(
         >>> hi.shape, bool((hi < 4).all())
         (torch.Size([4]), True)
     """
-    return _lp_search(hist, quant_min, quant_max, symmetric, p=p, coarse=coarse, fine=fine, eps=eps, fast=True)
+    return _lp_search(
+        hist, quant_min, quant_max, symmetric, p=p, coarse=coarse, fine=fine, eps=eps, fast=True, keep_min=keep_min
+    )
 
 
 def _lp_search(
@@ -521,6 +529,7 @@ def _lp_search(
     fine: int,
     eps: float,
     fast: bool,
+    keep_min: bool = False,
 ) -> Range:
     """:func:`lp_range`; ``fast=False`` evaluates every candidate with the direct :func:`lp_error` (the reference)."""
     p = check_p(p)
@@ -529,7 +538,7 @@ def _lp_search(
     if bool(hist.empty.all()):
         return _empty_range(hist)
     objective = _lp_objective(hist, quant_min, quant_max, p, fast)
-    return _search(hist, quant_min, quant_max, symmetric, objective, coarse, fine, eps)
+    return _search(hist, quant_min, quant_max, symmetric, objective, coarse, fine, eps, keep_min)
 
 
 # ----------------------------------------------------------------------------------------------
