@@ -1,10 +1,12 @@
 """Reconstruction (``zq_plugin.reconstruct``): top-1 and time per model, method and bit width.
 
-For each zoo model with BatchNorm and each ``W/A`` pair: the clamping FX simulation with the MSE
-observers (no reconstruction), then each reconstruction method, first/last layer 8-bit, on 256
-calibration images (ZeroQ, 200 steps, seed 0: the demo's data, cached under ``zq_out/cache``;
-``--source real`` takes 256 real training images), evaluated on the 10,000 Fashion-MNIST test
-images. ``--iterations`` overrides every method's steps per unit. Times are wall seconds on this
+For each zoo model, calibration source (``--source``) and ``W/A`` pair: the clamping FX
+simulation with the MinMax and the MSE observers (no reconstruction; ``--equalize`` adds the MSE
+observers on the cross-layer-equalized model), then each reconstruction method; first/last layer
+8-bit. Calibration: 256 images, synthetic ones made with 200 steps and seed 0 (ZeroQ: the demo's
+data), cached under ``zq_out/cache``, or 256 real training images (``real``); BN-statistics
+synthesizers skip a model without BN. Evaluated on the 10,000 Fashion-MNIST test images.
+``--iterations`` overrides every method's steps per unit. Times are wall seconds on this
 machine, for the whole call (folding, calibration and every unit).
 
 ``--brevitas`` also carries the last method's result into Brevitas layers
@@ -65,41 +67,62 @@ def brevitas_cells(model, data, w_bits, a_bits, config, cache, x_test, y_test) -
     return [f"{top1:.2f}", f"{onnx_top1:.2f}", f"{100 * float((ours == onnx).float().mean()):.2f}"]
 
 
+def calibration_images(model: torch.nn.Module, source: str, num_samples: int) -> torch.Tensor:
+    """256 real training images, or ``source``'s synthetic images (200 steps, seed 0; cached under ``zq_out/cache``)."""
+    if source == "real":
+        return real_subset(num_samples)
+    return cached_synthesize(
+        model, source, Path("zq_out/cache"), num_samples=num_samples, seed=0, steps=DEMO_STEPS, progress=False
+    ).images
+
+
 def accuracy_table(args: argparse.Namespace) -> None:
     import tempfile
 
+    from zq_plugin.preprocess import equalize
+    from zq_plugin.synth import get_method
+
     x_test, y_test = datasets.load_fashion_mnist("test")
     extra = ["Brevitas", "ONNX (onnxruntime)", "agree %"] if args.brevitas else []
-    print(f"| model | W/A | {' | '.join(['MSE observers', *args.methods, *extra])} |")
-    print("|---|---|" + "---|" * (1 + len(args.methods) + len(extra)))
+    plain = ["MinMax", "MSE", *(["MSE + CLE"] if args.equalize else [])]
+    print(f"| model | data | W/A | {' | '.join([*plain, *args.methods, *extra])} |")
+    print("|---|---|---|" + "---|" * (len(plain) + len(args.methods) + len(extra)))
     for name in args.models:
         model = zoo.load(name)
-        if args.source == "real":
-            data = real_subset(args.num_samples)
-        else:
-            data = cached_synthesize(
-                model, "zeroq", Path("zq_out/cache"), num_samples=args.num_samples, seed=0, steps=DEMO_STEPS
-            ).images
-        for w_bits, a_bits in args.bits:
-            base = quantize_fx(
-                model, data, w_bits=w_bits, a_bits=a_bits,
-                act_observer=ao.MSEObserver, weight_observer=ao.PerChannelMSEObserver,
-            )  # fmt: skip
-            cells = [f"{accuracy(base, x_test, y_test):.2f}"]
-            for method in args.methods:
-                config = engine.METHODS[method]
-                if args.iterations is not None:
-                    config = dataclasses.replace(config, iterations=args.iterations)
-                t = time.perf_counter()
-                with tempfile.TemporaryDirectory() as cache:
-                    sim = engine.reconstruct_fx(
-                        model, data, w_bits=w_bits, a_bits=a_bits, config=config, progress=False, cache_dir=cache
+        equalized = equalize(model) if args.equalize else None
+        for source in args.source:
+            if source != "real" and get_method(source).needs_batchnorm and not zoo.has_batchnorm(name):
+                continue  # a BN-statistics synthesizer on a model without BN
+            t = time.perf_counter()
+            data = calibration_images(model, source, args.num_samples)
+            logging.getLogger(__name__).warning("%s %s data: %.0f s", name, source, time.perf_counter() - t)
+            for w_bits, a_bits in args.bits:
+                cells = []
+                for observers, net in [((None, None), model), ((ao.MSEObserver, ao.PerChannelMSEObserver), model)]:
+                    sim = quantize_fx(
+                        net, data, w_bits=w_bits, a_bits=a_bits, act_observer=observers[0], weight_observer=observers[1]
                     )
-                    seconds = time.perf_counter() - t
-                    cells.append(f"{accuracy(sim, x_test, y_test):.2f} ({seconds:.0f} s)")
-                    if args.brevitas and method == args.methods[-1]:
-                        cells += brevitas_cells(model, data, w_bits, a_bits, config, cache, x_test, y_test)
-            print(f"| {name} | W{w_bits}A{a_bits} | {' | '.join(cells)} |", flush=True)
+                    cells.append(f"{accuracy(sim, x_test, y_test):.2f}")
+                if equalized is not None:
+                    sim = quantize_fx(
+                        equalized, data, w_bits=w_bits, a_bits=a_bits,
+                        act_observer=ao.MSEObserver, weight_observer=ao.PerChannelMSEObserver,
+                    )  # fmt: skip
+                    cells.append(f"{accuracy(sim, x_test, y_test):.2f}")
+                for method in args.methods:
+                    config = engine.METHODS[method]
+                    if args.iterations is not None:
+                        config = dataclasses.replace(config, iterations=args.iterations)
+                    t = time.perf_counter()
+                    with tempfile.TemporaryDirectory() as cache:
+                        sim = engine.reconstruct_fx(
+                            model, data, w_bits=w_bits, a_bits=a_bits, config=config, progress=False, cache_dir=cache
+                        )
+                        seconds = time.perf_counter() - t
+                        cells.append(f"{accuracy(sim, x_test, y_test):.2f} ({seconds:.0f} s)")
+                        if args.brevitas and method == args.methods[-1]:
+                            cells += brevitas_cells(model, data, w_bits, a_bits, config, cache, x_test, y_test)
+                print(f"| {name} | {source} | W{w_bits}A{a_bits} | {' | '.join(cells)} |", flush=True)
 
 
 def step_ratio(args: argparse.Namespace) -> None:
@@ -154,10 +177,14 @@ def step_ratio(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=[n for n in zoo.available() if zoo.has_batchnorm(n)])
+    parser.add_argument("--models", nargs="*", default=list(zoo.available()))
     parser.add_argument("--bits", nargs="*", type=_bits, default=[(4, 4), (3, 3), (2, 4), (4, 8)], metavar="W/A")
     parser.add_argument("--methods", nargs="*", default=list(engine.METHODS), choices=list(engine.METHODS))
-    parser.add_argument("--source", choices=["zeroq", "real"], default="zeroq")
+    parser.add_argument(
+        "--source", nargs="*", choices=["zeroq", "dsg", "genie", "retro", "real"], default=["zeroq"],
+        help="calibration data; BN-statistics synthesizers skip models without BN",
+    )  # fmt: skip
+    parser.add_argument("--equalize", action="store_true", help="add an MSE column on the equalized model (CLE)")
     parser.add_argument("--num-samples", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=None, help="steps per unit (default: each method's)")
     parser.add_argument(
