@@ -708,7 +708,8 @@ def keep_negative_lobes(prepared: torch.fx.GraphModule) -> list[str]:
     observers) cuts a long-tailed Hardswish output (min -0.375, max 6 to 13) to about
     ``[-0.1, 4]`` at 4 bits: the zero point becomes 0 and the whole negative lobe rounds to zero.
     The network uses that lobe: zeroing it in a float MobileNetV3-style net drops top-1 from
-    89.75 to 12.35, and W8A4 with the MSE observers falls to 41.05 (docs/reconstruction.md). With
+    89.61 to 10.02; with it kept, W8A4 with the MSE observers rises from 56.38 to 70.69
+    (``benchmarks/negative_lobe.py``, docs/reconstruction.md). With
     :attr:`keep_min <zq_plugin.observers._core.RangeObserverMixin.keep_min>` only the high end is
     searched. Observers without the attribute (torch's MinMax keeps the minimum anyway) are left
     alone. Changes ``prepared`` in place, before calibration.
