@@ -1,0 +1,88 @@
+"""The PT2E backend (issue 16, first part): plan bits reach the q/dq nodes; dynamic batch; no mutation."""
+
+import pytest
+import torch
+from conftest import assert_unchanged, snapshot
+from torch import nn
+
+from zq_plugin.backends.pt2e import quantize_pt2e
+from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.mixed_precision import BitPlan
+from zq_plugin.observers import pt2e as zp
+
+
+def _net():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3),
+    )  # fmt: skip
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    net[1].running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def _ranges(q):
+    """``(kind, quant_min, quant_max)`` of every q/dq node, in graph order."""
+    found = []
+    for node in q.graph.nodes:
+        name = str(node.target)
+        if node.op == "call_function" and name.startswith("quantized_decomposed.dequantize_per_"):
+            kind = "weight" if "per_channel" in name else "act"
+            qmin, qmax = node.args[-3], node.args[-2]
+            found.append((kind, int(qmin), int(qmax)))
+    return found
+
+
+def test_uniform_w4a4_bits_reach_the_q_dq_nodes_with_first_and_last_at_8_bits():
+    q = quantize_pt2e(_net(), torch.randn(64, 1, 8, 8), w_bits=4, a_bits=4)
+    ranges = _ranges(q)
+    assert sorted(r for r in ranges if r[0] == "weight") == [
+        ("weight", -127, 127),
+        ("weight", -127, 127),
+        ("weight", -7, 7),
+    ]
+    assert sorted(r for r in ranges if r[0] == "act") == [("act", 0, 15), ("act", 0, 255), ("act", 0, 255)]
+
+
+def test_a_plan_sets_each_layers_bits_and_dynamic_batch_runs():
+    net = _net()
+    plan = BitPlan.uniform(net, w_bits=8, a_bits=8, first_last_bits=None).replace_layer("3", w_bits=2, a_bits=4)
+    before = snapshot(net)
+    q = quantize_pt2e(net, torch.randn(64, 1, 8, 8), plan=plan, act_observer=zp.MSEObserver,
+                      weight_observer=zp.PerChannelMSEObserver)  # fmt: skip
+    assert_unchanged(net, before)  # weights, buffers and modes of the source model
+    assert ("weight", -1, 1) in _ranges(q) and ("act", 0, 15) in _ranges(q)
+    for batch in (1, 3, 50):
+        x = torch.randn(batch, 1, 8, 8)
+        assert q(x).shape == (batch, 3)
+
+
+def test_w8a8_is_close_to_float_and_4_bits_clamp():
+    net, x = _net(), torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        ref = net(x)
+        err8 = (quantize_pt2e(net, x)(x) - ref).pow(2).mean() / ref.pow(2).mean()
+        err2 = (quantize_pt2e(net, x, w_bits=2, a_bits=2, first_last_bits=None)(x) - ref).pow(2).mean()
+    assert err8 < 1e-3
+    assert err2 / ref.pow(2).mean() > 10 * err8  # 2 bits are really 2 bits: the q/dq ops clamp
+
+
+def test_bad_plans_and_models_get_named_errors():
+    net = _net()
+    per_tensor = BitPlan.uniform(net, w_bits=4, a_bits=4, granularity="per_tensor")
+    with pytest.raises(ConfigError, match="per channel on a uniform grid"):
+        quantize_pt2e(net, torch.randn(8, 1, 8, 8), plan=per_tensor)
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.export refuses it
+                return self.conv(x)
+            return -self.conv(x)
+
+    with pytest.raises(ModelError, match=r"torch\.export could not export Branchy"):
+        quantize_pt2e(Branchy().eval(), torch.randn(8, 1, 8, 8))

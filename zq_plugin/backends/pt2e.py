@@ -1,0 +1,190 @@
+"""torchao PT2E backend: a bit plan through ``torch.export`` → ``prepare_pt2e`` → calibrate → ``convert_pt2e``.
+
+PT2E annotates the **inputs** of an operator (integration-notes §2), which is what a
+:class:`~zq_plugin.mixed_precision.BitPlan` means by a layer's activation bits
+(``LayerBits.a_bits``: the bits of the layer's input). :class:`PlanQuantizer` gives every aten
+``conv1d``/``conv2d``/``conv3d``/``linear`` node the input and weight specs of its layer, found
+by the node's module path (``nn_module_stack``):
+
+* input: per-tensor affine, ``uint8`` container, ``[0, 2^a - 1]`` (the zero point holds a
+  signed input such as a normalized image), the activation observer class;
+* weight: per-output-channel symmetric, narrow signed range ``[-(2^(w-1) - 1), 2^(w-1) - 1]``,
+  axis 0, the weight observer class.
+
+Layers the plan does not name keep 8 bits, as in the FX emitter. The observers must be
+torchao's (``zq_plugin.observers.pt2e``, or torchao's own MinMax): torch.ao observers are
+silently left unconverted by ``convert_pt2e``. The converted model's quantize ops clamp to
+``quant_min``/``quant_max``, so its accuracy is the real low-bit accuracy. Needs torchao
+(``pip install 'zq-plugin[pt2e]'``).
+
+Example:
+    >>> import torch, zq_plugin
+    >>> from zq_plugin.backends.pt2e import quantize_pt2e
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+    ...                           torch.nn.Linear(144, 3)).eval()
+    >>> q = quantize_pt2e(net, torch.randn(32, 1, 8, 8), w_bits=4, a_bits=4, first_last_bits=None)
+    >>> q(torch.randn(5, 1, 8, 8)).shape  # any batch size
+    torch.Size([5, 3])
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from zq_plugin import _compat
+from zq_plugin.backends.fx import InputFn, _example_inputs, _to_model, calibrate
+from zq_plugin.data import CalibrationData
+from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.mixed_precision.plan import BitPlan, LayerBits
+from zq_plugin.qparams import quant_range
+
+#: The aten operators :class:`PlanQuantizer` annotates (input 0: activation, input 1: weight).
+TARGETS = (
+    torch.ops.aten.conv1d.default,
+    torch.ops.aten.conv2d.default,
+    torch.ops.aten.conv3d.default,
+    torch.ops.aten.linear.default,
+)
+DEFAULT_BITS = LayerBits(w_bits=8, a_bits=8)
+
+
+def layer_name(node: torch.fx.Node) -> str:
+    """The qualified name of the module that ran ``node`` in the exported model ("" at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return str(list(stack.values())[-1][0]) if stack else ""
+
+
+def _specs(bits: LayerBits, act_observer: Any, weight_observer: Any) -> tuple[Any, Any]:
+    ao = _compat.torchao_pt2e()
+    a_min, a_max = quant_range(bits.a_bits, signed=False)
+    w_min, w_max = quant_range(bits.w_bits, signed=True, narrow=True)
+    act = ao.QuantizationSpec(
+        dtype=torch.uint8, quant_min=a_min, quant_max=a_max, qscheme=torch.per_tensor_affine,
+        observer_or_fake_quant_ctr=act_observer,
+    )  # fmt: skip
+    weight = ao.QuantizationSpec(
+        dtype=torch.int8, quant_min=w_min, quant_max=w_max, qscheme=torch.per_channel_symmetric, ch_axis=0,
+        observer_or_fake_quant_ctr=weight_observer,
+    )  # fmt: skip
+    return act, weight
+
+
+def plan_quantizer(plan: BitPlan, *, act_observer: Any = None, weight_observer: Any = None) -> Any:
+    """A torchao ``Quantizer`` that annotates each Conv/Linear with its layer's bits in ``plan``.
+
+    Args:
+        plan: per-layer bits; layers it does not name get 8 bits.
+        act_observer: torchao observer class for layer inputs (default torchao's ``MinMaxObserver``;
+            e.g. :data:`zq_plugin.observers.pt2e.MSEObserver`).
+        weight_observer: torchao per-channel observer class (default ``PerChannelMinMaxObserver``);
+            its class name must contain "PerChannel" (torchao passes ``ch_axis`` only then).
+
+    Raises:
+        ConfigError: a per-tensor or non-uniform layer in the plan (not supported by this backend yet).
+        MissingDependencyError: torchao is not installed.
+    """
+    ao = _compat.torchao_pt2e()
+    for name, bits in plan.layers.items():
+        if bits.granularity != "per_channel" or bits.grid != "uniform":
+            raise ConfigError(
+                f"layer {name!r}: the PT2E backend quantizes weights per channel on a uniform grid; "
+                f"granularity={bits.granularity!r}, grid={bits.grid!r} are FX-only for now "
+                "(use zq_plugin.quantize_fx, or plan.replace_layer(name, granularity='per_channel', grid='uniform'))."
+            )
+    act_observer = act_observer or ao.MinMaxObserver
+    weight_observer = weight_observer or ao.PerChannelMinMaxObserver
+
+    class PlanQuantizer(ao.Quantizer):  # type: ignore[name-defined]
+        """Conv/Linear inputs and weights at the plan's bits (see the module docstring)."""
+
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            for node in model.graph.nodes:
+                if node.op != "call_function" or node.target not in TARGETS or len(node.args) < 2:
+                    continue
+                bits = plan.layers.get(layer_name(node), DEFAULT_BITS)
+                act, weight = _specs(bits, act_observer, weight_observer)
+                node.meta["quantization_annotation"] = ao.QuantizationAnnotation(
+                    input_qspec_map={node.args[0]: act, node.args[1]: weight}, _annotated=True
+                )
+            return model
+
+        def validate(self, model: torch.fx.GraphModule) -> None:
+            """Nothing to check beyond the plan (checked when the quantizer was built)."""
+
+    return PlanQuantizer()
+
+
+def export_for_pt2e(model: nn.Module, example: tuple[Any, ...]) -> torch.fx.GraphModule:
+    """``torch.export`` of an eval-mode copy of ``model`` with a dynamic batch dimension on tensor inputs.
+
+    Raises:
+        ModelError: ``torch.export`` rejected the model (its reason is named).
+    """
+    batch = torch.export.Dim("batch")
+    tensors = [isinstance(x, torch.Tensor) and x.dim() > 0 for x in example]
+    # a batch of one would be specialized to 1 by torch.export: show it two
+    example = tuple(
+        x.repeat(2, *[1] * (x.dim() - 1)) if t and x.shape[0] == 1 else x for x, t in zip(example, tensors, strict=True)
+    )
+    shapes = tuple({0: batch} if t else None for t in tensors)
+    try:
+        return torch.export.export(copy.deepcopy(model).eval(), example, dynamic_shapes=shapes).module()
+    except Exception as exc:  # torch.export raises many kinds; name its reason
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"torch.export could not export {type(model).__name__} for PT2E ({type(exc).__name__}: {first}). "
+            "Make forward traceable by torch.export (no data-dependent Python control flow), or use "
+            "zq_plugin.quantize_fx."
+        ) from exc
+
+
+def quantize_pt2e(
+    model: nn.Module,
+    data: CalibrationData,
+    *,
+    w_bits: int = 8,
+    a_bits: int = 8,
+    plan: BitPlan | None = None,
+    first_last_bits: int | None = 8,
+    act_observer: Any = None,
+    weight_observer: Any = None,
+    batch_size: int = 64,
+    input_fn: InputFn | None = None,
+) -> torch.fx.GraphModule:
+    """Quantize ``model`` through torchao PT2E: export, ``prepare_pt2e``, calibrate on ``data``, ``convert_pt2e``.
+
+    Args:
+        model: float model (BatchNorm is folded by ``prepare_pt2e``); not changed.
+        data: calibration data (any source: tensor, dataset, loader, ``SyntheticDataset``).
+        w_bits: weight bits of all but the first/last layer (ignored with ``plan``).
+        a_bits: input activation bits of all but the first/last layer (ignored with ``plan``).
+        plan: per-layer bits instead (:class:`~zq_plugin.mixed_precision.BitPlan`).
+        first_last_bits: bits of the first and last Conv/Linear (``None``: like the others).
+        act_observer: torchao observer class for layer inputs (see :func:`plan_quantizer`).
+        weight_observer: torchao per-channel observer class for weights.
+        batch_size: calibration batch size for tensor data.
+        input_fn: maps a batch to the model's positional inputs (see :func:`zq_plugin.calibrate`).
+
+    Returns:
+        The converted exported module (q/dq nodes at the plan's ranges), in eval mode; any batch size.
+
+    Raises:
+        ConfigError: bad bits or plan, no calibration data.
+        ModelError: the model does not export.
+        MissingDependencyError: torchao is not installed.
+    """
+    ao = _compat.torchao_pt2e()
+    if plan is None:
+        plan = BitPlan.uniform(model, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits)
+    quantizer = plan_quantizer(plan, act_observer=act_observer, weight_observer=weight_observer)
+    example = _to_model(_example_inputs(data, batch_size, input_fn), model)
+    exported = export_for_pt2e(model, example)
+    prepared = ao.prepare_pt2e(exported, quantizer)
+    calibrate(prepared, data, batch_size=batch_size, input_fn=input_fn)
+    converted = ao.convert_pt2e(prepared)
+    ao.move_exported_model_to_eval(converted)
+    return converted
