@@ -416,6 +416,25 @@ def test_pt2e_observers_prepare_calibrate_convert(name):
     assert_unchanged(model, before)
 
 
+@pytest.mark.skipif(not _compat.has_torchao(), reason="torchao is not installed")
+@pytest.mark.parametrize("name", rows(fast_rows=("inplace_residual", "tuple_output")))  # the suite is near 15 min
+def test_quantize_pt2e(name):
+    from zq_plugin.backends.pt2e import quantize_pt2e
+    from zq_plugin.observers import pt2e
+
+    model, before, x = cell(name)
+    converted = quantize_pt2e(
+        model, x, first_last_bits=None, act_observer=pt2e.MSEObserver, weight_observer=pt2e.PerChannelMSEObserver
+    )
+    layers = sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in model.modules())
+    ranges = [tuple(n.args[3:5]) for n in converted.graph.nodes if "quantize_per_tensor" in str(n.target)]
+    assert len(ranges) >= layers and set(ranges) == {(0, 255)}, "conv/linear inputs not all quantized"
+    out, ref = logits(converted, x), logits(model, x)
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.5, f"quantize_pt2e W8A8 logits unrelated to float: cosine {float(cos):.3f}"
+    assert_unchanged(model, before)
+
+
 # --- CLI with --arch -------------------------------------------------------------------------------------
 
 
