@@ -98,10 +98,8 @@ def accuracy_table(args: argparse.Namespace) -> None:
             logging.getLogger(__name__).warning("%s %s data: %.0f s", name, source, time.perf_counter() - t)
             for w_bits, a_bits in args.bits:
                 cells = []
-                for observers, net in [((None, None), model), ((ao.MSEObserver, ao.PerChannelMSEObserver), model)]:
-                    sim = quantize_fx(
-                        net, data, w_bits=w_bits, a_bits=a_bits, act_observer=observers[0], weight_observer=observers[1]
-                    )
+                for act, wt in [(None, None), (ao.MSEObserver, ao.PerChannelMSEObserver)]:
+                    sim = quantize_fx(model, data, w_bits=w_bits, a_bits=a_bits, act_observer=act, weight_observer=wt)
                     cells.append(f"{accuracy(sim, x_test, y_test):.2f}")
                 if equalized is not None:
                     sim = quantize_fx(

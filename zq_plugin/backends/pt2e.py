@@ -102,11 +102,14 @@ def plan_quantizer(plan: BitPlan, *, act_observer: Any = None, weight_observer: 
         """Conv/Linear inputs and weights at the plan's bits (see the module docstring)."""
 
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            specs: dict[LayerBits, tuple[Any, Any]] = {}  # one pair of specs per distinct bits
             for node in model.graph.nodes:
                 if node.op != "call_function" or node.target not in TARGETS or len(node.args) < 2:
                     continue
                 bits = plan.layers.get(layer_name(node), DEFAULT_BITS)
-                act, weight = _specs(bits, act_observer, weight_observer)
+                if bits not in specs:
+                    specs[bits] = _specs(bits, act_observer, weight_observer)
+                act, weight = specs[bits]
                 node.meta["quantization_annotation"] = ao.QuantizationAnnotation(
                     input_qspec_map={node.args[0]: act, node.args[1]: weight}, _annotated=True
                 )
