@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import os
 import re
 import runpy
@@ -143,11 +144,15 @@ def memo_synthesize():
     real = synth.api.synthesize
     cache: dict[str, object] = {}
 
+    signature = inspect.signature(real)
+
     def memo(model, method="zeroq", **kw):
-        key_kw = {k: v for k, v in kw.items() if k not in ("progress", "cache_dir")}
-        key_kw.setdefault("batch_size", 64)
-        key_kw.setdefault("seed", 0)
-        key = repr((model_fingerprint(model), method, sorted((k, repr(v)) for k, v in key_kw.items())))
+        # bound with defaults, so the README's call and the CLI's (explicit defaults) share one entry
+        bound = signature.bind(model, method, **kw)
+        bound.apply_defaults()
+        options = {**bound.arguments.pop("options", {}), **bound.arguments.pop("kwargs", {})}
+        args = {k: v for k, v in {**bound.arguments, **options}.items() if k not in ("model", "progress", "cache_dir")}
+        key = repr((model_fingerprint(model), sorted((k, repr(tuple(v) if isinstance(v, list) else v)) for k, v in args.items())))
         if key not in cache:
             cache[key] = real(model, method, **kw)
         return cache[key]
