@@ -8,7 +8,10 @@ flow and not our internal calls, do not flood the output of our helpers.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -117,6 +120,23 @@ def is_exported_module(model: torch.nn.Module) -> bool:
     return isinstance(model, torch.fx.GraphModule) and ("eval" in vars(model) or "train" in vars(model))
 
 
+@contextlib.contextmanager
+def _quiet_import(*loggers: str) -> Iterator[None]:
+    """Raise the named loggers to ERROR while importing, restored afterwards.
+
+    torchao warns on import about its CUDA-only kernels, which a CPU torch cannot load and the PT2E
+    flow does not use.
+    """
+    saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
+    for log, _ in saved:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in saved:
+            log.setLevel(level)
+
+
 def torchao_pt2e() -> Any:
     """The torchao PT2E namespace (observer bases, prepare/convert, quantizer specs), imported on first use.
 
@@ -132,16 +152,17 @@ def torchao_pt2e() -> Any:
     global _TORCHAO
     if _TORCHAO is None:
         try:
-            import torchao.quantization.pt2e as pt2e
-            from torchao.quantization.pt2e import observer as ao_observer
-            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-            from torchao.quantization.pt2e.quantizer import (
-                QuantizationAnnotation,
-                QuantizationSpec,
-                Quantizer,
-            )
-            from torchao.quantization.pt2e.quantizer.utils import QuantizationConfig
-            from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
+            with _quiet_import("torchao", "torch.utils._pytree"):
+                import torchao.quantization.pt2e as pt2e
+                from torchao.quantization.pt2e import observer as ao_observer
+                from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+                from torchao.quantization.pt2e.quantizer import (
+                    QuantizationAnnotation,
+                    QuantizationSpec,
+                    Quantizer,
+                )
+                from torchao.quantization.pt2e.quantizer.utils import QuantizationConfig
+                from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
         except ImportError as err:
             raise MissingDependencyError(
                 f"the PT2E observers need torchao ({err}); install the extra: pip install 'zq-plugin[pt2e]' "
