@@ -86,3 +86,41 @@ def test_bad_plans_and_models_get_named_errors():
 
     with pytest.raises(ModelError, match=r"torch\.export could not export Branchy"):
         quantize_pt2e(Branchy().eval(), torch.randn(8, 1, 8, 8))
+
+
+def _quantize_nodes(q):
+    return [n for n in q.graph.nodes if n.op == "call_function" and str(n.target).endswith("quantize_per_tensor.default")
+            and "dequantize" not in str(n.target)]  # fmt: skip
+
+
+class _Residual(nn.Module):
+    """stem -> relu -> {a (4-bit input), b (8-bit input), identity} -> add -> head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.a, self.b = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        y = self.a(h) + self.b(h) + h
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+def test_no_double_quantization_between_a_4_bit_and_an_8_bit_reader_and_adds_share_observers():
+    net = _Residual().eval()
+    plan = BitPlan.uniform(net, w_bits=8, a_bits=8, first_last_bits=None).replace_layer("a", a_bits=4)
+    q = quantize_pt2e(net, torch.randn(32, 1, 8, 8), plan=plan)
+    quants = _quantize_nodes(q)
+    # each tensor is quantized straight from its float producer, never from a dequantized value
+    assert not [n for n in quants if "dequantize" in str(getattr(n.args[0], "target", ""))]
+    relu = next(n for n in q.graph.nodes if n.target is torch.ops.aten.relu.default)
+    on_relu = sorted((int(n.args[3]), int(n.args[4])) for n in quants if n.args[0] is relu)
+    # one 4-bit quantization for "a", one 8-bit for "b"; the add reads the highest (8 bits) and shares it
+    assert on_relu == [(0, 15), (0, 255)]
+    add_inputs = [a for n in q.graph.nodes if n.target is torch.ops.aten.add.Tensor for a in n.args]
+    assert all(str(a.target).startswith("quantized_decomposed.dequantize") for a in add_inputs)
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert (q(x) - net(x)).abs().max() < 0.2 * net(x).abs().max()

@@ -142,7 +142,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     graph_module = cast(torch.fx.GraphModule, model)
     attr = "_exported_training"  # torchao's flag; absent on a freshly exported model
     had, before = attr in vars(graph_module), getattr(graph_module, attr, None)
-    graph = copy.deepcopy(graph_module.graph)
+    with warnings.catch_warnings():  # torch 2.13's own pytree spec copy warns of its deprecated LeafSpec
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        graph = copy.deepcopy(graph_module.graph)
     pt2e.move_exported_model_to_eval(graph_module)
     try:
         yield model

@@ -51,11 +51,59 @@ TARGETS = (
 )
 DEFAULT_BITS = LayerBits(w_bits=8, a_bits=8)
 
+#: Ops whose tensor inputs are quantized although they have no weight (as FX quantizes them):
+#: each input at the bits its other readers ask for (so they share one observer), else 8.
+SHARED_INPUT_OPS = (
+    torch.ops.aten.add.Tensor,
+    torch.ops.aten.add_.Tensor,
+    torch.ops.aten.cat.default,
+    torch.ops.aten.avg_pool2d.default,
+    torch.ops.aten.adaptive_avg_pool2d.default,
+    torch.ops.aten.mean.dim,
+)
+
+#: Ops a tensor's bits are looked up through (quantize(op(x)) == op(quantize(x)) or a pure reshape;
+#: an average pool is followed too, as FX shares its input's observer with its output).
+_PASS_THROUGH = {
+    torch.ops.aten.relu.default, torch.ops.aten.relu_.default, torch.ops.aten.hardtanh.default,
+    torch.ops.aten.hardtanh_.default, torch.ops.aten.max_pool2d.default, torch.ops.aten.max_pool1d.default,
+    torch.ops.aten.flatten.using_ints, torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+    torch.ops.aten.dropout.default, torch.ops.aten.clone.default, torch.ops.aten.contiguous.default,
+    torch.ops.aten.avg_pool2d.default, torch.ops.aten.adaptive_avg_pool2d.default, torch.ops.aten.mean.dim,
+}  # fmt: skip
+
 
 def layer_name(node: torch.fx.Node) -> str:
     """The qualified name of the module that ran ``node`` in the exported model ("" at top level)."""
     stack = node.meta.get("nn_module_stack") or {}
     return str(list(stack.values())[-1][0]) if stack else ""
+
+
+def _is_float_tensor(node: torch.fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _reader_bits(node: torch.fx.Node, plan: BitPlan) -> int:
+    """Input bits that the Conv/Linear layers reading ``node`` ask for (through pass-through ops), else 8.
+
+    The highest, as FX's producer rule sets one observer for all readers. A shared op's input
+    edge at these bits shares the readers' observer (torchao's implicit sharing of equal specs),
+    so a tensor is quantized once for both, never twice in a row.
+    """
+    found: list[int] = []
+    todo, seen = [node], set()
+    while todo:
+        current = todo.pop()
+        for user in current.users:
+            if user in seen or user.op != "call_function":
+                continue
+            seen.add(user)
+            if user.target in TARGETS and user.args and user.args[0] is current:
+                found.append(plan.layers.get(layer_name(user), DEFAULT_BITS).a_bits)
+            elif user.target in _PASS_THROUGH and user.args and user.args[0] is current:
+                todo.append(user)
+    return max(found, default=DEFAULT_BITS.a_bits)
 
 
 def _specs(bits: LayerBits, act_observer: Any, weight_observer: Any) -> tuple[Any, Any]:
@@ -102,16 +150,30 @@ def plan_quantizer(plan: BitPlan, *, act_observer: Any = None, weight_observer: 
         """Conv/Linear inputs and weights at the plan's bits (see the module docstring)."""
 
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-            specs: dict[LayerBits, tuple[Any, Any]] = {}  # one pair of specs per distinct bits
+            specs: dict[tuple[int, int], tuple[Any, Any]] = {}  # one pair of specs per distinct bits
+
+            def spec(w_bits: int, a_bits: int) -> tuple[Any, Any]:
+                if (w_bits, a_bits) not in specs:
+                    specs[w_bits, a_bits] = _specs(
+                        LayerBits(w_bits=w_bits, a_bits=a_bits), act_observer, weight_observer
+                    )
+                return specs[w_bits, a_bits]
+
             for node in model.graph.nodes:
-                if node.op != "call_function" or node.target not in TARGETS or len(node.args) < 2:
+                if node.op != "call_function":
                     continue
-                bits = plan.layers.get(layer_name(node), DEFAULT_BITS)
-                if bits not in specs:
-                    specs[bits] = _specs(bits, act_observer, weight_observer)
-                act, weight = specs[bits]
+                if node.target in TARGETS and len(node.args) >= 2:
+                    bits = plan.layers.get(layer_name(node), DEFAULT_BITS)
+                    act, weight = spec(bits.w_bits, bits.a_bits)
+                    inputs = {node.args[0]: act, node.args[1]: weight}
+                elif node.target in SHARED_INPUT_OPS:
+                    args = node.args[0] if node.target is torch.ops.aten.cat.default else node.args
+                    tensors = [a for a in args if isinstance(a, torch.fx.Node) and _is_float_tensor(a)]
+                    inputs = {a: spec(8, _reader_bits(a, plan))[0] for a in tensors}
+                else:
+                    continue
                 node.meta["quantization_annotation"] = ao.QuantizationAnnotation(
-                    input_qspec_map={node.args[0]: act, node.args[1]: weight}, _annotated=True
+                    input_qspec_map=inputs, _annotated=True
                 )
             return model
 
