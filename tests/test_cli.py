@@ -474,7 +474,9 @@ def _quantize_out(backend, out, capsys):
     assert cli.main([*argv, "--a-bits", "4", "--backend", backend, "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["out"] == str(out)
-    assert report["out_format"].startswith({"fx": "torch.export", "brevitas": "TorchScript"}[backend])
+    assert report["out_format"].startswith(
+        {"fx": "torch.export", "pt2e": "torch.export", "brevitas": "TorchScript"}[backend]
+    )
     assert os.stat(out).st_mode & 0o777 == 0o666 & ~_umask()
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # written atomically: no temporary file left
     model = zoo.load("plain_cnn")
@@ -497,6 +499,32 @@ def test_quantize_out_saves_the_fx_simulation(tmp_path, capsys):
         cli.main(["quantize", "--model", "plain_cnn", "--data", "noise", "--out", str(tmp_path / "afile/m.pt2")]) == 2
     )
     assert "cannot be written" in capsys.readouterr().err
+
+
+def test_quantize_backend_pt2e_saves_a_program_that_loads_in_a_fresh_process(tmp_path, capsys):
+    """Issue 16: ``--backend pt2e --out`` writes the converted program; a process without zq_plugin loads it."""
+    import subprocess
+    import sys
+
+    from zq_plugin.backends.pt2e import quantize_pt2e
+
+    model, data = _quantize_out("pt2e", tmp_path / "q.pt2", capsys)
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys, torch, torchao.quantization.pt2e\n"
+        "y = torch.export.load('q.pt2').module()(torch.load('x.pt'))\n"
+        "assert not any(m.startswith('zq_plugin') for m in sys.modules), 'imported'\n"
+        "torch.save(y.detach(), 'y.pt')\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "y.pt"), quantize_pt2e(model, data, w_bits=4, a_bits=4)(x))
+    argv = ["quantize", "--model", "plain_cnn", "--data", "noise", "--backend", "pt2e"]
+    assert cli.main([*argv, "--recipe", "best"]) == 2
+    assert "--backend pt2e calibrates only" in capsys.readouterr().err
+    assert cli.main([*argv, "--onnx-out", str(tmp_path / "m.onnx")]) == 2
+    assert "belong to --backend brevitas" in capsys.readouterr().err
 
 
 @pytest.mark.slow

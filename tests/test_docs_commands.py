@@ -152,7 +152,8 @@ def memo_synthesize():
         bound.apply_defaults()
         options = {**bound.arguments.pop("options", {}), **bound.arguments.pop("kwargs", {})}
         args = {k: v for k, v in {**bound.arguments, **options}.items() if k not in ("model", "progress", "cache_dir")}
-        key = repr((model_fingerprint(model), sorted((k, repr(tuple(v) if isinstance(v, list) else v)) for k, v in args.items())))
+        items = sorted((k, repr(tuple(v) if isinstance(v, list) else v)) for k, v in args.items())
+        key = repr((model_fingerprint(model), items))
         if key not in cache:
             cache[key] = real(model, method, **kw)
         return cache[key]

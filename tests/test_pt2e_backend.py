@@ -89,8 +89,7 @@ def test_bad_plans_and_models_get_named_errors():
 
 
 def _quantize_nodes(q):
-    return [n for n in q.graph.nodes if n.op == "call_function" and str(n.target).endswith("quantize_per_tensor.default")
-            and "dequantize" not in str(n.target)]  # fmt: skip
+    return [n for n in q.graph.nodes if str(n.target) == "quantized_decomposed.quantize_per_tensor.default"]
 
 
 class _Residual(nn.Module):
@@ -124,3 +123,35 @@ def test_no_double_quantization_between_a_4_bit_and_an_8_bit_reader_and_adds_sha
     x = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
         assert (q(x) - net(x)).abs().max() < 0.2 * net(x).abs().max()
+
+
+def test_uncalibrated_conversion_is_refused():
+    from zq_plugin import _compat
+    from zq_plugin.backends.pt2e import convert, export_for_pt2e, plan_quantizer
+    from zq_plugin.errors import NotCalibratedError
+
+    net = _net()
+    prepared = _compat.torchao_pt2e().prepare_pt2e(
+        export_for_pt2e(net, (torch.randn(2, 1, 8, 8),)), plan_quantizer(BitPlan.uniform(net, w_bits=4, a_bits=4))
+    )
+    with pytest.raises(NotCalibratedError, match="saw no data"):
+        convert(prepared)
+    import zq_plugin
+
+    zq_plugin.calibrate(prepared, torch.randn(16, 1, 8, 8))
+    assert convert(prepared)(torch.randn(3, 1, 8, 8)).shape == (3, 3)
+
+
+def test_hardswish_outputs_keep_their_minimum():
+    """The PT2E twin of the FX test: an MSE input observer after Hardswish keeps the negative lobe."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Hardswish(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(64, 3)).eval()
+    with torch.no_grad():  # the first conv passes the image through: Hardswish sees N(0, 1) and a long tail
+        net[0].weight.zero_()[:, 0, 1, 1] = 1.0
+        net[0].bias.zero_()
+    x = torch.randn(64, 1, 8, 8)
+    x.view(-1)[::37] = 12 * torch.rand(x.numel() // 37 + 1)[: x.view(-1)[::37].numel()]
+    q = quantize_pt2e(net, x, w_bits=4, a_bits=4, first_last_bits=None, act_observer=zp.MSEObserver)
+    hardswish = next(n for n in q.graph.nodes if "hardswish" in str(n.target))
+    (quant,) = [n for n in _quantize_nodes(q) if n.args[0] is hardswish]
+    assert int(quant.args[2]) > 0  # zero point above 0: the negative values have levels

@@ -17,7 +17,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -304,6 +304,12 @@ def _export(qmodel: nn.Module, example: torch.Tensor, backend: str) -> tuple[Any
     if backend == "brevitas":  # Brevitas layers do not torch.export (data-dependent checks); they trace
         traced = torch.jit.trace(qmodel, example, check_trace=False)
         return traced, traced, "TorchScript: torch.jit.load(FILE)"
+    if backend == "pt2e":
+        from zq_plugin.backends.pt2e import export_program
+
+        program = export_program(cast(torch.fx.GraphModule, qmodel), example)
+        fmt = "torch.export program: import torchao.quantization.pt2e; torch.export.load(FILE).module()"
+        return program, program.module(), fmt
     program = export_sim(qmodel, example)
     return program, program.module(), "torch.export program: torch.export.load(FILE).module()"
 
@@ -408,8 +414,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """``zq quantize``."""
     check_writable(args.int8_out, "--int8-out")
     check_writable(args.onnx_out, "--onnx-out")
-    if args.out is not None and args.backend == "fx" and args.out.suffix != ".pt2":
-        raise ConfigError(f"--out {args.out}: the FX model is a torch.export program, whose file name ends in .pt2.")
+    if args.out is not None and args.backend in ("fx", "pt2e") and args.out.suffix != ".pt2":
+        raise ConfigError(
+            f"--out {args.out}: the {args.backend.upper()} model is a torch.export program, "
+            "whose file name ends in .pt2."
+        )
     check_writable(args.out, "--out")
     model = load_model(args.model, args.arch, args.checkpoint)
     if args.evaluate:  # before the data and the calibration, which take a while
@@ -435,17 +444,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 counts[str(getattr(bits, kind))] = counts.get(str(getattr(bits, kind)), 0) + 1
             report[f"layers_by_{kind}"] = dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
     method = args.reconstruct or ("genie-m" if args.recipe == "best" else None)
-    if args.backend == "brevitas":
+    if args.backend != "brevitas" and (args.onnx_out or args.bias_correction or args.gptq):
+        raise ConfigError("--onnx-out, --bias-correction and --gptq belong to --backend brevitas.")
+    if args.backend == "pt2e":
+        if method is not None:
+            raise ConfigError(
+                "--backend pt2e calibrates only: reconstruction (--recipe best, --reconstruct) runs in the FX "
+                "and Brevitas backends; drop it, or use --backend fx."
+            )
+        sim = _quantize_pt2e(model, data, plan, args, report)
+    elif args.backend == "brevitas":
         if method is not None and args.gptq:
             raise ConfigError("--gptq would overwrite the reconstructed rounding: use one of --gptq, --reconstruct.")
         sim = _quantize_brevitas(model, data, plan, args, report, method)
     elif method is not None:
-        if args.onnx_out or args.bias_correction or args.gptq:
-            raise ConfigError("--onnx-out, --bias-correction and --gptq belong to --backend brevitas.")
         sim = _quantize_reconstructed(model, data, plan, method, args, report)
     else:
-        if args.onnx_out or args.bias_correction or args.gptq:
-            raise ConfigError("--onnx-out, --bias-correction and --gptq belong to --backend brevitas.")
         report["act_observer"], report["weight_observer"] = args.act_observer, args.weight_observer
         act, wt = observer_class(args.act_observer), observer_class(args.weight_observer, per_channel=True)
         mapping = None
@@ -470,7 +484,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         report["quantized_top1"] = accuracy(sim, x_test, y_test)
     if args.int8_out:
         if args.plan or args.backend != "fx":
-            raise ConfigError("--int8-out is the FX int8 model of uniform W8A8: drop --plan and --backend brevitas.")
+            raise ConfigError("--int8-out is the FX int8 model of uniform W8A8: drop --plan and --backend.")
         if (args.w_bits, args.a_bits) != (8, 8):
             raise ConfigError(
                 "--int8-out needs --w-bits 8 --a-bits 8: torch's int8 kernels do not clamp to fewer bits."
@@ -486,6 +500,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         report["out"] = str(args.out)
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _quantize_pt2e(
+    model: nn.Module, data: Any, plan: Any, args: argparse.Namespace, report: dict[str, Any]
+) -> nn.Module:
+    """``zq quantize --backend pt2e``: export, prepare_pt2e with the plan's bits, calibrate, convert_pt2e."""
+    from zq_plugin.backends.pt2e import quantize_pt2e
+    from zq_plugin.observers import pt2e as zp
+
+    report.update(backend="pt2e", act_observer=args.act_observer, weight_observer=args.weight_observer)
+    return quantize_pt2e(
+        model, data, w_bits=args.w_bits, a_bits=args.a_bits, plan=plan, first_last_bits=args.first_last_bits,
+        act_observer=zp.observer_class(args.act_observer),
+        weight_observer=zp.observer_class(args.weight_observer, per_channel=True),
+    )  # fmt: skip
 
 
 def _reconstruct_config(method: str, args: argparse.Namespace, report: dict[str, Any]) -> Any:
@@ -774,12 +803,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         help="save the calibrated model, loadable without zq_plugin: FX (any bits): a torch.export program FILE.pt2, "
-        "load with torch.export.load(FILE).module(); Brevitas: TorchScript, torch.jit.load(FILE) (QCDQ ONNX: "
+        "load with torch.export.load(FILE).module(); PT2E: the same, after import torchao.quantization.pt2e; "
+        "Brevitas: TorchScript, torch.jit.load(FILE) (QCDQ ONNX: "
         "--onnx-out)",
     )
     qua.add_argument("--int8-out", type=Path, help="also write a TorchScript int8 model (W8A8 only)")
     qua.add_argument("--plan", type=Path, help="a BitPlan JSON (e.g. from 'zq plan') instead of uniform bits")
-    qua.add_argument("--backend", choices=["fx", "brevitas"], default="fx", help="FX simulation or Brevitas layers")
+    qua.add_argument(
+        "--backend",
+        choices=["fx", "pt2e", "brevitas"],
+        default="fx",
+        help="FX simulation, torchao PT2E (torch.export, prepare_pt2e, convert_pt2e) or Brevitas layers",
+    )
     qua.add_argument(
         "--recipe",
         choices=["plain", "best"],

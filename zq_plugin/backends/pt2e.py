@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ from torch import nn
 from zq_plugin import _compat
 from zq_plugin.backends.fx import InputFn, _example_inputs, _to_model, calibrate
 from zq_plugin.data import CalibrationData
-from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.errors import ConfigError, ModelError, NotCalibratedError
 from zq_plugin.mixed_precision.plan import BitPlan, LayerBits
 from zq_plugin.qparams import quant_range
 
@@ -183,6 +184,83 @@ def plan_quantizer(plan: BitPlan, *, act_observer: Any = None, weight_observer: 
     return PlanQuantizer()
 
 
+_NEGATIVE_LOBE_OPS = frozenset({"hardswish", "silu", "gelu", "mish"})
+
+
+def keep_negative_lobes(prepared: torch.fx.GraphModule) -> list[str]:
+    """Make the observers of Hardswish/SiLU/GELU/Mish outputs keep their minimum; return their names.
+
+    The PT2E twin of :func:`zq_plugin.backends.fx.keep_negative_lobes` (why: there), on the aten
+    ops of a ``prepare_pt2e`` model. Observers without ``keep_min`` are left alone. In place.
+    """
+    kept = []
+    for node in prepared.graph.nodes:
+        observer = getattr(prepared, str(node.target), None) if node.op == "call_module" else None
+        source = node.args[0] if node.args else None
+        if observer is None or not hasattr(type(observer), "keep_min") or not isinstance(source, torch.fx.Node):
+            continue
+        op = getattr(source.target, "_opname", "") if source.op == "call_function" else ""
+        if str(op).rstrip("_") in _NEGATIVE_LOBE_OPS:
+            observer.keep_min = True
+            kept.append(str(node.target))
+    return kept
+
+
+def _unfed(observer: Any) -> bool:
+    low = getattr(observer, "min_val", None)
+    return isinstance(low, torch.Tensor) and (low.numel() == 0 or not bool(torch.isfinite(low).all()))
+
+
+def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``convert_pt2e`` that refuses an uncalibrated model, then eval mode; ``prepared`` is consumed.
+
+    torchao converts an observer that saw no data with ``scale=1, zero_point=0`` and a warning:
+    a model that runs and is wrong. This raises instead.
+
+    Raises:
+        NotCalibratedError: an observer saw no data (names up to five); calibrate first, e.g.
+            ``zq_plugin.calibrate(prepared, data)``.
+    """
+    ao = _compat.torchao_pt2e()
+    unfed = [name for name, m in prepared.named_modules() if isinstance(m, ao.ObserverBase) and _unfed(m)]
+    if unfed:
+        raise NotCalibratedError(
+            f"{len(unfed)} observer(s) of the prepared model saw no data ({', '.join(unfed[:5])}); converting now "
+            "would quantize with scale 1. Run calibration first: zq_plugin.calibrate(prepared, data)."
+        )
+    converted = ao.convert_pt2e(prepared)
+    ao.move_exported_model_to_eval(converted)
+    return converted
+
+
+def load_program(path: str | os.PathLike[str]) -> Any:
+    """``torch.export.load(path)`` of a saved PT2E program, with torchao's q/dq ops registered first.
+
+    Raises:
+        MissingDependencyError: torchao is not installed.
+    """
+    _compat.torchao_pt2e()  # registers the quantized_decomposed ops the program calls
+    return torch.export.load(path)
+
+
+def export_program(converted: torch.fx.GraphModule, example: torch.Tensor) -> Any:
+    """A converted PT2E model as a ``torch.export`` program with a dynamic batch, for ``torch.export.save``.
+
+    Load it in any process with ``torch.export.load(path).module()`` after ``import
+    torchao.quantization.pt2e`` (which registers the ``quantized_decomposed`` q/dq ops the program calls).
+
+    Raises:
+        ModelError: torch.export refused the converted model (its reason is named).
+    """
+    batch = torch.export.Dim("batch")
+    example = example.repeat(2, *[1] * (example.dim() - 1)) if example.shape[0] == 1 else example
+    try:
+        return torch.export.export(converted, (example,), dynamic_shapes=({0: batch},))
+    except Exception as exc:  # torch.export raises many kinds; name its reason
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"torch.export could not export the converted model ({type(exc).__name__}: {first}).") from exc
+
+
 def export_for_pt2e(model: nn.Module, example: tuple[Any, ...]) -> torch.fx.GraphModule:
     """``torch.export`` of an eval-mode copy of ``model`` with a dynamic batch dimension on tensor inputs.
 
@@ -249,7 +327,6 @@ def quantize_pt2e(
     example = _to_model(_example_inputs(data, batch_size, input_fn), model)
     exported = export_for_pt2e(model, example)
     prepared = ao.prepare_pt2e(exported, quantizer)
+    keep_negative_lobes(prepared)
     calibrate(prepared, data, batch_size=batch_size, input_fn=input_fn)
-    converted = ao.convert_pt2e(prepared)
-    ao.move_exported_model_to_eval(converted)
-    return converted
+    return convert(prepared)

@@ -35,6 +35,7 @@ __all__ = [
     "PerChannelMSEObserver",
     "PerChannelPercentileObserver",
     "PercentileObserver",
+    "observer_class",
 ]
 
 _CLASSES = build_family(_compat.torchao_pt2e().UniformQuantizationObserverBase, __name__, "torchao's observer base")
@@ -46,3 +47,38 @@ ACIQObserver: Any = _CLASSES["ACIQObserver"]
 PerChannelACIQObserver: Any = _CLASSES["PerChannelACIQObserver"]
 EntropyObserver: Any = _CLASSES["EntropyObserver"]
 PerChannelEntropyObserver: Any = _CLASSES["PerChannelEntropyObserver"]
+
+
+def observer_class(name: str, per_channel: bool = False) -> Any:
+    """The torchao observer class called ``name`` (one of :data:`zq_plugin.observers.ao.NAMES`).
+
+    The PT2E twin of :func:`zq_plugin.observers.ao.observer_class`: ``"minmax"`` and
+    ``"histogram"`` are torchao's own, the others this module's.
+
+    Raises:
+        ConfigError: an unknown name, or ``"histogram"`` per channel.
+
+    Example:
+        >>> observer_class("mse", per_channel=True).__name__
+        'PerChannelMSEObserver'
+    """
+    from zq_plugin.errors import ConfigError
+    from zq_plugin.observers.ao import NAMES
+
+    ao = _compat.torchao_pt2e()
+    table: dict[str, tuple[Any, Any]] = {
+        "minmax": (ao.MinMaxObserver, ao.PerChannelMinMaxObserver),
+        "histogram": (ao.HistogramObserver, None),
+        "mse": (MSEObserver, PerChannelMSEObserver),
+        "percentile": (PercentileObserver, PerChannelPercentileObserver),
+        "aciq": (ACIQObserver, PerChannelACIQObserver),
+        "entropy": (EntropyObserver, PerChannelEntropyObserver),
+    }
+    if name not in table:
+        raise ConfigError(f"unknown observer {name!r}: use one of {list(NAMES)}.")
+    cls = table[name][1 if per_channel else 0]
+    if cls is None:
+        raise ConfigError(
+            f"observer {name!r} has no per-channel version: use one of {[n for n in NAMES if table[n][1]]}."
+        )
+    return cls
