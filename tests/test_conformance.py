@@ -235,7 +235,7 @@ def test_convert_int8_fx(name):
 @pytest.mark.parametrize("name", rows())
 def test_pareto_plan_emitted_mapping_and_hybrid_plan(name):
     from zq_plugin.mixed_precision import hybrid_plan, pareto_plan
-    from zq_plugin.mixed_precision.emit import to_qconfig_mapping
+    from zq_plugin.backends.fx_plan import to_qconfig_mapping
 
     model, shape = model_of(name)
     before = snapshot(model)

@@ -27,7 +27,7 @@ from zq_plugin.mixed_precision import (
     pareto_plan,
     quantize_weight,
 )
-from zq_plugin.mixed_precision.emit import activation_owners, to_qconfig_mapping
+from zq_plugin.backends.fx_plan import activation_owners, to_qconfig_mapping
 from zq_plugin.mixed_precision.sensitivity import bn_fold_factors
 
 # ---------------------------------------------------------------- Pareto DP

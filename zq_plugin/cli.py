@@ -462,12 +462,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     else:
         report["act_observer"], report["weight_observer"] = args.act_observer, args.weight_observer
         act, wt = observer_class(args.act_observer), observer_class(args.weight_observer, per_channel=True)
-        mapping = None
-        if plan is not None:
-            from zq_plugin.mixed_precision.emit import to_qconfig_mapping
-
-            example = next(iter(iter_batches(data, 1)))[:1]
-            mapping = to_qconfig_mapping(plan, model, (example,), act_observer=act, weight_observer=wt)
         sim = quantize_fx(
             model,
             data,
@@ -476,7 +470,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             first_last_bits=args.first_last_bits,
             act_observer=act,
             weight_observer=wt,
-            mapping=mapping,
+            plan=plan,
         )
     if args.evaluate:
         x_test, y_test = datasets.load_fashion_mnist("test")
@@ -642,7 +636,6 @@ def _load_data_file(model: nn.Module, args: argparse.Namespace) -> SyntheticData
 def cmd_plan(args: argparse.Namespace) -> int:
     """``zq plan``."""
     from zq_plugin.mixed_precision import Budget, hybrid_plan, pareto_plan
-    from zq_plugin.mixed_precision.emit import to_qconfig_mapping
 
     budget = Budget.parse(args.budget)  # before the data and the measurement, which take a while
     check_writable(args.out, "--out", folder=True)
@@ -662,12 +655,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     evaluate = args.evaluate if args.evaluate is not None else (4 if args.model else 0)
     if evaluate:
         x_test, y_test = datasets.load_fashion_mnist("test")
-        example = next(iter(iter_batches(data, 1)))[:1]
         picks = points_to_measure(rows, budget_average_bits, evaluate)  # around the budget, and the ends
         points: list[tuple[Any, Any]] = [(result.frontier[i], result.plan_at(result.frontier[i])) for i in picks]
         points.append((None, plan))  # the chosen plan (hybrid: not a frontier point of its own)
         for point, p in points:
-            sim = quantize_fx(model, data, mapping=to_qconfig_mapping(p, model, (example,)))
+            sim = quantize_fx(model, data, plan=p)
             entry = {
                 "average_bits": p.average_w_bits(),
                 "bytes": p.weight_bytes(),

@@ -34,8 +34,9 @@ import copy
 import logging
 import os
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,9 @@ from zq_plugin.data import CalibrationData, SyntheticDataset, iter_batches
 from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.fake_quant import FastFakeQuantize
 from zq_plugin.qparams import check_bits, quant_range
+
+if TYPE_CHECKING:
+    from zq_plugin.mixed_precision.plan import BitPlan
 
 logger = logging.getLogger(__name__)
 
@@ -514,11 +518,12 @@ def quantize_fx(
     act_observer: Any = None,
     weight_observer: Any = None,
     mapping: Any = None,
+    plan: BitPlan | None = None,
     batch_size: int = 64,
     fold: bool = True,
     input_fn: InputFn | None = None,
 ) -> torch.fx.GraphModule:
-    """Quantize a copy of ``model`` at W``w_bits``A``a_bits`` in a clamping FX simulation.
+    """Quantize a copy of ``model`` at W``w_bits``A``a_bits`` (or a ``plan``) in a clamping FX simulation.
 
     ``prepare_qat_fx`` on an eval-mode deep copy (BN folded with running statistics), calibration
     with float statistics (observers on, fake quantization off), then observers off and fake
@@ -538,6 +543,9 @@ def quantize_fx(
         act_observer: activation observer class (default ``MinMaxObserver``).
         weight_observer: weight observer class (default ``PerChannelMinMaxObserver``).
         mapping: a ready ``QConfigMapping`` of FakeQuantize qconfigs, overriding the bit arguments.
+        plan: a :class:`~zq_plugin.mixed_precision.BitPlan` instead (not with ``mapping``): each
+            layer's input at its ``a_bits`` exactly (the model input too, see
+            :func:`zq_plugin.backends.fx_plan.set_input_bits`), as the PT2E and Brevitas backends read it.
         batch_size: calibration batch size for tensor data.
         fold: after calibration, replace the QAT Conv/Linear modules by float ones holding the
             BN-folded, fake-quantized weights (:func:`fold_weights`: same outputs up to float
@@ -550,6 +558,18 @@ def quantize_fx(
     """
     check_traceable(model, "quantize_fx")
     model_device_dtype(model)  # one device and one floating dtype, or a ConfigError naming them
+    example = _to_model(_example_inputs(data, batch_size, input_fn), model)
+    input_bits = None
+    if plan is not None:
+        if mapping is not None:
+            raise ConfigError("give a plan or a mapping, not both (the plan is turned into a mapping).")
+        from zq_plugin.backends import fx_plan
+
+        observers = {"act_observer": act_observer, "weight_observer": weight_observer}
+        with warnings.catch_warnings():  # the input's bits are set apart below: no conflict with the first layer
+            warnings.filterwarnings("ignore", message=".*FX cannot give one observer two bit widths.*")
+            input_bits = fx_plan.activation_owners(plan, model, example, separate_input=True).get(fx_plan.INPUT)
+            mapping = fx_plan.to_qconfig_mapping(plan, model, example, separate_input=True, **observers)
     if mapping is None:
         mapping = uniform_qconfig_mapping(
             model,
@@ -560,8 +580,11 @@ def quantize_fx(
             weight_observer=weight_observer,
         )
     float_model = relu6_as_relu_then_clamp(copy.deepcopy(model).eval())
-    example = _to_model(_example_inputs(data, batch_size, input_fn), model)
     prepared = _compat.prepare_qat_fx(float_model, mapping, example).eval()
+    if input_bits is not None:
+        from zq_plugin.backends.fx_plan import set_input_bits
+
+        set_input_bits(prepared, input_bits, act_observer=act_observer)
     _swap_conv_transpose(prepared)
     keep_negative_lobes(prepared)
     prepared.apply(_compat.enable_observer)

@@ -2,9 +2,11 @@
 
 A plan maps each Conv/Linear layer name to a :class:`LayerBits`: weight bits, the bits of the
 layer's **input** activation, the weight granularity (per-channel or per-tensor) and the
-weight grid (uniform or Retro-Synthesis's clustered non-uniform grid). Backends translate it:
-:func:`zq_plugin.mixed_precision.emit.to_qconfig_mapping` moves input bits to the producer's
-output observer for torch.ao FX (integration-notes §1.3).
+weight grid (uniform or Retro-Synthesis's clustered non-uniform grid). It imports no backend;
+each backend reads it in its own module: :mod:`zq_plugin.backends.fx_plan` moves input bits to
+the producer's output observer for torch.ao FX (integration-notes §1.3),
+:func:`zq_plugin.backends.pt2e.plan_quantizer` annotates each layer's input for PT2E, and
+:func:`zq_plugin.backends.brevitas.to_brevitas` sets each quant layer's input quantizer.
 
 The weight size of a plan counts Conv/Linear weights only, as ZeroQ does (methods.md §2.5):
 ``size = sum_i P_i * w_bits_i / 8`` bytes, ``P_i`` the weight count of layer ``i``.
@@ -169,12 +171,6 @@ class BitPlan:
                 f"{_some(layers)}. Build a plan for this model with BitPlan.uniform(model, ...) or pareto_plan."
             )
         return self
-
-    def to_qconfig_mapping(self, model: nn.Module, example_inputs: Any, **options: Any) -> Any:
-        """The torch.ao ``QConfigMapping`` of this plan (:func:`zq_plugin.mixed_precision.emit.to_qconfig_mapping`)."""
-        from zq_plugin.mixed_precision.emit import to_qconfig_mapping  # FX lives outside the plain value
-
-        return to_qconfig_mapping(self, model, example_inputs, **options)
 
     # summaries ---------------------------------------------------------------------------
     def weight_bits(self) -> int:

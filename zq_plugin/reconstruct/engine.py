@@ -448,7 +448,6 @@ def reconstruct_fx(
     from torch.fx.experimental.optimization import fuse
 
     from zq_plugin.backends.fx import check_traceable, quantize_fx
-    from zq_plugin.mixed_precision.emit import to_qconfig_mapping
     from zq_plugin.observers.ao import MSEObserver, PerChannelMSEObserver
 
     if config is None:
@@ -460,14 +459,11 @@ def reconstruct_fx(
     images = _images(data, device, dtype)
     folded = fuse(copy.deepcopy(model).eval(), inplace=True)  # BN folded into the weights first
     observers = {"act_observer": MSEObserver, "weight_observer": PerChannelMSEObserver}
-    mapping = None
-    if plan is not None:
-        mapping = to_qconfig_mapping(plan, folded, (images[:1],), **observers)
     sim = quantize_fx(
         folded, images, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits,
-        mapping=mapping, fold=False, **observers,
+        plan=plan, fold=False, **observers,
     )  # fmt: skip
-    del folded, mapping  # quantize_fx worked on its own copy: one model fewer in memory while reconstructing
+    del folded  # quantize_fx worked on its own copy: one model fewer in memory while reconstructing
     units = _unit_list(sim, config.units)
     names = set(weight_layer_names(model))
     teacher = float_teacher(sim)

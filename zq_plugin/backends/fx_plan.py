@@ -1,4 +1,4 @@
-"""BitPlan -> torch.ao ``QConfigMapping``, with input bits moved to each producer's output observer.
+"""The FX backend's reading of a BitPlan: a torch.ao ``QConfigMapping``, input bits moved to each producer's output.
 
 A plan says "layer ``i`` reads ``a_i``-bit inputs"; in FX a node's activation qconfig sets its
 **output** observer, and the model input is quantized with its first consumer's activation
@@ -49,6 +49,7 @@ from zq_plugin.mixed_precision.plan import BitPlan
 logger = logging.getLogger(__name__)
 
 GLOBAL = ""  # the key of the global qconfig
+INPUT = "<input>"  # the key of the model input's observer, when kept apart from the first layer's output
 _MARK = 2.0**-30  # eps step of the probe marks (float32-exact for ids up to 2^23)
 
 
@@ -74,7 +75,7 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
 
 
 def _observer_before(arg: Any, prepared: nn.Module) -> Any:
-    """The activation observer whose output reaches ``arg``, walking back through ops that share it.
+    """The activation observer node whose output reaches ``arg``, walking back through ops that share it.
 
     Ops such as max-pool, ReLU6, flatten or reshape reuse their input's observer (no node of
     their own), so the walk follows each node's first tensor input until an observer call.
@@ -83,7 +84,7 @@ def _observer_before(arg: Any, prepared: nn.Module) -> Any:
     while isinstance(arg, torch.fx.Node) and seen < 1000:
         module = prepared.get_submodule(str(arg.target)) if arg.op == "call_module" else None
         if isinstance(module, _compat.ObserverBase) and hasattr(module, "eps"):
-            return module
+            return arg
         inputs = [a for a in arg.args if isinstance(a, torch.fx.Node)]
         if arg.op == "placeholder" or not inputs:
             return None
@@ -91,10 +92,14 @@ def _observer_before(arg: Any, prepared: nn.Module) -> Any:
     return None
 
 
-def input_observer_owners(model: nn.Module, example_inputs: Any, layers: Sequence[str]) -> dict[str, str]:
+def input_observer_owners(
+    model: nn.Module, example_inputs: Any, layers: Sequence[str], *, separate_input: bool = False
+) -> dict[str, str]:
     """``layer -> key``: the module name (``""`` for global) whose qconfig sets the observer on each layer's input.
 
-    Layers whose input carries no observer (e.g. a float producer) are left out.
+    With ``separate_input``, a layer reading the model input gets :data:`INPUT` instead of the
+    first layer's name (the caller sets that observer itself: :func:`set_input_bits`). Layers
+    whose input carries no observer (e.g. a float producer) are left out.
     """
     keys = [GLOBAL, *(name for name, _ in model.named_modules() if name)]
     prepared = _compat.prepare_fx(copy.deepcopy(model).eval(), _probe_mapping(keys), _as_tuple(example_inputs))
@@ -103,23 +108,29 @@ def input_observer_owners(model: nn.Module, example_inputs: Any, layers: Sequenc
     for node in prepared.graph.nodes:
         if node.op != "call_module" or str(node.target) not in wanted or not node.args:
             continue
-        observer = _observer_before(node.args[0], prepared)
-        if observer is None:
+        found = _observer_before(node.args[0], prepared)
+        if found is None:
             logger.warning("layer %s: no activation observer on its input; its input bits cannot be set", node.target)
             continue
-        owners[str(node.target)] = keys[round(float(observer.eps) / _MARK) - 1]
+        observer: Any = prepared.get_submodule(str(found.target))
+        reads_input = isinstance(found.args[0], torch.fx.Node) and found.args[0].op == "placeholder"
+        owners[str(node.target)] = (
+            INPUT if separate_input and reads_input else keys[round(float(observer.eps) / _MARK) - 1]
+        )
     return owners
 
 
-def activation_owners(plan: BitPlan, model: nn.Module, example_inputs: Any) -> dict[str, int]:
+def activation_owners(
+    plan: BitPlan, model: nn.Module, example_inputs: Any, *, separate_input: bool = False
+) -> dict[str, int]:
     """``key -> activation bits``: where each planned input bit width must be set, after the producer rule.
 
-    Keys are module names (``""``: the global qconfig). Conflicts (several layers reading one
-    observer, or one name owning several observers read at different bits) take the highest
-    bits, with a warning naming the layers.
+    Keys are module names (``""``: the global qconfig; :data:`INPUT`: the model input, with
+    ``separate_input``). Conflicts (several layers reading one observer, or one name owning
+    several observers read at different bits) take the highest bits, with a warning naming the layers.
     """
     plan.check(model)
-    owners = input_observer_owners(model, example_inputs, list(plan.layers))
+    owners = input_observer_owners(model, example_inputs, list(plan.layers), separate_input=separate_input)
     requests: dict[str, dict[str, int]] = {}
     for layer, key in owners.items():
         requests.setdefault(key, {})[layer] = plan.layers[layer].a_bits
@@ -147,6 +158,7 @@ def to_qconfig_mapping(
     tensor_weight_observer: Any = None,
     fake_quant: bool = True,
     default_bits: int = 8,
+    separate_input: bool = False,
 ) -> Any:
     """A torch.ao ``QConfigMapping`` for ``plan``, ready for ``prepare_fx`` / ``prepare_qat_fx``.
 
@@ -160,6 +172,9 @@ def to_qconfig_mapping(
         fake_quant: FakeQuantize qconfigs (``prepare_qat_fx``, the clamping simulation) or bare
             observers (``prepare_fx``; uniform grids only).
         default_bits: bits of everything the plan does not set (global qconfig, the logits).
+        separate_input: leave the model input's bits out of the first layer's config, which then
+            carries its readers' bits only; the caller sets the input's observer with
+            :func:`set_input_bits` after ``prepare`` (as :func:`zq_plugin.quantize_fx` with ``plan=`` does).
 
     Raises:
         ConfigError: layers the model does not have, bits outside 2-8, a non-uniform grid with
@@ -168,7 +183,8 @@ def to_qconfig_mapping(
     """
     check_traceable(model, "to_qconfig_mapping")
     plan.check(model)
-    owners = activation_owners(plan, model, example_inputs)
+    owners = activation_owners(plan, model, example_inputs, separate_input=separate_input)
+    owners.pop(INPUT, None)
     kw = {"act_observer": act_observer, "fake_quant": fake_quant}
 
     def layer_qconfig(w_bits: int, a_bits: int, granularity: str = "per_channel", grid: str = "uniform") -> Any:
@@ -189,3 +205,27 @@ def to_qconfig_mapping(
     for name, b in plan.layers.items():
         mapping.set_module_name(name, layer_qconfig(b.w_bits, owners.get(name, default_bits), b.granularity, b.grid))
     return mapping
+
+
+def set_input_bits(prepared: torch.fx.GraphModule, bits: int, *, act_observer: Any = None) -> list[str]:
+    """Give the model input's FakeQuantize (after ``prepare_qat_fx``) its own ``bits``; return the replaced names.
+
+    FX quantizes the model input with its first layer's activation config, which also quantizes
+    that layer's output; :func:`to_qconfig_mapping` with ``separate_input=True`` sets the
+    output's bits and this sets the input's, so a plan's first layer reads exactly its
+    ``a_bits``, as in the PT2E and Brevitas backends. Call it before calibration. In place.
+    """
+    modules = dict(prepared.named_modules())
+    replaced = []
+    for node in prepared.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        for user in node.users:
+            old = modules.get(str(user.target)) if user.op == "call_module" else None
+            if not isinstance(old, _compat.FakeQuantizeBase):
+                continue
+            new = qconfig(8, bits, act_observer=act_observer, fake_quant=True).activation()
+            device = next((t.device for t in old.buffers()), None)
+            prepared.add_submodule(str(user.target), new.to(device) if device is not None else new)
+            replaced.append(str(user.target))
+    return replaced
