@@ -12,6 +12,7 @@ from tests.conformance import pattern_model
 from tests.conftest import assert_unchanged, snapshot
 from zq_plugin import _compat
 from zq_plugin.backends.fx import quantize_fx
+from zq_plugin.backends.fx_plan import activation_owners, to_qconfig_mapping
 from zq_plugin.errors import ConfigError, ModelError
 from zq_plugin.evaluation import accuracy
 from zq_plugin.mixed_precision import (
@@ -27,7 +28,6 @@ from zq_plugin.mixed_precision import (
     pareto_plan,
     quantize_weight,
 )
-from zq_plugin.backends.fx_plan import activation_owners, to_qconfig_mapping
 from zq_plugin.mixed_precision.sensitivity import bn_fold_factors
 
 # ---------------------------------------------------------------- Pareto DP
@@ -456,3 +456,19 @@ def test_plan_with_conv_transpose_reaches_its_weight():
     wq = quantize_weight(model[2].weight, 3, ch_axis=1)  # the sensitivity quantizes the same channels
     assert all(torch.unique(wq[:, c]).numel() <= 7 for c in range(6))
     assert any(torch.unique(wq[c]).numel() > 7 for c in range(4))  # not per input channel
+
+
+def test_quantize_fx_with_a_plan_gives_the_model_input_its_own_bits(recwarn):
+    """Issue 16: the first layer reads 8-bit images and writes its 4-bit reader's input (FX used 8 for both)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    plan = BitPlan.uniform(net.eval(), w_bits=4, a_bits=4)  # first and last at W8A8
+    sim = quantize_fx(net, torch.randn(32, 1, 8, 8), plan=plan)
+    image = next(n for n in sim.graph.nodes if n.op == "placeholder")
+    (on_image,) = [sim.get_submodule(str(u.target)) for u in image.users if u.op == "call_module"]
+    assert (on_image.quant_min, on_image.quant_max) == (0, 255)
+    assert (_input_fq(sim, "2").quant_min, _input_fq(sim, "2").quant_max) == (0, 15)
+    assert (_input_fq(sim, "5").quant_min, _input_fq(sim, "5").quant_max) == (0, 255)
+    assert not [w for w in recwarn if "two bit widths" in str(w.message)]
+    with pytest.raises(ConfigError, match="not both"):
+        quantize_fx(net, torch.randn(8, 1, 8, 8), plan=plan, mapping=object())
