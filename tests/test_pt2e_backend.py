@@ -155,3 +155,32 @@ def test_hardswish_outputs_keep_their_minimum():
     hardswish = next(n for n in q.graph.nodes if "hardswish" in str(n.target))
     (quant,) = [n for n in _quantize_nodes(q) if n.args[0] is hardswish]
     assert int(quant.args[2]) > 0  # zero point above 0: the negative values have levels
+
+
+def test_onnx_keeps_sub_8_bit_ranges_and_agrees_with_torch(tmp_path):
+    """QuantizeLinear clamps to uint8's 0..255 only; the Clip after it keeps the 4-bit range in the file."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from onnx import numpy_helper
+
+    from zq_plugin.backends.pt2e import export_onnx
+
+    net, x = _net(), torch.randn(64, 1, 8, 8)
+    q = quantize_pt2e(net, x, w_bits=4, a_bits=4, first_last_bits=None)
+    before = [str(n.target) for n in q.graph.nodes]
+    path = export_onnx(q, x[:1], tmp_path / "sub" / "q.onnx")
+    assert [str(n.target) for n in q.graph.nodes] == before  # the model given is not changed
+    model = onnx.load(str(path))
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    clips = [n for n in model.graph.node if n.op_type == "Clip"]
+    assert len(clips) == 3 and all((int(consts[c.input[1]]), int(consts[c.input[2]])) == (0, 15) for c in clips)
+    # beyond the calibration range, where a missing Clip would let 4-bit levels run to 255
+    xt = 3 * torch.randn(7, 1, 8, 8)
+    options = ort.SessionOptions()
+    # ORT's own optimizations fuse DQ->Conv->Q into integer kernels that round differently
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: xt.numpy()})[0])
+    with torch.no_grad():
+        assert torch.allclose(got, q(xt), atol=1e-5)
