@@ -234,8 +234,8 @@ def test_convert_int8_fx(name):
 
 @pytest.mark.parametrize("name", rows())
 def test_pareto_plan_emitted_mapping_and_hybrid_plan(name):
-    from zq_plugin.mixed_precision import hybrid_plan, pareto_plan
     from zq_plugin.backends.fx_plan import to_qconfig_mapping
+    from zq_plugin.mixed_precision import hybrid_plan, pareto_plan
 
     model, shape = model_of(name)
     before = snapshot(model)
@@ -397,6 +397,13 @@ def test_reconstruct_brevitas_export_run_onnx(name, tmp_path):
 # --- torchao PT2E ----------------------------------------------------------------------------------------
 
 
+def _chained(converted):
+    """Quantize ops that read a dequantized value (a tensor quantized twice in a row)."""
+    quantize = "quantized_decomposed.quantize_per_tensor.default"
+    return [n.name for n in converted.graph.nodes
+            if str(n.target) == quantize and "dequantize" in str(getattr(n.args[0], "target", ""))]  # fmt: skip
+
+
 @pytest.mark.skipif(not _compat.has_torchao(), reason="torchao is not installed")
 @pytest.mark.parametrize("name", rows())
 def test_pt2e_observers_prepare_calibrate_convert(name):
@@ -409,6 +416,7 @@ def test_pt2e_observers_prepare_calibrate_convert(name):
     layers = sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in model.modules())
     ranges = [tuple(n.args[3:5]) for n in converted.graph.nodes if "quantize_per_tensor" in str(n.target)]
     assert len(ranges) >= layers and set(ranges) == {(0, 255)}, "conv/linear inputs not all quantized"
+    assert not _chained(converted), f"quantized twice in a row (dequantize -> quantize): {_chained(converted)[:3]}"
     out, ref = logits(converted, x), logits(model, x)
     # a weak bound: random-weight nets are far from float after any 8-bit rounding (FX's simulation too)
     cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
@@ -429,6 +437,7 @@ def test_quantize_pt2e(name):
     layers = sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in model.modules())
     ranges = [tuple(n.args[3:5]) for n in converted.graph.nodes if "quantize_per_tensor" in str(n.target)]
     assert len(ranges) >= layers and set(ranges) == {(0, 255)}, "conv/linear inputs not all quantized"
+    assert not _chained(converted), f"quantized twice in a row (dequantize -> quantize): {_chained(converted)[:3]}"
     out, ref = logits(converted, x), logits(model, x)
     cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
     assert cos > 0.5, f"quantize_pt2e W8A8 logits unrelated to float: cosine {float(cos):.3f}"
