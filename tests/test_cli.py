@@ -501,23 +501,29 @@ def test_quantize_out_saves_the_fx_simulation(tmp_path, capsys):
     assert "cannot be written" in capsys.readouterr().err
 
 
-def test_quantize_backend_pt2e_saves_a_program_that_loads_in_a_fresh_process(tmp_path, capsys):
-    """Issue 16: ``--backend pt2e --out`` writes the converted program; a process without zq_plugin loads it."""
+def _in_fresh_process(folder, script):
+    """Save a fixed input batch as ``folder/x.pt``, run ``script`` in a new Python there; return the batch."""
     import subprocess
     import sys
 
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    torch.save(x, folder / "x.pt")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=folder, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return x
+
+
+def test_quantize_backend_pt2e_saves_a_program_that_loads_in_a_fresh_process(tmp_path, capsys):
+    """Issue 16: ``--backend pt2e --out`` writes the converted program; a process without zq_plugin loads it."""
     from zq_plugin.backends.pt2e import quantize_pt2e
 
     model, data = _quantize_out("pt2e", tmp_path / "q.pt2", capsys)
-    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    torch.save(x, tmp_path / "x.pt")
-    script = (
+    x = _in_fresh_process(
+        tmp_path,
         "import sys, torch, torchao.quantization.pt2e\n"
         "y = torch.export.load('q.pt2').module()(torch.load('x.pt'))\n"
         "assert not any(m.startswith('zq_plugin') for m in sys.modules), 'imported'\n"
-        "torch.save(y.detach(), 'y.pt')\n"
+        "torch.save(y.detach(), 'y.pt')\n",
     )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "y.pt"), quantize_pt2e(model, data, w_bits=4, a_bits=4)(x))
     argv = ["quantize", "--model", "plain_cnn", "--data", "noise", "--backend", "pt2e"]
@@ -530,14 +536,9 @@ def test_quantize_backend_pt2e_saves_a_program_that_loads_in_a_fresh_process(tmp
 @pytest.mark.slow
 def test_quantize_out_loads_without_zq_plugin_on_both_backends(tmp_path, capsys):
     """Issue 14: the saved models load in a process that imports neither zq_plugin nor Brevitas."""
-    import subprocess
-    import sys
-
     pytest.importorskip("brevitas")
     model, data = _quantize_out("fx", tmp_path / "fx" / "sim.pt2", capsys)
     _quantize_out("brevitas", tmp_path / "brevitas" / "model.pt", capsys)
-    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    torch.save(x, tmp_path / "x.pt")
     script = (
         "import sys, torch\n"
         "x = torch.load('x.pt')\n"
@@ -545,7 +546,7 @@ def test_quantize_out_loads_without_zq_plugin_on_both_backends(tmp_path, capsys)
         "assert not any(m.startswith(('zq_plugin', 'brevitas')) for m in sys.modules), 'imported'\n"
         "torch.save({k: v.detach() for k, v in y.items()}, 'y.pt')\n"
     )
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    x = _in_fresh_process(tmp_path, script)
     got = torch.load(tmp_path / "y.pt")
     from zq_plugin.backends import brevitas as zb
 

@@ -136,3 +136,28 @@ def build_family(base: Any, module: str, flavour: str) -> dict[str, Any]:
             cls.__init__ = __init__  # type: ignore[misc]
             classes[name] = cls
     return classes
+
+
+#: The observer names the CLI and :func:`pick` take.
+NAMES = ("minmax", "histogram", "mse", "percentile", "aciq", "entropy")
+_FAMILY_NAMES = {"mse": "MSE", "percentile": "Percentile", "aciq": "ACIQ", "entropy": "Entropy"}
+
+
+def pick(name: str, per_channel: bool, family: dict[str, Any], minmax: tuple[Any, Any], histogram: Any) -> Any:
+    """The class called ``name`` among ``family`` (from :func:`build_family`) and the base library's own.
+
+    ``minmax`` is the library's (per-tensor, per-channel) MinMax pair, ``histogram`` its
+    per-tensor histogram observer (there is no per-channel one).
+
+    Raises:
+        ConfigError: an unknown name, or ``"histogram"`` per channel.
+    """
+    if name not in NAMES:
+        raise ConfigError(f"unknown observer {name!r}: use one of {list(NAMES)}.")
+    if name == "histogram" and per_channel:
+        raise ConfigError(
+            f"observer 'histogram' has no per-channel version: use one of {[n for n in NAMES if n != name]}."
+        )
+    if name in ("minmax", "histogram"):
+        return minmax[1 if per_channel else 0] if name == "minmax" else histogram
+    return family[f"{'PerChannel' if per_channel else ''}{_FAMILY_NAMES[name]}Observer"]

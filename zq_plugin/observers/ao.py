@@ -30,8 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 from zq_plugin import _compat
-from zq_plugin.errors import ConfigError
-from zq_plugin.observers._family import build_family
+from zq_plugin.observers._family import NAMES, build_family, pick
 
 __all__ = [
     "NAMES",
@@ -57,9 +56,6 @@ EntropyObserver: Any = _CLASSES["EntropyObserver"]
 PerChannelEntropyObserver: Any = _CLASSES["PerChannelEntropyObserver"]
 
 
-NAMES = ("minmax", "histogram", "mse", "percentile", "aciq", "entropy")
-
-
 def observer_class(name: str, per_channel: bool = False) -> Any:
     """The torch.ao observer class called ``name`` (one of :data:`NAMES`), per-tensor or per-channel.
 
@@ -69,19 +65,5 @@ def observer_class(name: str, per_channel: bool = False) -> Any:
         >>> observer_class("mse", per_channel=True).__name__
         'PerChannelMSEObserver'
     """
-    table: dict[str, tuple[Any, Any]] = {
-        "minmax": (_compat.MinMaxObserver, _compat.PerChannelMinMaxObserver),
-        "histogram": (_compat.HistogramObserver, None),
-        "mse": (MSEObserver, PerChannelMSEObserver),
-        "percentile": (PercentileObserver, PerChannelPercentileObserver),
-        "aciq": (ACIQObserver, PerChannelACIQObserver),
-        "entropy": (EntropyObserver, PerChannelEntropyObserver),
-    }
-    if name not in table:
-        raise ConfigError(f"unknown observer {name!r}: use one of {list(NAMES)}.")
-    cls = table[name][1 if per_channel else 0]
-    if cls is None:
-        raise ConfigError(
-            f"observer {name!r} has no per-channel version: use one of {[n for n in NAMES if table[n][1]]}."
-        )
-    return cls
+    pairs = (_compat.MinMaxObserver, _compat.PerChannelMinMaxObserver)
+    return pick(name, per_channel, _CLASSES, pairs, _compat.HistogramObserver)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from zq_plugin import _compat
-from zq_plugin.observers._family import build_family
+from zq_plugin.observers._family import build_family, pick
 
 __all__ = [
     "ACIQObserver",
@@ -62,23 +62,6 @@ def observer_class(name: str, per_channel: bool = False) -> Any:
         >>> observer_class("mse", per_channel=True).__name__
         'PerChannelMSEObserver'
     """
-    from zq_plugin.errors import ConfigError
-    from zq_plugin.observers.ao import NAMES
-
     ao = _compat.torchao_pt2e()
-    table: dict[str, tuple[Any, Any]] = {
-        "minmax": (ao.MinMaxObserver, ao.PerChannelMinMaxObserver),
-        "histogram": (ao.HistogramObserver, None),
-        "mse": (MSEObserver, PerChannelMSEObserver),
-        "percentile": (PercentileObserver, PerChannelPercentileObserver),
-        "aciq": (ACIQObserver, PerChannelACIQObserver),
-        "entropy": (EntropyObserver, PerChannelEntropyObserver),
-    }
-    if name not in table:
-        raise ConfigError(f"unknown observer {name!r}: use one of {list(NAMES)}.")
-    cls = table[name][1 if per_channel else 0]
-    if cls is None:
-        raise ConfigError(
-            f"observer {name!r} has no per-channel version: use one of {[n for n in NAMES if table[n][1]]}."
-        )
-    return cls
+    pairs = (ao.MinMaxObserver, ao.PerChannelMinMaxObserver)
+    return pick(name, per_channel, _CLASSES, pairs, ao.HistogramObserver)
