@@ -184,3 +184,28 @@ def test_onnx_keeps_sub_8_bit_ranges_and_agrees_with_torch(tmp_path):
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: xt.numpy()})[0])
     with torch.no_grad():
         assert torch.allclose(got, q(xt), atol=1e-5)
+
+
+def test_prepare_qat_trains_through_4_bit_fake_quantizers_and_converts():
+    """prepare_qat_pt2e at the plan's bits: the loss falls, the source is unchanged, the result converts at 4 bits."""
+    from zq_plugin.backends.pt2e import convert, prepare_qat
+
+    net, x = _net(), torch.randn(64, 1, 8, 8)
+    before = snapshot(net)
+    with torch.no_grad():
+        target = net(x) + 0.5 * torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    qat = prepare_qat(net, x, w_bits=4, a_bits=4, first_last_bits=None)
+    assert any("FakeQuantize" in type(m).__name__ for m in qat.modules())
+    optimizer = torch.optim.Adam(qat.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = (qat(x) - target).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+    assert_unchanged(net, before)
+    q = convert(qat)
+    assert ("weight", -7, 7) in _ranges(q) and ("act", 0, 15) in _ranges(q)
+    assert q(torch.randn(3, 1, 8, 8)).shape == (3, 3)

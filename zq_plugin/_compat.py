@@ -142,7 +142,8 @@ def torchao_pt2e() -> Any:
 
     Returns a ``types.SimpleNamespace`` with ``ObserverBase``, ``UniformQuantizationObserverBase``,
     ``MinMaxObserver``, ``PerChannelMinMaxObserver``, ``HistogramObserver``, ``PartialWrapper``,
-    ``prepare_pt2e``, ``convert_pt2e``, ``move_exported_model_to_eval``, ``move_exported_model_to_train``,
+    ``prepare_pt2e``, ``prepare_qat_pt2e``, ``FakeQuantize``,
+    ``convert_pt2e``, ``move_exported_model_to_eval``, ``move_exported_model_to_train``,
     ``QuantizationSpec``, ``QuantizationConfig``,
     ``QuantizationAnnotation``, ``Quantizer``, ``X86InductorQuantizer``.
 
@@ -155,7 +156,8 @@ def torchao_pt2e() -> Any:
             with _quiet_import("torchao", "torch.utils._pytree"):
                 import torchao.quantization.pt2e as pt2e
                 from torchao.quantization.pt2e import observer as ao_observer
-                from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+                from torchao.quantization.pt2e.fake_quantize import FakeQuantize as AOFakeQuantize
+                from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
                 from torchao.quantization.pt2e.quantizer import (
                     QuantizationAnnotation,
                     QuantizationSpec,
@@ -180,6 +182,8 @@ def torchao_pt2e() -> Any:
             load_observer_state_dict=ao_observer.load_observer_state_dict,
             PartialWrapper=ao_observer.PartialWrapper,
             prepare_pt2e=prepare_pt2e,
+            prepare_qat_pt2e=prepare_qat_pt2e,
+            FakeQuantize=AOFakeQuantize,
             convert_pt2e=convert_pt2e,
             move_exported_model_to_eval=getattr(pt2e, "move_exported_model_to_eval", None),
             move_exported_model_to_train=getattr(pt2e, "move_exported_model_to_train", None),

@@ -124,7 +124,7 @@ def _specs(bits: LayerBits, act_observer: Any, weight_observer: Any) -> tuple[An
     return act, weight
 
 
-def plan_quantizer(plan: BitPlan, *, act_observer: Any = None, weight_observer: Any = None) -> Any:
+def plan_quantizer(plan: BitPlan, *, act_observer: Any = None, weight_observer: Any = None, qat: bool = False) -> Any:
     """A torchao ``Quantizer`` that annotates each Conv/Linear with its layer's bits in ``plan``.
 
     Args:
@@ -133,6 +133,8 @@ def plan_quantizer(plan: BitPlan, *, act_observer: Any = None, weight_observer: 
             e.g. :data:`zq_plugin.observers.pt2e.MSEObserver`).
         weight_observer: torchao per-channel observer class (default ``PerChannelMinMaxObserver``);
             its class name must contain "PerChannel" (torchao passes ``ch_axis`` only then).
+        qat: wrap both in torchao's ``FakeQuantize`` (for ``prepare_qat_pt2e``: weights train through
+            the straight-through estimator; the weight observer's default axis 0 is the output channel).
 
     Raises:
         ConfigError: a per-tensor or non-uniform layer in the plan (not supported by this backend yet).
@@ -148,6 +150,9 @@ def plan_quantizer(plan: BitPlan, *, act_observer: Any = None, weight_observer: 
             )
     act_observer = act_observer or ao.MinMaxObserver
     weight_observer = weight_observer or ao.PerChannelMinMaxObserver
+    if qat:
+        act_observer = ao.FakeQuantize.with_args(observer=act_observer)
+        weight_observer = ao.FakeQuantize.with_args(observer=weight_observer)
 
     class PlanQuantizer(ao.Quantizer):  # type: ignore[name-defined]
         """Conv/Linear inputs and weights at the plan's bits (see the module docstring)."""
@@ -193,11 +198,12 @@ def keep_negative_lobes(prepared: torch.fx.GraphModule) -> list[str]:
     """Make the observers of Hardswish/SiLU/GELU/Mish outputs keep their minimum; return their names.
 
     The PT2E twin of :func:`zq_plugin.backends.fx.keep_negative_lobes` (why: there), on the aten
-    ops of a ``prepare_pt2e`` model. Observers without ``keep_min`` are left alone. In place.
+    ops of a ``prepare_pt2e`` or ``prepare_qat_pt2e`` model. Observers without ``keep_min`` are left alone. In place.
     """
     kept = []
     for node in prepared.graph.nodes:
         observer = getattr(prepared, str(node.target), None) if node.op == "call_module" else None
+        observer = getattr(observer, "activation_post_process", observer)  # inside a FakeQuantize (QAT)
         source = node.args[0] if node.args else None
         if observer is None or not hasattr(type(observer), "keep_min") or not isinstance(source, torch.fx.Node):
             continue
@@ -406,3 +412,48 @@ def quantize_pt2e(
     keep_negative_lobes(prepared)
     calibrate(prepared, data, batch_size=batch_size, input_fn=input_fn)
     return convert(prepared)
+
+
+def prepare_qat(
+    model: nn.Module,
+    data: CalibrationData,
+    *,
+    w_bits: int = 8,
+    a_bits: int = 8,
+    plan: BitPlan | None = None,
+    first_last_bits: int | None = 8,
+    act_observer: Any = None,
+    weight_observer: Any = None,
+    batch_size: int = 64,
+    input_fn: InputFn | None = None,
+) -> torch.fx.GraphModule:
+    """A ``prepare_qat_pt2e`` model of ``model`` at the plan's bits, its ranges calibrated on ``data``, in train mode.
+
+    Train it as any model (its weights and BN fold learn through FakeQuantize's straight-through
+    estimator; the observers keep updating the ranges), then :func:`convert` it. Arguments as
+    :func:`quantize_pt2e`; the source model is not changed.
+
+    Raises:
+        ConfigError: bad bits or plan, no calibration data.
+        ModelError: the model does not export.
+        MissingDependencyError: torchao is not installed.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        ...                           torch.nn.Linear(144, 3)).eval()
+        >>> qat = prepare_qat(net, torch.randn(32, 1, 8, 8), w_bits=4, a_bits=4, first_last_bits=None)
+        >>> torch.optim.SGD(qat.parameters(), lr=0.01).zero_grad()  # ... train ...
+        >>> convert(qat)(torch.randn(5, 1, 8, 8)).shape
+        torch.Size([5, 3])
+    """
+    ao = _compat.torchao_pt2e()
+    if plan is None:
+        plan = BitPlan.uniform(model, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits)
+    quantizer = plan_quantizer(plan, act_observer=act_observer, weight_observer=weight_observer, qat=True)
+    example = _to_model(_example_inputs(data, batch_size, input_fn), model)
+    prepared = ao.prepare_qat_pt2e(export_for_pt2e(model, example), quantizer)
+    keep_negative_lobes(prepared)
+    calibrate(prepared, data, batch_size=batch_size, input_fn=input_fn)
+    ao.move_exported_model_to_train(prepared)
+    return prepared
