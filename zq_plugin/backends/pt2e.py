@@ -82,6 +82,12 @@ def layer_name(node: torch.fx.Node) -> str:
     return str(list(stack.values())[-1][0]) if stack else ""
 
 
+def _reason(exc: BaseException) -> str:
+    """``Type: first line`` of an exception raised inside torch's exporters, for a ModelError message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else type(exc).__name__}"
+
+
 def _is_float_tensor(node: torch.fx.Node) -> bool:
     value = node.meta.get("val")
     return isinstance(value, torch.Tensor) and value.is_floating_point()
@@ -265,8 +271,7 @@ def export_program(converted: torch.fx.GraphModule, example: torch.Tensor) -> An
     try:
         return torch.export.export(converted, (example,), dynamic_shapes=({0: batch},))
     except Exception as exc:  # torch.export raises many kinds; name its reason
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"torch.export could not export the converted model ({type(exc).__name__}: {first}).") from exc
+        raise ModelError(f"torch.export could not export the converted model ({_reason(exc)}).") from exc
 
 
 _QUANTIZE_PER_TENSOR = "quantized_decomposed.quantize_per_tensor.default"
@@ -333,11 +338,9 @@ def export_onnx(converted: torch.fx.GraphModule, example: torch.Tensor, path: st
             warnings.simplefilter("ignore")  # the exporter's progress notes
             program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
     except Exception as exc:  # the exporter raises many kinds; name its reason
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"torch.onnx.export could not export the converted model ({type(exc).__name__}: {first})."
-        ) from exc
-    assert program is not None  # dynamo=True always returns the program
+        raise ModelError(f"torch.onnx.export could not export the converted model ({_reason(exc)}).") from exc
+    if program is None:  # dynamo=True returns the program; a future torch that does not is named, not asserted
+        raise ModelError("torch.onnx.export returned no ONNX program; export with torch's own torch.onnx.export.")
     proto = program.model_proto
     atomic_write(path, lambda f: f.write(proto.SerializeToString()))
     return Path(path)
@@ -359,9 +362,8 @@ def export_for_pt2e(model: nn.Module, example: tuple[Any, ...]) -> torch.fx.Grap
     try:
         return torch.export.export(copy.deepcopy(model).eval(), example, dynamic_shapes=shapes).module()
     except Exception as exc:  # torch.export raises many kinds; name its reason
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
-            f"torch.export could not export {type(model).__name__} for PT2E ({type(exc).__name__}: {first}). "
+            f"torch.export could not export {type(model).__name__} for PT2E ({_reason(exc)}). "
             "Make forward traceable by torch.export (no data-dependent Python control flow), or use "
             "zq_plugin.quantize_fx."
         ) from exc
@@ -402,16 +404,35 @@ def quantize_pt2e(
         ModelError: the model does not export.
         MissingDependencyError: torchao is not installed.
     """
+    bits = {"w_bits": w_bits, "a_bits": a_bits, "plan": plan, "first_last_bits": first_last_bits}
+    observers = {"act_observer": act_observer, "weight_observer": weight_observer}
+    return convert(_prepared(model, data, bits, observers, batch_size, input_fn, qat=False))
+
+
+def _prepared(
+    model: nn.Module,
+    data: CalibrationData,
+    bits: dict[str, Any],
+    observers: dict[str, Any],
+    batch_size: int,
+    input_fn: InputFn | None,
+    *,
+    qat: bool,
+) -> torch.fx.GraphModule:
+    """Export, ``prepare_pt2e`` / ``prepare_qat_pt2e`` with the plan's quantizer, keep negative lobes, calibrate."""
     ao = _compat.torchao_pt2e()
+    plan = bits["plan"]
     if plan is None:
-        plan = BitPlan.uniform(model, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits)
-    quantizer = plan_quantizer(plan, act_observer=act_observer, weight_observer=weight_observer)
+        plan = BitPlan.uniform(
+            model, w_bits=bits["w_bits"], a_bits=bits["a_bits"], first_last_bits=bits["first_last_bits"]
+        )
+    quantizer = plan_quantizer(plan, qat=qat, **observers)
     example = _to_model(_example_inputs(data, batch_size, input_fn), model)
-    exported = export_for_pt2e(model, example)
-    prepared = ao.prepare_pt2e(exported, quantizer)
+    prepare = ao.prepare_qat_pt2e if qat else ao.prepare_pt2e
+    prepared = prepare(export_for_pt2e(model, example), quantizer)
     keep_negative_lobes(prepared)
     calibrate(prepared, data, batch_size=batch_size, input_fn=input_fn)
-    return convert(prepared)
+    return prepared
 
 
 def prepare_qat(
@@ -447,13 +468,8 @@ def prepare_qat(
         >>> convert(qat)(torch.randn(5, 1, 8, 8)).shape
         torch.Size([5, 3])
     """
-    ao = _compat.torchao_pt2e()
-    if plan is None:
-        plan = BitPlan.uniform(model, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits)
-    quantizer = plan_quantizer(plan, act_observer=act_observer, weight_observer=weight_observer, qat=True)
-    example = _to_model(_example_inputs(data, batch_size, input_fn), model)
-    prepared = ao.prepare_qat_pt2e(export_for_pt2e(model, example), quantizer)
-    keep_negative_lobes(prepared)
-    calibrate(prepared, data, batch_size=batch_size, input_fn=input_fn)
-    ao.move_exported_model_to_train(prepared)
+    bits = {"w_bits": w_bits, "a_bits": a_bits, "plan": plan, "first_last_bits": first_last_bits}
+    observers = {"act_observer": act_observer, "weight_observer": weight_observer}
+    prepared = _prepared(model, data, bits, observers, batch_size, input_fn, qat=True)
+    _compat.torchao_pt2e().move_exported_model_to_train(prepared)
     return prepared
