@@ -397,6 +397,19 @@ def test_reconstruct_brevitas_export_run_onnx(name, tmp_path):
 # --- torchao PT2E ----------------------------------------------------------------------------------------
 
 
+def check_w8a8_pt2e(model, before, converted, x):
+    """A converted W8A8 PT2E model: conv/linear inputs quantized once, logits related to float, source unchanged."""
+    layers = sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in model.modules())
+    ranges = [tuple(n.args[3:5]) for n in converted.graph.nodes if "quantize_per_tensor" in str(n.target)]
+    assert len(ranges) >= layers and set(ranges) == {(0, 255)}, "conv/linear inputs not all quantized"
+    assert not _chained(converted), f"quantized twice in a row (dequantize -> quantize): {_chained(converted)[:3]}"
+    out, ref = logits(converted, x), logits(model, x)
+    # a weak bound: random-weight nets are far from float after any 8-bit rounding (FX's simulation too)
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.5, f"PT2E W8A8 logits unrelated to float: cosine {float(cos):.3f}"
+    assert_unchanged(model, before)
+
+
 def _chained(converted):
     """Quantize ops that read a dequantized value (a tensor quantized twice in a row)."""
     quantize = "quantized_decomposed.quantize_per_tensor.default"
@@ -412,16 +425,7 @@ def test_pt2e_observers_prepare_calibrate_convert(name):
     model, before, x = cell(name)
     prepared, ns = pt2e_prepare(model, x, pt2e.MSEObserver, pt2e.PerChannelACIQObserver, a_bits=8, w_bits=8)
     zq_plugin.calibrate(prepared, x)
-    converted = ns.convert_pt2e(prepared)
-    layers = sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in model.modules())
-    ranges = [tuple(n.args[3:5]) for n in converted.graph.nodes if "quantize_per_tensor" in str(n.target)]
-    assert len(ranges) >= layers and set(ranges) == {(0, 255)}, "conv/linear inputs not all quantized"
-    assert not _chained(converted), f"quantized twice in a row (dequantize -> quantize): {_chained(converted)[:3]}"
-    out, ref = logits(converted, x), logits(model, x)
-    # a weak bound: random-weight nets are far from float after any 8-bit rounding (FX's simulation too)
-    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
-    assert cos > 0.5, f"PT2E W8A8 logits unrelated to float: cosine {float(cos):.3f}"
-    assert_unchanged(model, before)
+    check_w8a8_pt2e(model, before, ns.convert_pt2e(prepared), x)
 
 
 @pytest.mark.skipif(not _compat.has_torchao(), reason="torchao is not installed")
@@ -434,14 +438,29 @@ def test_quantize_pt2e(name):
     converted = quantize_pt2e(
         model, x, first_last_bits=None, act_observer=pt2e.MSEObserver, weight_observer=pt2e.PerChannelMSEObserver
     )
-    layers = sum(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in model.modules())
-    ranges = [tuple(n.args[3:5]) for n in converted.graph.nodes if "quantize_per_tensor" in str(n.target)]
-    assert len(ranges) >= layers and set(ranges) == {(0, 255)}, "conv/linear inputs not all quantized"
-    assert not _chained(converted), f"quantized twice in a row (dequantize -> quantize): {_chained(converted)[:3]}"
-    out, ref = logits(converted, x), logits(model, x)
-    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
-    assert cos > 0.5, f"quantize_pt2e W8A8 logits unrelated to float: cosine {float(cos):.3f}"
-    assert_unchanged(model, before)
+    check_w8a8_pt2e(model, before, converted, x)
+
+
+@pytest.mark.skipif(not _compat.has_torchao(), reason="torchao is not installed")
+@pytest.mark.parametrize("name", rows(fast_rows=()))  # about 30 s a row (torchao's QAT pattern matching)
+def test_pt2e_qat_export_program_and_onnx(name, tmp_path):
+    """prepare_qat -> convert and its saved program; quantize_pt2e's ONNX file gives its logits in onnxruntime."""
+    import onnxruntime as ort
+
+    from zq_plugin.backends.pt2e import convert, export_onnx, export_program, prepare_qat, quantize_pt2e
+
+    model, before, x = cell(name)
+    converted = convert(prepare_qat(model, x, first_last_bits=None))
+    check_w8a8_pt2e(model, before, converted, x)
+    assert torch.equal(select_output(export_program(converted, x[:2]).module()(x)), logits(converted, x))
+    # ONNX of the post-training result (a QAT-converted model's ONNX differs from it: issue 16's note)
+    converted = quantize_pt2e(model, x, w_bits=4, a_bits=4, first_last_bits=None)
+    out = logits(converted, x)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(export_onnx(converted, x[:2], tmp_path / "m.onnx")), options)
+    got = [torch.from_numpy(g) for g in session.run(None, {session.get_inputs()[0].name: x.numpy()})]
+    assert any(g.shape == out.shape and torch.allclose(g, out, atol=1e-4 * float(out.abs().max())) for g in got)
 
 
 # --- CLI with --arch -------------------------------------------------------------------------------------
