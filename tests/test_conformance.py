@@ -441,8 +441,23 @@ def test_quantize_pt2e(name):
     check_w8a8_pt2e(model, before, converted, x)
 
 
+_QAT_OPEN = {  # found by this column, open in issue 16 (strict: a fix turns them into failures to remove)
+    "densenet121": "W4A4 ONNX in onnxruntime differs from the converted model beyond 1e-4 of the logits",
+    "googlenet": "prepare_qat -> convert W8A8 logits only 0.41 cosine-similar to float (QAT conv-BN fold)",
+}
+
+
+def _qat_rows():
+    marked = []
+    for param in rows(fast_rows=()):
+        name = param.values[0]
+        extra = [pytest.mark.xfail(strict=True, reason=_QAT_OPEN[name])] if name in _QAT_OPEN else []
+        marked.append(pytest.param(name, marks=[*param.marks, *extra]))
+    return marked
+
+
 @pytest.mark.skipif(not _compat.has_torchao(), reason="torchao is not installed")
-@pytest.mark.parametrize("name", rows(fast_rows=()))  # about 30 s a row (torchao's QAT pattern matching)
+@pytest.mark.parametrize("name", _qat_rows())  # about 30 s a row (torchao's QAT pattern matching)
 def test_pt2e_qat_export_program_and_onnx(name, tmp_path):
     """prepare_qat -> convert and its saved program; quantize_pt2e's ONNX file gives its logits in onnxruntime."""
     import onnxruntime as ort
