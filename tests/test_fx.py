@@ -537,6 +537,25 @@ def test_relu6_after_conv_bn_is_observed_after_the_activation(kind):
     fqs = [m for m in sim.modules() if hasattr(m, "zero_point") and not m.is_per_channel]
     assert len(fqs) == 3  # image, ReLU6 output (shared with the clamp), logits
     assert int(fqs[1].zero_point) == 0 and int(fqs[1].quant_max) == 15
+    # the shared observer sees the clamped tensor only: its grid ends at 6, not at the ReLU's max
+    assert float(net.bn(net.conv(x)).max()) > 9.0
+    assert float(fqs[1].scale) * 15 == pytest.approx(6.0, rel=1e-5)
+
+
+def test_clip_before_shared_observer_keeps_the_function_and_narrows_the_range():
+    """``fq(x) -> clamp -> fq`` (one instance) becomes ``fq(clamp(x)) -> clamp -> fq``; float outputs unchanged."""
+    from zq_plugin import _compat
+    from zq_plugin.backends.fx import clip_before_shared_observer, relu6_as_relu_then_clamp, uniform_qconfig_mapping
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU6(), nn.Conv2d(4, 2, 3)).eval()
+    x = 4 * torch.randn(16, 1, 8, 8)
+    mapping = uniform_qconfig_mapping(net, 4, 4, first_last_bits=None)
+    prepared = _compat.prepare_qat_fx(relu6_as_relu_then_clamp(copy.deepcopy(net)), mapping, (x,)).eval()
+    prepared.apply(_compat.disable_fake_quant)
+    assert len(clip_before_shared_observer(prepared)) == 1
+    torch.testing.assert_close(prepared(x), net(x))
+    assert clip_before_shared_observer(prepared) == []  # the pattern is gone: a second call changes nothing
 
 
 @pytest.mark.parametrize("kind", ["hardswish", "silu", "gelu", "functional_hardswish", "functional_silu"])
