@@ -472,3 +472,17 @@ def test_quantize_fx_with_a_plan_gives_the_model_input_its_own_bits(recwarn):
     assert not [w for w in recwarn if "two bit widths" in str(w.message)]
     with pytest.raises(ConfigError, match="not both"):
         quantize_fx(net, torch.randn(8, 1, 8, 8), plan=plan, mapping=object())
+
+
+def test_quantize_fx_with_a_plan_sets_an_input_observer_that_the_layers_own_config_creates(recwarn):
+    """Issue 16: after MaxPool + ``nn.Flatten`` FX gives a Linear its own input observer, which the Linear's
+    config also uses for its output; the plan's 4 bits used to lose to the 8 its reader asks for."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 3)
+    ).eval()
+    plan = BitPlan.uniform(net, w_bits=4, a_bits=4)  # first and last at W8A8
+    sim = quantize_fx(net, torch.randn(32, 1, 8, 8), plan=plan)
+    assert (_input_fq(sim, "4").quant_min, _input_fq(sim, "4").quant_max) == (0, 15)
+    assert (_input_fq(sim, "6").quant_min, _input_fq(sim, "6").quant_max) == (0, 255)
+    assert not [w for w in recwarn if "two bit widths" in str(w.message)]

@@ -559,7 +559,7 @@ def quantize_fx(
     check_traceable(model, "quantize_fx")
     model_device_dtype(model)  # one device and one floating dtype, or a ConfigError naming them
     example = _to_model(_example_inputs(data, batch_size, input_fn), model)
-    input_bits = None
+    input_bits: dict[str, int] = {}
     if plan is not None:
         if mapping is not None:
             raise ConfigError("give a plan or a mapping, not both (the plan is turned into a mapping).")
@@ -568,7 +568,8 @@ def quantize_fx(
         observers = {"act_observer": act_observer, "weight_observer": weight_observer}
         with warnings.catch_warnings():  # the input's bits are set apart below: no conflict with the first layer
             warnings.filterwarnings("ignore", message=".*FX cannot give one observer two bit widths.*")
-            input_bits = fx_plan.activation_owners(plan, model, example, separate_input=True).get(fx_plan.INPUT)
+            owners = fx_plan.activation_owners(plan, model, example, separate_input=True)
+            input_bits = {key: bits for key, bits in owners.items() if key.startswith(fx_plan.INPUT)}
             mapping = fx_plan.to_qconfig_mapping(plan, model, example, separate_input=True, **observers)
     if mapping is None:
         mapping = uniform_qconfig_mapping(
@@ -581,7 +582,7 @@ def quantize_fx(
         )
     float_model = relu6_as_relu_then_clamp(copy.deepcopy(model).eval())
     prepared = _compat.prepare_qat_fx(float_model, mapping, example).eval()
-    if input_bits is not None:
+    if input_bits:
         from zq_plugin.backends.fx_plan import set_input_bits
 
         set_input_bits(prepared, input_bits, act_observer=act_observer)

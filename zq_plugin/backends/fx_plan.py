@@ -50,6 +50,17 @@ logger = logging.getLogger(__name__)
 
 GLOBAL = ""  # the key of the global qconfig
 INPUT = "<input>"  # the key of the model input's observer, when kept apart from the first layer's output
+
+
+def own_input(layer: str) -> str:
+    """The key of an input observer that ``layer``'s own qconfig creates (kept apart from its output's bits).
+
+    FX inserts such an observer where the producer's output carries none it can share, e.g.
+    after an ``nn.Flatten`` module: then one qconfig sets both the layer's input and its output.
+    """
+    return f"{INPUT}{layer}"
+
+
 _MARK = 2.0**-30  # eps step of the probe marks (float32-exact for ids up to 2^23)
 
 
@@ -74,16 +85,19 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
-def _observer_before(arg: Any, prepared: nn.Module) -> Any:
+def _observer_before(arg: Any, prepared: nn.Module, *, fake_quant: bool = False) -> Any:
     """The activation observer node whose output reaches ``arg``, walking back through ops that share it.
 
     Ops such as max-pool, ReLU6, flatten or reshape reuse their input's observer (no node of
-    their own), so the walk follows each node's first tensor input until an observer call.
+    their own), so the walk follows each node's first tensor input until an observer call (a
+    probe's marked observer; a FakeQuantize with ``fake_quant``).
     """
     seen = 0
     while isinstance(arg, torch.fx.Node) and seen < 1000:
         module = prepared.get_submodule(str(arg.target)) if arg.op == "call_module" else None
-        if isinstance(module, _compat.ObserverBase) and hasattr(module, "eps"):
+        if fake_quant and isinstance(module, _compat.FakeQuantizeBase):
+            return arg
+        if not fake_quant and isinstance(module, _compat.ObserverBase) and hasattr(module, "eps"):
             return arg
         inputs = [a for a in arg.args if isinstance(a, torch.fx.Node)]
         if arg.op == "placeholder" or not inputs:
@@ -98,8 +112,10 @@ def input_observer_owners(
     """``layer -> key``: the module name (``""`` for global) whose qconfig sets the observer on each layer's input.
 
     With ``separate_input``, a layer reading the model input gets :data:`INPUT` instead of the
-    first layer's name (the caller sets that observer itself: :func:`set_input_bits`). Layers
-    whose input carries no observer (e.g. a float producer) are left out.
+    first layer's name, and a layer whose input observer comes from its own qconfig gets
+    :func:`own_input` of its name (the caller sets those observers itself:
+    :func:`set_input_bits`). Layers whose input carries no observer (e.g. a float producer)
+    are left out.
     """
     keys = [GLOBAL, *(name for name, _ in model.named_modules() if name)]
     prepared = _compat.prepare_fx(copy.deepcopy(model).eval(), _probe_mapping(keys), _as_tuple(example_inputs))
@@ -114,9 +130,12 @@ def input_observer_owners(
             continue
         observer: Any = prepared.get_submodule(str(found.target))
         reads_input = isinstance(found.args[0], torch.fx.Node) and found.args[0].op == "placeholder"
-        owners[str(node.target)] = (
-            INPUT if separate_input and reads_input else keys[round(float(observer.eps) / _MARK) - 1]
-        )
+        key = keys[round(float(observer.eps) / _MARK) - 1]
+        if separate_input and reads_input:
+            key = INPUT
+        elif separate_input and key == str(node.target):
+            key = own_input(key)
+        owners[str(node.target)] = key
     return owners
 
 
@@ -172,8 +191,9 @@ def to_qconfig_mapping(
         fake_quant: FakeQuantize qconfigs (``prepare_qat_fx``, the clamping simulation) or bare
             observers (``prepare_fx``; uniform grids only).
         default_bits: bits of everything the plan does not set (global qconfig, the logits).
-        separate_input: leave the model input's bits out of the first layer's config, which then
-            carries its readers' bits only; the caller sets the input's observer with
+        separate_input: leave the bits of input observers that a layer's own config creates (the
+            model input's, with the first layer; one after an ``nn.Flatten``) out of that config,
+            which then carries its output readers' bits only; the caller sets those observers with
             :func:`set_input_bits` after ``prepare`` (as :func:`zq_plugin.quantize_fx` with ``plan=`` does).
 
     Raises:
@@ -183,8 +203,11 @@ def to_qconfig_mapping(
     """
     check_traceable(model, "to_qconfig_mapping")
     plan.check(model)
-    owners = activation_owners(plan, model, example_inputs, separate_input=separate_input)
-    owners.pop(INPUT, None)
+    owners = {
+        key: bits
+        for key, bits in activation_owners(plan, model, example_inputs, separate_input=separate_input).items()
+        if not key.startswith(INPUT)
+    }
     kw = {"act_observer": act_observer, "fake_quant": fake_quant}
 
     def layer_qconfig(w_bits: int, a_bits: int, granularity: str = "per_channel", grid: str = "uniform") -> Any:
@@ -207,25 +230,51 @@ def to_qconfig_mapping(
     return mapping
 
 
-def set_input_bits(prepared: torch.fx.GraphModule, bits: int, *, act_observer: Any = None) -> list[str]:
-    """Give the model input's FakeQuantize (after ``prepare_qat_fx``) its own ``bits``; return the replaced names.
+def set_input_bits(
+    prepared: torch.fx.GraphModule, bits: int | dict[str, int], *, act_observer: Any = None
+) -> list[str]:
+    """Give input observers their own bits (after ``prepare_qat_fx``); return the replaced FakeQuantize names.
 
     FX quantizes the model input with its first layer's activation config, which also quantizes
-    that layer's output; :func:`to_qconfig_mapping` with ``separate_input=True`` sets the
-    output's bits and this sets the input's, so a plan's first layer reads exactly its
-    ``a_bits``, as in the PT2E and Brevitas backends. Call it before calibration. In place.
+    that layer's output; likewise a layer whose input has no observer to share (after an
+    ``nn.Flatten`` module) gets an input observer from its own config. :func:`to_qconfig_mapping`
+    with ``separate_input=True`` sets each such config to its output's bits, and this sets the
+    inputs': ``bits`` maps :data:`INPUT` (the model input) and :func:`own_input` keys (as
+    :func:`activation_owners` returns them) to bit widths; a plain ``int`` is the model input's.
+    So every plan layer reads exactly its ``a_bits``, as in the PT2E and Brevitas backends.
+    Call it before calibration. In place.
+
+    Example:
+        >>> import torch
+        >>> from zq_plugin import _compat
+        >>> from zq_plugin.mixed_precision.plan import BitPlan
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(72, 3)).eval()
+        >>> plan, x = BitPlan.uniform(net, w_bits=4, a_bits=4, first_last_bits=None), torch.randn(2, 1, 8, 8)
+        >>> bits = activation_owners(plan, net, x, separate_input=True)
+        >>> bits
+        {'<input>': 4, '<input>2': 4}
+        >>> prepared = _compat.prepare_qat_fx(net, to_qconfig_mapping(plan, net, x, separate_input=True), (x,))
+        >>> set_input_bits(prepared, bits)
+        ['activation_post_process_0', 'activation_post_process_2']
     """
-    modules = dict(prepared.named_modules())
-    replaced = []
+    wanted = {INPUT: bits} if isinstance(bits, int) else {k: b for k, b in bits.items() if k.startswith(INPUT)}
+    targets: dict[str, int] = {}  # FakeQuantize name -> bits
     for node in prepared.graph.nodes:
-        if node.op != "placeholder":
+        if node.op == "placeholder" and INPUT in wanted:
+            readers = [u for u in node.users if u.op == "call_module"]
+            targets.update({str(u.target): wanted[INPUT] for u in readers})
+        elif node.op == "call_module" and own_input(str(node.target)) in wanted and node.args:
+            found = _observer_before(node.args[0], prepared, fake_quant=True)
+            if found is not None:
+                bits_here = wanted[own_input(str(node.target))]
+                targets[str(found.target)] = max(bits_here, targets.get(str(found.target), bits_here))
+    replaced = []
+    for name, b in targets.items():
+        old = prepared.get_submodule(name)
+        if not isinstance(old, _compat.FakeQuantizeBase):
             continue
-        for user in node.users:
-            old = modules.get(str(user.target)) if user.op == "call_module" else None
-            if not isinstance(old, _compat.FakeQuantizeBase):
-                continue
-            new = qconfig(8, bits, act_observer=act_observer, fake_quant=True).activation()
-            device = next((t.device for t in old.buffers()), None)
-            prepared.add_submodule(str(user.target), new.to(device) if device is not None else new)
-            replaced.append(str(user.target))
+        new = qconfig(8, b, act_observer=act_observer, fake_quant=True).activation()
+        device = next((t.device for t in old.buffers()), None)
+        prepared.add_submodule(name, new.to(device) if device is not None else new)
+        replaced.append(name)
     return replaced
