@@ -209,3 +209,31 @@ def test_prepare_qat_trains_through_4_bit_fake_quantizers_and_converts():
     q = convert(qat)
     assert ("weight", -7, 7) in _ranges(q) and ("act", 0, 15) in _ranges(q)
     assert q(torch.randn(3, 1, 8, 8)).shape == (3, 3)
+
+
+def test_reconstruct_pt2e_carries_the_rounded_weights_and_learned_steps():
+    """Issue 16 item 1: a reconstruction's result in a PT2E model equals the FX simulation's but for its logits FQ."""
+    import dataclasses
+
+    from zq_plugin.backends.pt2e import reconstruct_pt2e
+    from zq_plugin.reconstruct import METHODS, reconstruct_fx
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 10),
+    ).eval()  # fmt: skip
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    x = torch.randn(64, 1, 8, 8)
+    quick = dataclasses.replace(METHODS["genie-m"], iterations=30)
+    kwargs = {"w_bits": 4, "a_bits": 4, "first_last_bits": None, "config": quick, "progress": False}
+    before = snapshot(net)
+    q = reconstruct_pt2e(net, x, **kwargs)
+    assert_unchanged(net, before)
+    assert q.zq_carried == {"weight_steps": 3, "act_steps": 3}
+    assert [r["unit"] for r in q.zq_reconstruction] == ["0", "4", "7"]
+    sim = reconstruct_fx(net, x, **kwargs)  # the same seed: the same reconstruction
+    sim.get_submodule(str(list(sim.graph.nodes)[-2].target)).disable_fake_quant()  # FX also rounds the logits
+    test = torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(q(test), sim(test), atol=1e-5, rtol=1e-5)

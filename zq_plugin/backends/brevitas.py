@@ -606,16 +606,6 @@ def gptq(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> nn
     return model
 
 
-def _sim_layer(sim: nn.Module, name: str) -> nn.Module | None:
-    """The FX simulation's layer for the model layer ``name`` (a ConvTranspose wrapper holds it at ``.conv``)."""
-    for candidate in (name, f"{name}.conv"):
-        with contextlib.suppress(AttributeError):
-            layer = sim.get_submodule(candidate)
-            if isinstance(layer, WEIGHT_LAYERS):
-                return layer
-    return None
-
-
 def _input_fake_quants(sim: Any) -> dict[str, Any]:
     """``layer -> FX fake-quantizer`` for each simulation layer whose input is a fake-quantizer's output.
 
@@ -708,7 +698,7 @@ def reconstruct_brevitas(
         >>> qmodel(torch.randn(2, 1, 8, 8)).shape
         torch.Size([2, 10])
     """
-    from zq_plugin.reconstruct.engine import reconstruct_fx
+    from zq_plugin.reconstruct.engine import reconstruct_fx, sim_layer
 
     _brevitas()
     sim = reconstruct_fx(
@@ -721,7 +711,7 @@ def reconstruct_brevitas(
     carried: dict[str, Any] = {}
     with torch.no_grad():
         for name, layer in _quant_layers(qmodel):
-            source = _sim_layer(sim, name)
+            source = sim_layer(sim, name)
             if source is None or source.weight.shape != layer.weight.shape:
                 raise ModelError(
                     f"reconstruct_brevitas: layer {name!r} has no counterpart of the same shape in the FX "

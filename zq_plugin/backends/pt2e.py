@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -473,3 +474,180 @@ def prepare_qat(
     prepared = _prepared(model, data, bits, observers, batch_size, input_fn, qat=True)
     _compat.torchao_pt2e().move_exported_model_to_train(prepared)
     return prepared
+
+
+@functools.cache
+def _preset_observer_class() -> type:
+    """The class of :func:`carry_steps`'s observers, built on first use (torchao's base is an extra)."""
+    ao = _compat.torchao_pt2e()
+
+    class PresetObserver(ao.ObserverBase):  # type: ignore[name-defined]
+        """An observer that records nothing and converts with given ``(scale, zero_point)`` (learned steps).
+
+        Takes ``dtype``, ``qscheme``, ``quant_min``/``quant_max`` and ``ch_axis`` from the observer it
+        replaces, so ``convert_pt2e`` writes the same q/dq ops with the given parameters.
+        """
+
+        def __init__(self, like: Any, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+            super().__init__(dtype=like.dtype, is_dynamic=False)
+            self.qscheme = like.qscheme
+            self.quant_min, self.quant_max = int(like.quant_min), int(like.quant_max)
+            self.ch_axis = getattr(like, "ch_axis", None)
+            self.scale: torch.Tensor
+            self.zero_point: torch.Tensor
+            self.register_buffer("scale", scale.detach().clone().float().reshape(-1))
+            self.register_buffer("zero_point", zero_point.detach().clone().to(torch.int64).reshape(-1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            """``x`` unchanged."""
+            return x
+
+        def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+            """The given ``(scale, zero_point)``."""
+            return self.scale, self.zero_point
+
+    return PresetObserver
+
+
+def _same_grid(fq: Any, observer: Any, *, per_channel: bool) -> bool:
+    """An FX FakeQuantize and a torchao observer with the same integer range and granularity."""
+    if fq is None or not int(fq.fake_quant_enabled[0]) or bool(fq.is_per_channel) != per_channel:
+        return False
+    if (int(fq.quant_min), int(fq.quant_max)) != (int(observer.quant_min), int(observer.quant_max)):
+        return False
+    return not per_channel or int(fq.ch_axis) == int(getattr(observer, "ch_axis", None) or 0)
+
+
+def carry_steps(prepared: torch.fx.GraphModule, sim: torch.fx.GraphModule) -> dict[str, int]:
+    """Give a calibrated ``prepare_pt2e`` model the FX simulation's steps where both quantize the same tensor.
+
+    For every Conv/Linear node of ``prepared`` whose layer (``nn_module_stack``) has a weight
+    layer of the same name in ``sim`` (a :func:`zq_plugin.reconstruct_fx` or
+    :func:`zq_plugin.quantize_fx` result), its **weight** observer is replaced by one that
+    converts with the simulation's per-channel weight ``(scale, 0)``, and its **input** observer
+    by one with the ``(scale, zero_point)`` of the FakeQuantize in front of that layer in the
+    simulation (found through the ops that share it, e.g. max-pool or flatten), when the two
+    grids have the same integer range: FX quantizes an op's output, PT2E the layer's input,
+    which is the same tensor. Other observers (add/cat inputs, grids that differ) keep their
+    calibrated values. In place; returns the counts ``{"weight_steps", "act_steps"}``.
+    """
+    from zq_plugin.backends.fx_plan import _observer_before
+    from zq_plugin.reconstruct.engine import sim_layer
+
+    preset = _preset_observer_class()
+    sim_nodes = {str(n.target): n for n in sim.graph.nodes if n.op == "call_module"}
+    counts = {"weight_steps": 0, "act_steps": 0}
+    for node in list(prepared.graph.nodes):
+        if node.op != "call_function" or node.target not in TARGETS or len(node.args) < 2:
+            continue
+        name = layer_name(node)
+        source = sim_layer(sim, name)
+        if source is None:
+            continue
+        weight_obs, input_obs = node.args[1], node.args[0]
+        fq: Any = getattr(source, "weight_fake_quant", None)
+        observer = getattr(prepared, str(weight_obs.target), None) if weight_obs.op == "call_module" else None
+        if observer is not None and _same_grid(fq, observer, per_channel=True):
+            setattr(prepared, str(weight_obs.target), preset(observer, fq.scale, torch.zeros_like(fq.zero_point)))
+            counts["weight_steps"] += 1
+        sim_node = sim_nodes.get(name) or sim_nodes.get(f"{name}.conv")
+        found = _observer_before(sim_node.args[0], sim, fake_quant=True) if sim_node and sim_node.args else None
+        act_fq: Any = sim.get_submodule(str(found.target)) if found is not None else None
+        observer = getattr(prepared, str(input_obs.target), None) if input_obs.op == "call_module" else None
+        if observer is not None and _same_grid(act_fq, observer, per_channel=False):
+            setattr(prepared, str(input_obs.target), preset(observer, act_fq.scale, act_fq.zero_point))
+            counts["act_steps"] += 1
+    return counts
+
+
+def reconstruct_pt2e(
+    model: nn.Module,
+    data: CalibrationData,
+    *,
+    w_bits: int = 4,
+    a_bits: int = 4,
+    plan: BitPlan | None = None,
+    method: str = "genie-m",
+    config: Any = None,
+    first_last_bits: int | None = 8,
+    seed: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    batch_size: int = 64,
+) -> torch.fx.GraphModule:
+    """A converted PT2E model holding a reconstruction's rounded weights and learned steps.
+
+    Reconstruction (AdaRound, BRECQ, QDrop, Genie-M) runs in the clamping FX simulation,
+    :func:`zq_plugin.reconstruct_fx`, one engine for every backend; its result is carried over:
+
+    1. the model with BatchNorm folded into its convolutions (as the simulation has it) gets the
+       simulation's weights and biases; a reconstructed weight is ``s * q`` with ``q`` an
+       integer of the narrow signed range, so quantizing it again with the step ``s`` gives
+       back ``q``: the learned rounding survives ``convert_pt2e`` bit for bit;
+    2. it is exported and prepared with :func:`plan_quantizer` at the same plan, calibrated on
+       ``data`` with the MSE observers (for what the simulation has no step for, e.g. the inputs
+       of a residual ``add``);
+    3. :func:`carry_steps` sets each layer's weight steps and input ``(scale, zero_point)`` to
+       the simulation's; then :func:`convert`.
+
+    Args:
+        model: the float model (not changed).
+        data: calibration images (any source), used by reconstruction and by calibration.
+        w_bits: weight bits of all but the first/last layer (ignored with ``plan``).
+        a_bits: input bits of all but the first/last layer (ignored with ``plan``).
+        plan: per-layer bits instead (:class:`~zq_plugin.mixed_precision.BitPlan`).
+        method: the reconstruction method (:func:`zq_plugin.reconstruct_fx`).
+        config: overrides the method's configuration.
+        first_last_bits: bits of the first and last weight layer (``None``: like the others).
+        seed: the reconstruction seed.
+        cache_dir: reconstruction checkpoints (resume), as :func:`zq_plugin.reconstruct_fx`.
+        progress: tqdm bars.
+        batch_size: calibration batch size for tensor data.
+
+    Returns:
+        The converted model (eval mode, any batch size); ``.zq_reconstruction`` is the per-unit
+        report, ``.zq_carried`` counts the weight and input steps taken from the simulation.
+
+    Raises:
+        ConfigError, ModelError: as :func:`zq_plugin.reconstruct_fx` and :func:`quantize_pt2e`.
+        MissingDependencyError: torchao is not installed.
+
+    Example:
+        >>> import dataclasses, torch
+        >>> from zq_plugin.reconstruct import METHODS
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        ...                           torch.nn.Linear(4 * 6 * 6, 10)).eval()
+        >>> quick = dataclasses.replace(METHODS["genie-m"], iterations=5)
+        >>> q = reconstruct_pt2e(net, torch.randn(32, 1, 8, 8), config=quick, progress=False)
+        >>> q(torch.randn(3, 1, 8, 8)).shape, q.zq_carried
+        (torch.Size([3, 10]), {'weight_steps': 2, 'act_steps': 2})
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    from zq_plugin.observers import pt2e as observers
+    from zq_plugin.reconstruct.engine import reconstruct_fx, sim_layer
+
+    _compat.torchao_pt2e()  # the missing extra is named before the reconstruction runs
+    sim = reconstruct_fx(
+        model, data, w_bits=w_bits, a_bits=a_bits, plan=plan, method=method, config=config,
+        first_last_bits=first_last_bits, seed=seed, cache_dir=cache_dir, progress=progress,
+    )  # fmt: skip
+    folded = fuse(copy.deepcopy(model).eval(), inplace=True)
+    with torch.no_grad():
+        for name, layer in folded.named_modules():
+            source = sim_layer(sim, name) if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear) else None
+            if source is None or source.weight.shape != layer.weight.shape:
+                continue
+            layer.weight.copy_(source.weight)
+            if layer.bias is not None and source.bias is not None:
+                layer.bias.copy_(source.bias)
+    if plan is None:
+        plan = BitPlan.uniform(model, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits)
+    bits = {"w_bits": w_bits, "a_bits": a_bits, "plan": plan, "first_last_bits": first_last_bits}
+    chosen = {"act_observer": observers.MSEObserver, "weight_observer": observers.PerChannelMSEObserver}
+    prepared = _prepared(folded, data, bits, chosen, batch_size, None, qat=False)
+    carried = carry_steps(prepared, sim)
+    converted = convert(prepared)
+    converted.zq_reconstruction = sim.zq_reconstruction
+    converted.zq_carried = carried  # type: ignore[assignment]
+    return converted

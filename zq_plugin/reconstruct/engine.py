@@ -491,6 +491,20 @@ def reconstruct_fx(
     return sim
 
 
+def sim_layer(sim: nn.Module, name: str) -> nn.Module | None:
+    """The simulation's weight layer for the model layer ``name`` (a ConvTranspose wrapper holds it at ``.conv``)."""
+    from zq_plugin._utils import WEIGHT_LAYERS
+
+    for candidate in (name, f"{name}.conv"):
+        try:
+            layer = sim.get_submodule(candidate)
+        except AttributeError:
+            continue
+        if isinstance(layer, WEIGHT_LAYERS):
+            return layer
+    return None
+
+
 def _model_layer(name: str, names: set[str]) -> str:
     """The model's name of a simulation layer (a ConvTranspose's wrapper holds it at ``<layer>.conv``)."""
     parent = name.rpartition(".")[0]
