@@ -526,9 +526,11 @@ def test_quantize_backend_pt2e_saves_a_program_that_loads_in_a_fresh_process(tmp
     )
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "y.pt"), quantize_pt2e(model, data, w_bits=4, a_bits=4)(x))
-    argv = ["quantize", "--model", "plain_cnn", "--data", "noise", "--backend", "pt2e"]
-    assert cli.main([*argv, "--recipe", "best"]) == 2
-    assert "--backend pt2e calibrates only" in capsys.readouterr().err
+    argv = ["quantize", "--model", "plain_cnn", "--data", "noise", "--num-samples", "8", "--backend", "pt2e"]
+    assert cli.main([*argv, "--reconstruct", "genie-m", "--iterations", "2"]) == 0  # carried into PT2E
+    report = json.loads(capsys.readouterr().out)
+    assert (report["reconstruction"], report["act_observer"]) == ("genie-m", "mse")
+    assert report["carried"] == {"weight_steps": 6, "act_steps": 6}
     assert cli.main([*argv, "--onnx-out", str(tmp_path / "m.onnx")]) == 2
     assert "belong to --backend brevitas" in capsys.readouterr().err
 

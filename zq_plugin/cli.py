@@ -447,12 +447,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.backend != "brevitas" and (args.onnx_out or args.bias_correction or args.gptq):
         raise ConfigError("--onnx-out, --bias-correction and --gptq belong to --backend brevitas.")
     if args.backend == "pt2e":
-        if method is not None:
-            raise ConfigError(
-                "--backend pt2e calibrates only: reconstruction (--recipe best, --reconstruct) runs in the FX "
-                "and Brevitas backends; drop it, or use --backend fx."
-            )
-        sim = _quantize_pt2e(model, data, plan, args, report)
+        sim = _quantize_pt2e(model, data, plan, args, report, method)
     elif args.backend == "brevitas":
         if method is not None and args.gptq:
             raise ConfigError("--gptq would overwrite the reconstructed rounding: use one of --gptq, --reconstruct.")
@@ -497,13 +492,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _quantize_pt2e(
-    model: nn.Module, data: Any, plan: Any, args: argparse.Namespace, report: dict[str, Any]
+    model: nn.Module, data: Any, plan: Any, args: argparse.Namespace, report: dict[str, Any], method: str | None
 ) -> nn.Module:
-    """``zq quantize --backend pt2e``: export, prepare_pt2e with the plan's bits, calibrate, convert_pt2e."""
-    from zq_plugin.backends.pt2e import quantize_pt2e
+    """``zq quantize --backend pt2e``: export, prepare_pt2e at the plan's bits, calibrate or reconstruct, convert."""
+    from zq_plugin.backends.pt2e import quantize_pt2e, reconstruct_pt2e
     from zq_plugin.observers import pt2e as zp
 
-    report.update(backend="pt2e", act_observer=args.act_observer, weight_observer=args.weight_observer)
+    report["backend"] = "pt2e"
+    if method is not None:
+        config = _reconstruct_config(method, args, report)
+        report.update(act_observer="mse", weight_observer="mse")
+        started = time.perf_counter()
+        converted = reconstruct_pt2e(
+            model, data, w_bits=args.w_bits, a_bits=args.a_bits, plan=plan, config=config,
+            first_last_bits=args.first_last_bits, cache_dir=args.cache_dir, progress=sys.stderr.isatty(),
+        )  # fmt: skip
+        report["reconstruction_seconds"] = round(time.perf_counter() - started, 1)
+        report["carried"] = converted.zq_carried
+        return converted
+    report.update(act_observer=args.act_observer, weight_observer=args.weight_observer)
     return quantize_pt2e(
         model, data, w_bits=args.w_bits, a_bits=args.a_bits, plan=plan, first_last_bits=args.first_last_bits,
         act_observer=zp.observer_class(args.act_observer),

@@ -50,7 +50,9 @@ def quantize(
     2. the clamping FX simulation with the MSE observers, BN folded;
     3. ``reconstruction`` (Genie-M) unit by unit (:func:`zq_plugin.reconstruct_fx`);
     4. with ``backend="brevitas"``, the result carried into Brevitas quant layers
-       (:func:`zq_plugin.backends.brevitas.reconstruct_brevitas`), ready for ``export_onnx``.
+       (:func:`zq_plugin.backends.brevitas.reconstruct_brevitas`), ready for ``export_onnx``;
+       with ``backend="pt2e"``, into a converted torchao PT2E model
+       (:func:`zq_plugin.backends.pt2e.reconstruct_pt2e`).
 
     Args:
         model: the trained float model; not changed.
@@ -65,16 +67,17 @@ def quantize(
         reconstruction: a :data:`zq_plugin.reconstruct.METHODS` name.
         config: overrides the reconstruction method's configuration.
         first_last_bits: bits of the first and last weight layer (``None``: like the others).
-        backend: ``"fx"`` (the result is a ``prepare_qat_fx`` GraphModule) or ``"brevitas"``
-            (a calibrated Brevitas model).
+        backend: ``"fx"`` (the result is a ``prepare_qat_fx`` GraphModule), ``"brevitas"``
+            (a calibrated Brevitas model) or ``"pt2e"`` (a converted PT2E model).
         seed: synthesis and reconstruction seed; the same seed gives the same model.
         cache_dir: synthesis batches and reconstruction checkpoints (resume after a stop).
         progress: tqdm bars.
         **synth_options: the synthesizer's own options (e.g. ``steps=200``).
 
     Returns:
-        The reconstructed clamping simulation (see :func:`zq_plugin.reconstruct_fx`), or the
-        Brevitas model (:func:`~zq_plugin.backends.brevitas.reconstruct_brevitas`);
+        The reconstructed clamping simulation (see :func:`zq_plugin.reconstruct_fx`), the
+        Brevitas model (:func:`~zq_plugin.backends.brevitas.reconstruct_brevitas`) or the PT2E
+        model (:func:`~zq_plugin.backends.pt2e.reconstruct_pt2e`);
         ``.zq_calibration`` holds the images it was calibrated and reconstructed on.
 
     Raises:
@@ -96,10 +99,10 @@ def quantize(
     from zq_plugin.synth import METHODS as SYNTHESIZERS
     from zq_plugin.synth import synthesize
 
-    if backend not in ("fx", "brevitas"):
+    if backend not in ("fx", "brevitas", "pt2e"):
         raise ConfigError(
-            f"backend {backend!r}: quantize runs the best recipe for backend='fx' (the clamping simulation) "
-            "or backend='brevitas' (Brevitas layers, ONNX export)."
+            f"backend {backend!r}: quantize runs the best recipe for backend='fx' (the clamping simulation), "
+            "backend='brevitas' (Brevitas layers, ONNX export) or backend='pt2e' (torchao PT2E)."
         )
     if config is None and reconstruction not in METHODS:
         raise ConfigError(f"unknown reconstruction method {reconstruction!r}; choose one of {sorted(METHODS)}.")
@@ -122,6 +125,10 @@ def quantize(
         from zq_plugin.backends.brevitas import reconstruct_brevitas
 
         sim: nn.Module = reconstruct_brevitas(model, data, **options)
+    elif backend == "pt2e":
+        from zq_plugin.backends.pt2e import reconstruct_pt2e
+
+        sim = reconstruct_pt2e(model, data, **options)
     else:
         sim = reconstruct_fx(model, data, **options)
     sim.zq_calibration = data  # type: ignore[assignment]

@@ -578,7 +578,9 @@ def reconstruct_pt2e(
     """A converted PT2E model holding a reconstruction's rounded weights and learned steps.
 
     Reconstruction (AdaRound, BRECQ, QDrop, Genie-M) runs in the clamping FX simulation,
-    :func:`zq_plugin.reconstruct_fx`, one engine for every backend; its result is carried over:
+    :func:`zq_plugin.reconstruct_fx`, one engine for every backend, given a plan (uniform bits
+    become ``BitPlan.uniform``), so that FX too quantizes each layer's input at its ``a_bits``;
+    its result is carried over:
 
     1. the model with BatchNorm folded into its convolutions (as the simulation has it) gets the
        simulation's weights and biases; a reconstructed weight is ``s * q`` with ``q`` an
@@ -628,10 +630,11 @@ def reconstruct_pt2e(
     from zq_plugin.reconstruct.engine import reconstruct_fx, sim_layer
 
     _compat.torchao_pt2e()  # the missing extra is named before the reconstruction runs
+    if plan is None:  # a plan, so that FX quantizes each layer's input at its a_bits, as PT2E does
+        plan = BitPlan.uniform(model, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits)
     sim = reconstruct_fx(
-        model, data, w_bits=w_bits, a_bits=a_bits, plan=plan, method=method, config=config,
-        first_last_bits=first_last_bits, seed=seed, cache_dir=cache_dir, progress=progress,
-    )  # fmt: skip
+        model, data, plan=plan, method=method, config=config, seed=seed, cache_dir=cache_dir, progress=progress
+    )
     folded = fuse(copy.deepcopy(model).eval(), inplace=True)
     with torch.no_grad():
         for name, layer in folded.named_modules():
@@ -641,8 +644,6 @@ def reconstruct_pt2e(
             layer.weight.copy_(source.weight)
             if layer.bias is not None and source.bias is not None:
                 layer.bias.copy_(source.bias)
-    if plan is None:
-        plan = BitPlan.uniform(model, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits)
     bits = {"w_bits": w_bits, "a_bits": a_bits, "plan": plan, "first_last_bits": first_last_bits}
     chosen = {"act_observer": observers.MSEObserver, "weight_observer": observers.PerChannelMSEObserver}
     prepared = _prepared(folded, data, bits, chosen, batch_size, None, qat=False)
