@@ -823,7 +823,8 @@ def build_parser() -> argparse.ArgumentParser:
     qua.add_argument(
         "--reconstruct",
         choices=["adaround", "brecq", "qdrop", "genie-m"],
-        help="after calibration with the MSE observers, reconstruct unit by unit (FX; default: none)",
+        help="after calibration with the MSE observers, reconstruct unit by unit (in the FX simulation, carried "
+        "into --backend brevitas / pt2e; default: none)",
     )
     qua.add_argument("--iterations", type=int, help="reconstruction steps per unit (default: 500)")
     qua.add_argument(
