@@ -211,6 +211,33 @@ def test_prepare_qat_trains_through_4_bit_fake_quantizers_and_converts():
     assert q(torch.randn(3, 1, 8, 8)).shape == (3, 3)
 
 
+def test_prepare_qat_keeps_each_batchnorm_eps_through_mode_switches_and_convert():
+    """torchao writes eps=1e-5 into every QAT Conv+BN (GoogLeNet's 1e-3: converted W8A8 logits 0.40 cosine)."""
+    from zq_plugin.backends.pt2e import convert, move_to_eval, move_to_train, prepare_qat, quantize_pt2e
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8, eps=1e-3), nn.ReLU(),
+        nn.Conv2d(8, 4, 3, bias=False), nn.BatchNorm2d(4, eps=1e-3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3),
+    ).eval()  # fmt: skip
+    for bn in (net[1], net[4]):  # variances near eps, different per channel: a wrong eps changes the function
+        bn.running_var.uniform_(1e-3, 1e-2)
+    x = torch.randn(64, 1, 8, 8)
+    qat = prepare_qat(net, x, first_last_bits=None)
+    eps = [n.args[7] for n in qat.graph.nodes if n.target is torch.ops.aten.batch_norm.default]
+    assert eps == [1e-3, 1e-3]
+    move_to_train(move_to_eval(qat))  # torchao's switches rewrite the BatchNorm ops each time
+    move_to_eval(qat)
+    qat.apply(lambda m: m.disable_fake_quant() if hasattr(m, "disable_fake_quant") else None)
+    with torch.no_grad():
+        torch.testing.assert_close(qat(x), net(x), rtol=1e-4, atol=1e-5)  # the float function, fake quant off
+    qat.apply(lambda m: m.enable_fake_quant() if hasattr(m, "enable_fake_quant") else None)
+    with torch.no_grad():
+        err_qat = (convert(qat)(x) - net(x)).abs().max()
+        err_ptq = (quantize_pt2e(net, x, first_last_bits=None)(x) - net(x)).abs().max()
+    assert float(err_qat) < 2 * float(err_ptq) + 1e-3  # the fold uses the model's eps too
+
+
 def test_reconstruct_pt2e_carries_the_rounded_weights_and_learned_steps():
     """Issue 16 item 1: a reconstruction's result in a PT2E model equals the FX simulation's but for its logits FQ."""
     import dataclasses
