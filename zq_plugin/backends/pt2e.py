@@ -535,10 +535,21 @@ def _prepared(
     example = _to_model(_example_inputs(data, batch_size, input_fn), model)
     prepare = ao.prepare_qat_pt2e if qat else ao.prepare_pt2e
     prepared = prepare(export_for_pt2e(model, example), quantizer)
-    if qat:
-        restore_batchnorm_eps(prepared, model)
     keep_negative_lobes(prepared)
-    calibrate(prepared, data, batch_size=batch_size, input_fn=input_fn)
+    if not qat:
+        calibrate(prepared, data, batch_size=batch_size, input_fn=input_fn)
+        return prepared
+    restore_batchnorm_eps(prepared, model)
+    # in its own training mode (torchao's switch to eval gave observers of torchvision's
+    # MobileNetV3 ranges of 2e5), with BatchNorm momentum 0: the statistics stay the model's
+    kept = prepared.zq_batchnorm
+    prepared.zq_batchnorm = {key: (eps, 0.0) for key, (eps, _) in kept.items()}
+    restore_batchnorm_eps(prepared)
+    try:
+        calibrate(prepared, data, batch_size=batch_size, input_fn=input_fn, keep_mode=True)
+    finally:
+        prepared.zq_batchnorm = kept
+        restore_batchnorm_eps(prepared)
     return prepared
 
 
