@@ -86,6 +86,51 @@ def test_bad_plans_and_models_get_named_errors():
 
     with pytest.raises(ModelError, match=r"torch\.export could not export Branchy"):
         quantize_pt2e(Branchy().eval(), torch.randn(8, 1, 8, 8))
+    # found by the outside check of issue 16: each was silent or a bare torch error
+    x = torch.randn(8, 1, 8, 8)
+    with pytest.raises(ConfigError, match="'nope' does not exist"):  # was ignored: all layers at 8 bits
+        quantize_pt2e(net, x, plan=BitPlan({"nope": BitPlan.uniform(net, w_bits=4, a_bits=4).layers["0"]}))
+    from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
+
+    with pytest.raises(ConfigError, match="not a torchao observer"):  # was a float model in disguise
+        quantize_pt2e(net, x, act_observer=MinMaxObserver, weight_observer=PerChannelMinMaxObserver)
+    with pytest.raises(ConfigError, match="pass an observer class"):
+        quantize_pt2e(net, x, act_observer="mse")
+    with pytest.raises(ConfigError, match="contains 'PerChannel'"):
+        quantize_pt2e(net, x, weight_observer=zp.MSEObserver)
+    with pytest.raises(ConfigError, match="data=None"):
+        quantize_pt2e(net, None)
+    with pytest.raises(ConfigError, match="input"):  # 3 channels for a 1-channel model: not "make it traceable"
+        quantize_pt2e(net, torch.randn(8, 3, 8, 8))
+
+
+def test_a_model_of_functional_calls_is_quantized_with_first_and_last_in_graph_order():
+    """No Conv/Linear module to plan: every F.conv2d / F.linear at the uniform bits, the first and last at 8."""
+    import torch.nn.functional as F
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2 = nn.Parameter(torch.randn(4, 1, 3, 3)), nn.Parameter(torch.randn(4, 4, 3, 3) / 6)
+            self.w3 = nn.Parameter(torch.randn(3, 64) / 8)
+
+        def forward(self, x):
+            x = F.relu(F.conv2d(x, self.w1))
+            x = F.relu(F.conv2d(x, self.w2))
+            return F.linear(torch.flatten(x, 1), self.w3)
+
+    q = quantize_pt2e(Functional().eval(), torch.randn(32, 1, 8, 8), w_bits=4, a_bits=4)
+    weights = [r for r in _ranges(q) if r[0] == "weight"]
+    assert sorted(weights) == [("weight", -127, 127), ("weight", -127, 127), ("weight", -7, 7)]
+    assert ("act", 0, 15) in _ranges(q)
+
+
+def test_layers_pt2e_leaves_in_float_are_reported():
+    """ConvTranspose2d has no PT2E annotation yet: listed in .zq_float_layers with a warning, not silent."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.ConvTranspose2d(4, 2, 3), nn.Flatten(), nn.Linear(128, 3))
+    with pytest.warns(UserWarning, match="left in float"):
+        q = quantize_pt2e(net.eval(), torch.randn(16, 1, 8, 8))
+    assert q.zq_float_layers == ("2",)
 
 
 def _quantize_nodes(q):

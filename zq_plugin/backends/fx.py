@@ -271,6 +271,11 @@ def uniform_qconfig_mapping(
 
 
 def _example_inputs(data: CalibrationData, batch_size: int, input_fn: InputFn | None = None) -> tuple[Any, ...]:
+    if data is None:
+        raise ConfigError(
+            "no calibration data (data=None): pass images, e.g. zq_plugin.synthesize(model, 'zeroq', ...) "
+            "or a tensor [N, C, H, W]."
+        )
     if isinstance(data, Iterator):
         raise ConfigError(
             "the calibration data is a one-shot iterator, but it is read twice (an example input for tracing, "

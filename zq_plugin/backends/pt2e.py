@@ -33,13 +33,15 @@ import copy
 import functools
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from zq_plugin import _compat
+from zq_plugin._utils import call_model, report_float_layers, weight_layer_names
 from zq_plugin.backends.fx import InputFn, _example_inputs, _to_model, calibrate
 from zq_plugin.data import CalibrationData
 from zq_plugin.errors import ConfigError, ModelError, NotCalibratedError
@@ -94,7 +96,7 @@ def _is_float_tensor(node: torch.fx.Node) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
-def _reader_bits(node: torch.fx.Node, plan: BitPlan) -> int:
+def _reader_bits(node: torch.fx.Node, bits_of: Callable[[torch.fx.Node], LayerBits]) -> int:
     """Input bits that the Conv/Linear layers reading ``node`` ask for (through pass-through ops), else 8.
 
     The highest, as FX's producer rule sets one observer for all readers. A shared op's input
@@ -110,7 +112,7 @@ def _reader_bits(node: torch.fx.Node, plan: BitPlan) -> int:
                 continue
             seen.add(user)
             if user.target in TARGETS and user.args and user.args[0] is current:
-                found.append(plan.layers.get(layer_name(user), DEFAULT_BITS).a_bits)
+                found.append(bits_of(user).a_bits)
             elif user.target in _PASS_THROUGH and user.args and user.args[0] is current:
                 todo.append(user)
     return max(found, default=DEFAULT_BITS.a_bits)
@@ -131,32 +133,68 @@ def _specs(bits: LayerBits, act_observer: Any, weight_observer: Any) -> tuple[An
     return act, weight
 
 
-def plan_quantizer(plan: BitPlan, *, act_observer: Any = None, weight_observer: Any = None, qat: bool = False) -> Any:
+def _observer_class(cls: Any, role: str, per_channel: bool) -> Any:
+    """``cls`` if it is a torchao observer class (or ``with_args`` of one) fit for ``role``; else a ConfigError."""
+    ao = _compat.torchao_pt2e()
+    fix = f"zq_plugin.observers.pt2e.observer_class('mse'{', per_channel=True' if per_channel else ''})"
+    base = getattr(getattr(cls, "p", None), "func", cls)  # ``Observer.with_args(...)`` wraps the class
+    if not isinstance(base, type):
+        raise ConfigError(f"{role}={cls!r}: pass an observer class, e.g. {fix}.")
+    if not issubclass(base, ao.ObserverBase):
+        raise ConfigError(
+            f"{role}={base.__name__} is not a torchao observer: convert_pt2e silently leaves torch.ao observers "
+            f"unconverted (the model would stay float). Use zq_plugin.observers.pt2e's, e.g. {fix}."
+        )
+    if per_channel and "PerChannel" not in base.__name__:
+        raise ConfigError(
+            f"{role}={base.__name__}: weights are quantized per channel, and torchao passes the channel axis only "
+            f"to observer classes whose name contains 'PerChannel'. Use e.g. {fix}."
+        )
+    return cls
+
+
+def plan_quantizer(
+    plan: BitPlan | None,
+    *,
+    act_observer: Any = None,
+    weight_observer: Any = None,
+    qat: bool = False,
+    default: LayerBits = DEFAULT_BITS,
+    first_last_bits: int | None = None,
+) -> Any:
     """A torchao ``Quantizer`` that annotates each Conv/Linear with its layer's bits in ``plan``.
 
     Args:
-        plan: per-layer bits; layers it does not name get 8 bits.
+        plan: per-layer bits; layers it does not name get ``default``. ``None``: every layer
+            gets ``default`` (a model that calls ``F.conv2d`` / ``F.linear`` itself, whose layers
+            no plan can name).
         act_observer: torchao observer class for layer inputs (default torchao's ``MinMaxObserver``;
             e.g. :data:`zq_plugin.observers.pt2e.MSEObserver`).
         weight_observer: torchao per-channel observer class (default ``PerChannelMinMaxObserver``);
             its class name must contain "PerChannel" (torchao passes ``ch_axis`` only then).
         qat: wrap both in torchao's ``FakeQuantize`` (for ``prepare_qat_pt2e``: weights train through
             the straight-through estimator; the weight observer's default axis 0 is the output channel).
+        default: the bits of Conv/Linear operators the plan does not name (8 bits).
+        first_last_bits: the bits of the first and last Conv/Linear operator in graph order that
+            the plan does not name (``None``: ``default`` like the others).
 
     Raises:
-        ConfigError: a per-tensor or non-uniform layer in the plan (not supported by this backend yet).
+        ConfigError: a per-tensor or non-uniform layer in the plan (not supported by this backend
+            yet); an observer that is not a torchao observer class (a torch.ao one would leave the
+            model float), or a weight observer whose name lacks "PerChannel".
         MissingDependencyError: torchao is not installed.
     """
     ao = _compat.torchao_pt2e()
-    for name, bits in plan.layers.items():
+    for name, bits in (plan.layers if plan is not None else {}).items():
         if bits.granularity != "per_channel" or bits.grid != "uniform":
             raise ConfigError(
                 f"layer {name!r}: the PT2E backend quantizes weights per channel on a uniform grid; "
                 f"granularity={bits.granularity!r}, grid={bits.grid!r} are FX-only for now "
                 "(use zq_plugin.quantize_fx, or plan.replace_layer(name, granularity='per_channel', grid='uniform'))."
             )
-    act_observer = act_observer or ao.MinMaxObserver
-    weight_observer = weight_observer or ao.PerChannelMinMaxObserver
+    act_observer = _observer_class(act_observer or ao.MinMaxObserver, "act_observer", per_channel=False)
+    weight_observer = _observer_class(weight_observer or ao.PerChannelMinMaxObserver, "weight_observer", True)
+    named = plan.layers if plan is not None else {}
     if qat:
         act_observer = ao.FakeQuantize.with_args(observer=act_observer)
         weight_observer = ao.FakeQuantize.with_args(observer=weight_observer)
@@ -164,8 +202,22 @@ def plan_quantizer(plan: BitPlan, *, act_observer: Any = None, weight_observer: 
     class PlanQuantizer(ao.Quantizer):  # type: ignore[name-defined]
         """Conv/Linear inputs and weights at the plan's bits (see the module docstring)."""
 
+        def __init__(self) -> None:
+            super().__init__()
+            self.annotated: set[str] = set()  # the module names of the layers it annotated
+
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             specs: dict[tuple[int, int], tuple[Any, Any]] = {}  # one pair of specs per distinct bits
+            layers = [n for n in model.graph.nodes if n.op == "call_function" and n.target in TARGETS]
+            edges = {layers[0], layers[-1]} if layers and first_last_bits is not None else set()
+
+            def bits_of(node: torch.fx.Node) -> LayerBits:
+                name = layer_name(node)
+                if name in named:
+                    return named[name]
+                if node in edges:
+                    return LayerBits(w_bits=first_last_bits, a_bits=first_last_bits)  # type: ignore[arg-type]
+                return default
 
             def spec(w_bits: int, a_bits: int) -> tuple[Any, Any]:
                 if (w_bits, a_bits) not in specs:
@@ -178,13 +230,14 @@ def plan_quantizer(plan: BitPlan, *, act_observer: Any = None, weight_observer: 
                 if node.op != "call_function":
                     continue
                 if node.target in TARGETS and len(node.args) >= 2:
-                    bits = plan.layers.get(layer_name(node), DEFAULT_BITS)
+                    bits = bits_of(node)
                     act, weight = spec(bits.w_bits, bits.a_bits)
                     inputs = {node.args[0]: act, node.args[1]: weight}
+                    self.annotated.add(layer_name(node))
                 elif node.target in SHARED_INPUT_OPS:
                     args = node.args[0] if node.target is torch.ops.aten.cat.default else node.args
                     tensors = [a for a in args if isinstance(a, torch.fx.Node) and _is_float_tensor(a)]
-                    inputs = {a: spec(8, _reader_bits(a, plan))[0] for a in tensors}
+                    inputs = {a: spec(8, _reader_bits(a, bits_of))[0] for a in tensors}
                 else:
                     continue
                 node.meta["quantization_annotation"] = ao.QuantizationAnnotation(
@@ -244,8 +297,10 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
             "would quantize with scale 1. Run calibration first: zq_plugin.calibrate(prepared, data)."
         )
     _running_var_for_torchao_eps(prepared)  # after it torchao's eps is right: nothing to restore later
+    left_float = getattr(prepared, "zq_left_float", [])
     converted = ao.convert_pt2e(prepared)
     ao.move_exported_model_to_eval(converted)
+    report_float_layers(converted, left_float, "PT2E")
     return converted
 
 
@@ -361,8 +416,11 @@ def export_for_pt2e(model: nn.Module, example: tuple[Any, ...]) -> torch.fx.Grap
         x.repeat(2, *[1] * (x.dim() - 1)) if t and x.shape[0] == 1 else x for x, t in zip(example, tensors, strict=True)
     )
     shapes = tuple({0: batch} if t else None for t in tensors)
+    model = copy.deepcopy(model).eval()
+    with torch.no_grad():  # inputs that do not fit the model get a named error, not torch.export's
+        call_model(model, example, 0, "PT2E export")
     try:
-        return torch.export.export(copy.deepcopy(model).eval(), example, dynamic_shapes=shapes).module()
+        return torch.export.export(model, example, dynamic_shapes=shapes).module()
     except Exception as exc:  # torch.export raises many kinds; name its reason
         raise ModelError(
             f"torch.export could not export {type(model).__name__} for PT2E ({_reason(exc)}). "
@@ -525,16 +583,24 @@ def _prepared(
     qat: bool,
 ) -> torch.fx.GraphModule:
     """Export, ``prepare_pt2e`` / ``prepare_qat_pt2e`` with the plan's quantizer, keep negative lobes, calibrate."""
+    from zq_plugin._utils import weight_layers
+
     ao = _compat.torchao_pt2e()
-    plan = bits["plan"]
-    if plan is None:
+    plan, uniform = bits["plan"], cast(dict[str, Any], {})
+    if plan is not None:
+        plan.check(model)
+    elif weight_layers(model):
         plan = BitPlan.uniform(
             model, w_bits=bits["w_bits"], a_bits=bits["a_bits"], first_last_bits=bits["first_last_bits"]
         )
-    quantizer = plan_quantizer(plan, qat=qat, **observers)
+    else:  # Conv/Linear by functional calls only: uniform bits by operator, first and last in graph order
+        uniform = {"default": LayerBits(w_bits=bits["w_bits"], a_bits=bits["a_bits"])}
+        uniform["first_last_bits"] = bits["first_last_bits"]
+    quantizer = plan_quantizer(plan, qat=qat, **observers, **uniform)
     example = _to_model(_example_inputs(data, batch_size, input_fn), model)
     prepare = ao.prepare_qat_pt2e if qat else ao.prepare_pt2e
     prepared = prepare(export_for_pt2e(model, example), quantizer)
+    prepared.zq_left_float = [n for n in weight_layer_names(model) if n not in quantizer.annotated]
     keep_negative_lobes(prepared)
     if not qat:
         calibrate(prepared, data, batch_size=batch_size, input_fn=input_fn)
