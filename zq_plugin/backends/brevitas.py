@@ -836,20 +836,37 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
 
 @typing.overload
 def run_onnx(
-    path: str | os.PathLike[str], x: torch.Tensor, *, batch_size: int = ..., all_outputs: Literal[False] = ...
+    path: str | os.PathLike[str],
+    x: torch.Tensor,
+    *,
+    batch_size: int = ...,
+    all_outputs: Literal[False] = ...,
+    optimize: bool = ...,
 ) -> torch.Tensor: ...
 @typing.overload
 def run_onnx(
-    path: str | os.PathLike[str], x: torch.Tensor, *, batch_size: int = ..., all_outputs: Literal[True]
+    path: str | os.PathLike[str],
+    x: torch.Tensor,
+    *,
+    batch_size: int = ...,
+    all_outputs: Literal[True],
+    optimize: bool = ...,
 ) -> list[torch.Tensor]: ...
 def run_onnx(
-    path: str | os.PathLike[str], x: torch.Tensor, *, batch_size: int = 250, all_outputs: bool = False
+    path: str | os.PathLike[str],
+    x: torch.Tensor,
+    *,
+    batch_size: int = 250,
+    all_outputs: bool = False,
+    optimize: bool = True,
 ) -> torch.Tensor | list[torch.Tensor]:
     """Run an exported model in onnxruntime (CPU) on ``x`` ``[N, ...]``.
 
     Returns the first output ``[N, ...]`` (the logits, for a file from :func:`export_onnx`), or
     with ``all_outputs=True`` the list of every output in the file's order, each concatenated
-    over the batches. ``x`` may live on any device.
+    over the batches. ``x`` may live on any device. ``optimize=False`` turns onnxruntime's graph
+    optimizations off: then QDQ patterns are computed as written, as torch computes them; at
+    the default level onnxruntime fuses them into integer kernels that round differently.
 
     Example:
         >>> import tempfile, torch
@@ -866,7 +883,10 @@ def run_onnx(
         ort = importlib.import_module("onnxruntime")
     except ImportError as exc:
         raise MissingDependencyError("running ONNX needs onnxruntime: pip install 'zq-plugin[onnx]'.") from exc
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     shape = session.get_inputs()[0].shape
     fixed = isinstance(shape[0], int)  # a traced batch size: run one sample at a time
