@@ -309,3 +309,17 @@ def test_reconstruct_pt2e_carries_the_rounded_weights_and_learned_steps():
     test = torch.randn(32, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(q(test), sim(test), atol=1e-5, rtol=1e-5)
+
+
+def test_a_missing_torchao_names_the_extra_before_any_work(monkeypatch):
+    import sys
+
+    from zq_plugin import _compat
+    from zq_plugin.backends.pt2e import prepare_qat, reconstruct_pt2e
+    from zq_plugin.errors import MissingDependencyError
+
+    monkeypatch.setattr(_compat, "_TORCHAO", None)
+    monkeypatch.setitem(sys.modules, "torchao.quantization.pt2e", None)  # makes the import fail
+    for entry in (quantize_pt2e, prepare_qat, reconstruct_pt2e):
+        with pytest.raises(MissingDependencyError, match=r"zq-plugin\[pt2e\]"):
+            entry(_net(), torch.randn(8, 1, 8, 8))

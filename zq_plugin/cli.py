@@ -500,14 +500,7 @@ def _quantize_pt2e(
 
     report["backend"] = "pt2e"
     if method is not None:
-        config = _reconstruct_config(method, args, report)
-        report.update(act_observer="mse", weight_observer="mse")
-        started = time.perf_counter()
-        converted = reconstruct_pt2e(
-            model, data, w_bits=args.w_bits, a_bits=args.a_bits, plan=plan, config=config,
-            first_last_bits=args.first_last_bits, cache_dir=args.cache_dir, progress=sys.stderr.isatty(),
-        )  # fmt: skip
-        report["reconstruction_seconds"] = round(time.perf_counter() - started, 1)
+        converted = _quantize_reconstructed(model, data, plan, method, args, report, run=reconstruct_pt2e)
         report["carried"] = converted.zq_carried
         return converted
     report.update(act_observer=args.act_observer, weight_observer=args.weight_observer)
@@ -534,15 +527,24 @@ def _reconstruct_config(method: str, args: argparse.Namespace, report: dict[str,
 
 
 def _quantize_reconstructed(
-    model: nn.Module, data: Any, plan: Any, method: str, args: argparse.Namespace, report: dict[str, Any]
+    model: nn.Module,
+    data: Any,
+    plan: Any,
+    method: str,
+    args: argparse.Namespace,
+    report: dict[str, Any],
+    run: Any = None,
 ) -> nn.Module:
-    """``zq quantize --reconstruct METHOD`` / ``--recipe best``: MSE observers, then reconstruction (FX)."""
+    """``zq quantize --reconstruct METHOD`` / ``--recipe best``: MSE observers, then reconstruction.
+
+    ``run`` is the entry point (default ``reconstruct_fx``; the PT2E backend passes ``reconstruct_pt2e``).
+    """
     from zq_plugin.reconstruct import reconstruct_fx
 
     config = _reconstruct_config(method, args, report)
     report.update(act_observer="mse", weight_observer="mse")
     started = time.perf_counter()
-    sim = reconstruct_fx(
+    sim = (run or reconstruct_fx)(
         model, data, w_bits=args.w_bits, a_bits=args.a_bits, plan=plan, config=config,
         first_last_bits=args.first_last_bits, cache_dir=args.cache_dir, progress=sys.stderr.isatty(),
     )  # fmt: skip
