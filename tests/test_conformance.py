@@ -443,6 +443,7 @@ def test_quantize_pt2e(name):
 
 _QAT_OPEN = {  # found by this column, open in issue 16 (strict: a fix turns them into failures to remove)
     "densenet121": "W4A4 ONNX in onnxruntime differs from the converted model beyond 1e-4 of the logits",
+    "googlenet": "prepare_qat -> convert W8A8 logits 0.40 cosine-similar to float: torchao's QAT BatchNorm eps=1e-5",
 }
 
 

@@ -255,6 +255,7 @@ def test_prepare_qat_trains_through_4_bit_fake_quantizers_and_converts():
     assert q(torch.randn(3, 1, 8, 8)).shape == (3, 3)
 
 
+@pytest.mark.xfail(strict=True, reason="issue 16, open: restoring eps broke eval-mode QAT calibration on MobileNetV3")
 def test_prepare_qat_keeps_each_batchnorm_eps_through_mode_switches_and_convert():
     """torchao writes eps=1e-5 into every QAT Conv+BN (GoogLeNet's 1e-3: converted W8A8 logits 0.40 cosine)."""
     from zq_plugin.backends.pt2e import convert, move_to_eval, move_to_train, prepare_qat, quantize_pt2e
