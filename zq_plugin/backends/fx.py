@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -115,7 +114,6 @@ def calibrate(
     batch_size: int = 64,
     max_batches: int | None = None,
     input_fn: InputFn | None = None,
-    keep_mode: bool = False,
 ) -> CalibrationSummary:
     """Run a prepared model over calibration data so its observers record ranges (in place).
 
@@ -137,8 +135,6 @@ def calibrate(
         input_fn: maps a batch to the model's positional inputs, e.g. ``lambda b: (b[0], b[1])``
             for ``forward(x, mask)`` fed by a loader of ``(x, mask)``. Tensor and SyntheticDataset
             data give it image batches.
-        keep_mode: run the model in the mode it is in instead of eval mode (the PT2E QAT
-            backend calibrates its training-mode graph so, with BatchNorm momentum 0).
 
     Returns:
         A :class:`~zq_plugin._utils.CalibrationSummary` (batches and samples seen); ``prepared``
@@ -158,7 +154,7 @@ def calibrate(
     """
     seen = samples = 0
     device, dtype = input_placement(prepared)
-    with contextlib.nullcontext() if keep_mode else eval_mode(prepared), torch.no_grad():
+    with eval_mode(prepared), torch.no_grad():
         for batch in _raw_batches(data, batch_size):
             if max_batches is not None and seen >= max_batches:
                 break
