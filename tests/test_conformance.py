@@ -441,6 +441,29 @@ def test_quantize_pt2e(name):
     check_w8a8_pt2e(model, before, converted, x)
 
 
+@pytest.mark.skipif(not _compat.has_torchao(), reason="torchao is not installed")
+@pytest.mark.parametrize("name", rows(fast_rows=()))  # reconstruction + export: the slow tier
+def test_reconstruct_pt2e(name):
+    """reconstruct_fx's result carried into a converted PT2E model: every layer's weight step
+    carried, 4-bit inputs on the quantize nodes, finite logits, source unchanged."""
+    import dataclasses
+
+    from zq_plugin.backends.pt2e import reconstruct_pt2e
+
+    model, before, x = cell(name)
+    quick = dataclasses.replace(zq_plugin.ReconstructConfig(), iterations=2, checks=1)
+    with quiet():
+        converted = reconstruct_pt2e(model, calib_of(x.shape[1:], 16), config=quick, progress=False)
+    carried = converted.zq_carried
+    assert carried["weight_steps"] == len(weight_layer_names(model)) - len(getattr(converted, "zq_float_layers", ()))
+    ranges = {tuple(n.args[3:5]) for n in converted.graph.nodes if "quantize_per_tensor" in str(n.target)}
+    if len(weight_layer_names(model)) > 2:  # first and last layers keep 8 bits
+        assert (0, 15) in ranges or (-8, 7) in ranges, f"no 4-bit input among {ranges}"
+    assert not _chained(converted), f"quantized twice in a row: {_chained(converted)[:3]}"
+    logits(converted, x)
+    assert_unchanged(model, before)
+
+
 _QAT_OPEN = {  # found by this column, open in issue 16 (strict: a fix turns them into failures to remove)
     "densenet121": "W4A4 ONNX in onnxruntime differs from the converted model beyond 1e-4 of the logits",
     "googlenet": "prepare_qat -> convert W8A8 logits 0.40 cosine-similar to float: torchao's QAT BatchNorm eps=1e-5",

@@ -155,3 +155,27 @@ def test_batchnorm_that_no_conv_absorbs_keeps_its_statistics(images):
     bn = next(m for m in sim.modules() if isinstance(m, torch.nn.BatchNorm2d))
     torch.testing.assert_close(bn.running_mean, net[2].running_mean, rtol=0, atol=0)
     assert all(r["held_after"] <= r["held_before"] for r in sim.zq_reconstruction)
+
+
+def test_a_plan_naming_a_linear_read_functionally_reconstructs():
+    """F.linear(x, self.fc.weight): 'fc' is a plan layer of the model, a bare module in the trace;
+    FX gives that call its default 8 bits, as quantize_fx on the model does (found by conformance)."""
+    import torch.nn.functional as F
+
+    class Functional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            x = F.adaptive_avg_pool2d(F.relu(self.bn(self.conv(x))), 1).flatten(1)
+            return F.linear(x, self.fc.weight, self.fc.bias)
+
+    net = Functional().eval()
+    from zq_plugin.mixed_precision import BitPlan
+
+    plan = BitPlan.uniform(net, w_bits=4, a_bits=4, first_last_bits=None)
+    quick = dataclasses.replace(METHODS["genie-m"], iterations=2, checks=1)
+    sim = reconstruct_fx(net, torch.randn(16, 1, 8, 8), plan=plan, config=quick, progress=False)
+    assert [layer for r in sim.zq_reconstruction for layer in r["layers"]] == ["conv"]
+    assert sim(torch.randn(2, 1, 8, 8)).shape == (2, 3)

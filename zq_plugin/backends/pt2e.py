@@ -816,7 +816,7 @@ def reconstruct_pt2e(
             layer.weight.copy_(source.weight)
             if layer.bias is not None and source.bias is not None:
                 layer.bias.copy_(source.bias)
-    bits = {"w_bits": w_bits, "a_bits": a_bits, "plan": plan, "first_last_bits": first_last_bits}
+    bits = {"w_bits": w_bits, "a_bits": a_bits, "plan": plan.traced(folded), "first_last_bits": first_last_bits}
     chosen = {"act_observer": observers.MSEObserver, "weight_observer": observers.PerChannelMSEObserver}
     prepared = _prepared(folded, data, bits, chosen, batch_size, None, qat=False)
     carried = carry_steps(prepared, sim)

@@ -138,6 +138,19 @@ class BitPlan:
         layers[name] = replace(layers[name], **changes)
         return BitPlan(layers, self.meta)
 
+    def traced(self, traced: nn.Module) -> BitPlan:
+        """The plan without the layers that a traced copy of its model holds as plain attributes.
+
+        ``torch.fx`` turns a Linear whose weight the model reads functionally
+        (``F.linear(x, self.fc.weight)``) into a bare module holding the weight: it is a plan layer
+        of the model (:meth:`check` passes) but not of the trace, and FX quantizes that call with
+        its default qconfig, as :func:`zq_plugin.quantize_fx` does on the model itself. Call
+        :meth:`check` on the model first.
+        """
+        layers = weight_layers(traced)
+        kept = {name: bits for name, bits in self.layers.items() if name in layers}
+        return self if len(kept) == len(self.layers) else BitPlan(kept, self.meta)
+
     def with_params(self, model: nn.Module) -> BitPlan:
         """The same plan with each layer's weight count read from ``model`` (after :meth:`check`)."""
         self.check(model)

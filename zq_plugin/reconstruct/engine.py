@@ -458,6 +458,8 @@ def reconstruct_fx(
     device, dtype = model_device_dtype(model)
     images = _images(data, device, dtype)
     folded = fuse(copy.deepcopy(model).eval(), inplace=True)  # BN folded into the weights first
+    if plan is not None:
+        plan = plan.check(model).traced(folded)
     observers = {"act_observer": MSEObserver, "weight_observer": PerChannelMSEObserver}
     sim = quantize_fx(
         folded, images, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits,
