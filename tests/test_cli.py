@@ -256,6 +256,14 @@ def test_negative_evaluate_is_refused(capsys):
     assert info.value.code == 2 and "must be >= 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--w-bits", "--a-bits", "--first-last-bits"])
+def test_bad_bits_are_refused_before_the_data_are_made(flag, monkeypatch, capsys):
+    """--w-bits 1 was refused only after synthesis had run (an outside check)."""
+    monkeypatch.setattr(cli, "load_data", lambda *a, **k: pytest.fail("data made before the bits were checked"))
+    assert cli.main(["quantize", "--model", "plain_cnn", "--data", "zeroq", flag, "1"]) != 0
+    assert f"{flag}=1 is not supported" in capsys.readouterr().err
+
+
 def test_int8_out_creates_its_folder(tmp_path, capsys):
     """Issue 14: --int8-out nodir/x.pt failed after the work while --onnx-out created its folder."""
     out = tmp_path / "nodir" / "int8.pt"

@@ -31,6 +31,7 @@ from zq_plugin.errors import ConfigError, DataMismatchError, ZQError
 from zq_plugin.evaluation import accuracy
 from zq_plugin.mixed_precision.report import chosen_index, plot_frontier, points_to_measure
 from zq_plugin.observers.ao import NAMES, observer_class
+from zq_plugin.qparams import check_bits
 from zq_plugin.synth import synthesize
 from zq_plugin.synth.store import SynthesisInterrupted
 
@@ -420,6 +421,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             "whose file name ends in .pt2."
         )
     check_writable(args.out, "--out")
+    if not args.plan:  # before the model, the data and the calibration, which take a while
+        for flag, bits in (("--w-bits", args.w_bits), ("--a-bits", args.a_bits)):
+            check_bits(bits, flag)
+    if args.first_last_bits is not None:
+        check_bits(args.first_last_bits, "--first-last-bits")
     model = load_model(args.model, args.arch, args.checkpoint)
     if args.evaluate:  # before the data and the calibration, which take a while
         require_fashion_mnist(model, args, "--evaluate")
