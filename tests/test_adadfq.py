@@ -1,0 +1,220 @@
+"""AdaDFQ / GDFQ: the game's losses (properties), the generator, and data-free fine-tuning."""
+
+import math
+
+import pytest
+import torch
+from conftest import assert_unchanged, snapshot
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.finetune import finetune
+from zq_plugin.synth.adadfq import (
+    AdaDFQConfig,
+    ConditionalGenerator,
+    GDFQConfig,
+    entropy,
+    low_pass,
+    margin_loss,
+    normalized_entropy,
+    student_loss,
+)
+
+unit = st.floats(0.0, 1.0, allow_nan=False)
+
+
+@given(h=unit, lower=st.floats(0.0, 0.49), upper=st.floats(0.51, 1.0))
+def test_margin_term_is_zero_inside_the_margins_and_rises_linearly_outside(h, lower, upper):
+    value = float(margin_loss(torch.tensor([h]), lower, upper))
+    if lower <= h <= upper:
+        assert value == 0.0
+    else:
+        assert value == pytest.approx(max(lower - h, h - upper), abs=1e-6)
+        further = min(max(h + (0.01 if h > upper else -0.01), 0.0), 1.0)
+        if abs(further - h) > 1e-3:  # one step further from the band costs more
+            assert float(margin_loss(torch.tensor([further]), lower, upper)) > value
+
+
+@given(st.lists(st.floats(-20, 20), min_size=6, max_size=6), st.sampled_from(["batch", "max"]))
+def test_normalized_entropy_lies_in_the_unit_interval(values, normalize):
+    logits = torch.tensor(values).view(2, 3)
+    h = entropy(logits)
+    assert bool((h >= -1e-6).all() and (h <= math.log(3) + 1e-6).all())
+    hn = normalized_entropy(h, 3, normalize)
+    assert bool((hn >= 0).all() and (hn <= 1).all()) and torch.isfinite(hn).all()
+
+
+def test_batch_normalization_of_uniform_samples_does_not_divide_by_zero():
+    """methods.md §6.3 defect 4: every sample uniform makes min H = log C."""
+    assert torch.equal(normalized_entropy(entropy(torch.zeros(4, 10)), 10, "batch"), torch.ones(4))
+
+
+def test_student_loss_is_lowest_at_the_teacher():
+    torch.manual_seed(0)
+    teacher = torch.randn(8, 10)
+    near = teacher + 0.01 * torch.randn(8, 10)
+    far = torch.randn(8, 10)
+    for kind in ("kd", "entropy"):
+        at = student_loss(teacher, teacher, None, kind=kind)
+        assert float(student_loss(near, teacher, None, kind=kind)) <= float(student_loss(far, teacher, None, kind=kind))
+        assert float(at) <= float(student_loss(near, teacher, None, kind=kind)) + 1e-6 * abs(float(at)) + 1e-6
+    shifted = student_loss(teacher + 3.0, teacher, None, kind="entropy")  # AdaDFQ's: shift-invariant
+    assert float(shifted) == pytest.approx(float(student_loss(teacher, teacher, None, kind="entropy")), abs=1e-4)
+    # SynQ: no CE on hard samples (the teacher gives the label little probability)
+    confident = torch.zeros(2, 3)
+    confident[0, 0] = confident[1, 1] = 10.0
+    y = torch.tensor([0, 2])  # sample 1's label is hard for the teacher
+    all_ce = student_loss(confident, confident, y)
+    easy_only = student_loss(confident, confident, y, hard_threshold=0.5)
+    assert float(easy_only) < float(all_ce)
+
+
+def test_low_pass_keeps_everything_at_one_and_only_the_mean_near_zero():
+    x = torch.randn(3, 2, 9, 7)
+    torch.testing.assert_close(low_pass(x, 1.0), x, atol=1e-5, rtol=0)
+    flat = low_pass(x, 1e-3)
+    torch.testing.assert_close(flat, x.mean((2, 3), keepdim=True).expand_as(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 30, 27), (2, 8, 8)])
+def test_the_generator_makes_images_of_any_shape(shape):
+    g = ConditionalGenerator(shape, num_classes=5, latent_dim=8, width=8)
+    assert g(torch.randn(3, 8), torch.tensor([0, 4, 2])).shape == (3, *shape)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"margin": (0.8, 0.1)}, "lambda_l < lambda_u"),
+        ({"margin": (0.1, 1.5)}, "lambda_l < lambda_u"),
+        ({"margin": (0.1,)}, "two numbers"),
+        ({"steps": 0}, "steps"),
+        ({"steps": 10, "warmup": 10}, "warmup"),
+        ({"w_bits": 1}, "w_bits=1"),
+        ({"a_bits": 9}, "a_bits=9"),
+        ({"lr_generator": 0.0}, "lr_generator"),
+        ({"alpha_ds": -1.0}, "alpha_ds"),
+        ({"class_loss": "other"}, "class_loss"),
+        ({"lowpass": 0.0}, "lowpass"),
+        ({"hard_threshold": 1.0}, "hard_threshold"),
+    ],
+)
+def test_bad_options_raise_named_errors(options, match):
+    with pytest.raises(ConfigError, match=match):
+        AdaDFQConfig(**options)
+
+
+def test_gdfq_is_the_game_without_margins_on_the_teachers_class():
+    config = GDFQConfig()
+    assert config.margin is None and config.class_loss == "teacher" and config.bns_weight == 0.1
+    assert AdaDFQConfig(margin=[0.2, 0.7]).margin == (0.2, 0.7)  # a JSON list from the CLI
+
+
+QUICK = {"input_shape": (1, 8, 8), "batch_size": 16, "calibration_samples": 32, "progress": False}
+
+
+def _game(steps, warmup=0, **options):
+    return AdaDFQConfig(steps=steps, warmup=warmup, width=16, latent_dim=16, lr_student=0.01, **options)
+
+
+def test_generator_and_student_both_learn_on_a_tiny_model(tiny_bn_net, monkeypatch):
+    """Over 60 iterations the generator's BN term and the student's distillation loss fall."""
+    from zq_plugin import finetune as ft
+
+    log = []
+    advance = ft._Run.advance
+
+    def record(self):
+        out = advance(self)
+        log.append(out)
+        return out
+
+    monkeypatch.setattr(ft._Run, "advance", record)
+    finetune(tiny_bn_net, config=_game(60, warmup=5), **QUICK)
+    first, last = log[5:15], log[-10:]
+    for key in ("g_bns", "student"):
+        assert sum(r[key] for r in last) < sum(r[key] for r in first), key
+
+
+def test_same_seed_same_model_and_the_source_is_unchanged(tiny_bn_net):
+    before = snapshot(tiny_bn_net)
+    a = finetune(tiny_bn_net, config=_game(6, warmup=2), seed=3, **QUICK)
+    b = finetune(tiny_bn_net, config=_game(6, warmup=2), seed=3, **QUICK)
+    c = finetune(tiny_bn_net, config=_game(6, warmup=2), seed=4, **QUICK)
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(value, b.state_dict()[key], rtol=0, atol=0)
+    assert any(not torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
+    assert_unchanged(tiny_bn_net, before)
+
+
+def test_a_killed_run_resumes_to_the_same_model(tiny_bn_net, tmp_path, monkeypatch):
+    from zq_plugin import finetune as ft
+
+    config = _game(12, warmup=3)
+    whole = finetune(tiny_bn_net, config=config, **QUICK)
+    advance = ft._Run.advance
+
+    def dies_at_8(self):
+        if self.step == 8:
+            raise KeyboardInterrupt
+        return advance(self)
+
+    monkeypatch.setattr(ft._Run, "advance", dies_at_8)
+    before = snapshot(tiny_bn_net)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_bn_net, config=config, cache_dir=tmp_path, checkpoint_every=5, **QUICK)
+    assert_unchanged(tiny_bn_net, before)  # also after an interruption
+    monkeypatch.setattr(ft._Run, "advance", advance)
+    steps_run = []
+    monkeypatch.setattr(ft._Run, "advance", lambda self: steps_run.append(self.step) or advance(self))
+    resumed = finetune(tiny_bn_net, config=config, cache_dir=tmp_path, checkpoint_every=5, **QUICK)
+    assert steps_run[0] == 5
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(value, resumed.state_dict()[key], rtol=0, atol=0)
+
+
+def test_fine_tuning_on_a_fixed_set_uses_its_labels(tiny_bn_net):
+    from zq_plugin.data import SyntheticDataset
+
+    data = SyntheticDataset(torch.randn(32, 1, 8, 8), labels=torch.randint(0, 3, (32,)), method="noise")
+    q = finetune(tiny_bn_net, data, config=_game(5), batch_size=8, progress=False)
+    assert q.zq_finetune["generator"] is None and q(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_named_errors(tiny_bn_net, tiny_plain_net):
+    with pytest.raises(ConfigError, match="generator='other'"):
+        finetune(tiny_bn_net, generator="other", **QUICK)
+    with pytest.raises(ConfigError, match="w_bits=1"):
+        finetune(tiny_bn_net, w_bits=1, **QUICK)
+    with pytest.raises(ConfigError, match="steps=0"):
+        finetune(tiny_bn_net, steps=0, **QUICK)
+    with pytest.raises(ConfigError, match="input_shape"):
+        finetune(tiny_bn_net, progress=False)
+    before = snapshot(tiny_plain_net)
+    with pytest.raises(ModelError, match="no BatchNorm"):  # the game matches BN statistics: give data
+        finetune(tiny_plain_net, **QUICK)
+    assert_unchanged(tiny_plain_net, before)
+    q = finetune(tiny_plain_net, torch.randn(16, 1, 8, 8), config=_game(3), batch_size=8, progress=False)
+    assert q(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_a_model_in_float64_is_fine_tuned_in_its_dtype(tiny_bn_net):
+    net = tiny_bn_net.double()
+    q = finetune(net, config=_game(3, warmup=1), **QUICK)
+    assert q(torch.randn(2, 1, 8, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+class _NoLogits(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_a_model_without_class_logits_is_refused():
+    with pytest.raises(ModelError, match="classes"):
+        finetune(_NoLogits().eval(), **QUICK)

@@ -1,0 +1,439 @@
+"""Data-free fine-tuning: a clamping FX simulation trained by distillation from the float model.
+
+The student is the :func:`zq_plugin.quantize_fx` simulation of the model (a ``prepare_qat_fx``
+``GraphModule``, BatchNorm folded first, MSE-calibrated steps, then frozen) or, with
+``init="reconstruct"``, the :func:`zq_plugin.reconstruct_fx` result. Its weights train through
+the FakeQuantize modules (straight-through, zero gradient outside the clamping range), with
+the steps fixed, distilled from the untouched float model (the teacher) on:
+
+* a **generator** playing AdaDFQ's or GDFQ's game (:mod:`zq_plugin.synth.adadfq`): each
+  iteration updates the generator against the current student, then the student on the
+  generator's (detached) images, after ``warmup`` generator-only iterations; or
+* a **fixed synthetic set** from any method (``data=``), batches drawn with replacement.
+
+Each iteration's student loss is :func:`zq_plugin.synth.adadfq.student_loss` (KL at a
+temperature, plus CE on the generator's labels or the set's labels when it has them).
+The student optimizer is SGD with Nesterov momentum 0.9 and weight decay 1e-4 (GDFQ's),
+its learning rate decayed by a cosine to zero; the generator's is Adam with betas (0.5, 0.999).
+
+Runs are seeded (the same call gives the same model), never change the float model, and with
+``cache_dir`` keep a checkpoint every ``checkpoint_every`` iterations from which the same call
+resumes to the same result.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from zq_plugin._utils import model_device_dtype, select_output
+from zq_plugin.data import CalibrationData, atomic_torch_save, iter_batches, model_fingerprint
+from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.synth.adadfq import (
+    AdaDFQConfig,
+    ConditionalGenerator,
+    GDFQConfig,
+    batchnorm_statistics_loss,
+    generate,
+    generator_loss,
+    running_moments,
+    sample_inputs,
+    student_loss,
+)
+from zq_plugin.synth.hooks import bn_sums, frozen, require_batchnorm
+from zq_plugin.synth.store import method_code_hash, run_key
+
+logger = logging.getLogger(__name__)
+
+GENERATORS: dict[str, type[AdaDFQConfig]] = {"adadfq": AdaDFQConfig, "gdfq": GDFQConfig}
+Init = Literal["calibrate", "reconstruct"]
+
+
+def fx_student(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    w_bits: int,
+    a_bits: int,
+    first_last_bits: int | None = 8,
+    init: Init = "calibrate",
+    seed: int = 0,
+) -> fx.GraphModule:
+    """The student: a clamping FX simulation of ``model`` whose weights train (eval mode, steps fixed).
+
+    ``init="calibrate"``: :func:`zq_plugin.quantize_fx` of the BN-folded model with the MSE
+    observers on ``images``; ``"reconstruct"``: :func:`zq_plugin.reconstruct_fx` (Genie-M) on them.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    from zq_plugin.backends.fx import quantize_fx
+    from zq_plugin.observers.ao import MSEObserver, PerChannelMSEObserver
+    from zq_plugin.reconstruct.engine import reconstruct_fx
+
+    if init == "reconstruct":
+        sim = reconstruct_fx(
+            model, images, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits, seed=seed, progress=False
+        )
+    else:
+        folded = fuse(copy.deepcopy(model).eval(), inplace=True)
+        sim = quantize_fx(
+            folded, images, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits, fold=False,
+            act_observer=MSEObserver, weight_observer=PerChannelMSEObserver,
+        )  # fmt: skip
+    sim.eval()
+    for p in sim.parameters():
+        p.requires_grad_(True)
+    return sim
+
+
+class _Run:
+    """One fine-tuning run's trainable state: student, optional generator, optimizers, RNG, step."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: fx.GraphModule,
+        generator: ConditionalGenerator | None,
+        config: AdaDFQConfig,
+        *,
+        images: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        batch_size: int,
+        input_range: tuple[float, float] | None,
+        num_classes: int,
+        seed: int,
+    ) -> None:
+        self.teacher, self.student, self.generator, self.config = teacher, student, generator, config
+        self.images, self.labels = images, labels
+        self.batch_size, self.input_range, self.num_classes = batch_size, input_range, num_classes
+        self.device, self.dtype = model_device_dtype(teacher)
+        self.rng = torch.Generator().manual_seed(seed)
+        self.step = 0
+        params = [p for p in student.parameters() if p.requires_grad]
+        self.opt_s = torch.optim.SGD(params, lr=config.lr_student, momentum=0.9, nesterov=True, weight_decay=1e-4)
+        student_steps = config.steps - (config.warmup if generator is not None else 0)
+        self.sched_s = torch.optim.lr_scheduler.LambdaLR(
+            self.opt_s, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, student_steps) / student_steps))
+        )
+        self.opt_g = (
+            torch.optim.Adam(generator.parameters(), lr=config.lr_generator, betas=(0.5, 0.999))
+            if generator is not None
+            else None
+        )
+        self.bns = require_batchnorm(teacher, "adadfq") if generator is not None else {}
+        self.targets = running_moments(self.bns)
+
+    # -- one iteration --------------------------------------------------------------------------------
+    def advance(self) -> dict[str, float]:
+        """One iteration; returns its losses."""
+        config, out = self.config, {}
+        labels: torch.Tensor | None
+        if self.generator is not None:
+            x, labels, z_p, parts = self._generator_step()
+            out.update({f"g_{k}": v for k, v in parts.items()})
+            train_student = self.step >= config.warmup
+        else:
+            x, labels = self._fixed_batch()
+            with torch.no_grad():
+                z_p = select_output(self.teacher(x))
+            train_student = True
+        if train_student:
+            self.student.train(False)
+            z_q = select_output(self.student(x))
+            loss = student_loss(
+                z_q,
+                z_p,
+                labels,
+                kind=config.student_loss,
+                temperature=config.temperature,
+                hard_threshold=config.hard_threshold,
+            )
+            if not math.isfinite(float(loss.detach())):
+                raise ModelError(f"the student loss became {float(loss)} at iteration {self.step}; lower lr_student.")
+            self.opt_s.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_s.step()
+            self.sched_s.step()
+            out["student"] = float(loss.detach())
+        self.step += 1
+        return out
+
+    def _generator_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+        assert self.generator is not None and self.opt_g is not None
+        config = self.config
+        z, labels = sample_inputs(config, self.num_classes, self.batch_size, self.rng, self.device, self.dtype)
+        x = generate(self.generator, z, labels, input_range=self.input_range, lowpass=config.lowpass)
+        with bn_sums(dict(self.bns)) as stats:
+            z_p = select_output(self.teacher(x))
+            bns = batchnorm_statistics_loss(stats, self.targets)
+        self.student.requires_grad_(False)  # the generator's loss reaches the images, not the student
+        try:
+            z_q = select_output(self.student(x))
+        finally:
+            for p in self.student.parameters():
+                p.requires_grad_(True)
+        loss, parts = generator_loss(z_p, z_q, labels, bns, config)
+        if not math.isfinite(float(loss.detach())):
+            raise ModelError(f"the generator loss became {float(loss)} at iteration {self.step}; lower lr_generator.")
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        return x.detach(), labels, z_p.detach(), parts
+
+    def _fixed_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        assert self.images is not None
+        index = torch.randint(0, len(self.images), (self.batch_size,), generator=self.rng)
+        x = self.images[index].to(self.device, self.dtype)
+        return x, None if self.labels is None else self.labels[index].to(self.device)
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Everything a resumed run needs (CPU tensors)."""
+
+        def cpu(sd: dict[str, Any]) -> dict[str, Any]:
+            return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+
+        blob: dict[str, Any] = {
+            "step": self.step,
+            "rng": self.rng.get_state(),
+            "student": cpu(self.student.state_dict()),
+            "opt_s": self.opt_s.state_dict(),
+            "sched_s": self.sched_s.state_dict(),
+        }
+        if self.generator is not None and self.opt_g is not None:
+            blob.update(generator=cpu(self.generator.state_dict()), opt_g=self.opt_g.state_dict())
+        return blob
+
+    def load(self, blob: dict[str, Any]) -> None:
+        """Restore :meth:`state`."""
+        self.step = int(blob["step"])
+        self.rng.set_state(blob["rng"])
+        self.student.load_state_dict(blob["student"])
+        self.opt_s.load_state_dict(blob["opt_s"])
+        self.sched_s.load_state_dict(blob["sched_s"])
+        if self.generator is not None and self.opt_g is not None:
+            self.generator.load_state_dict(blob["generator"])
+            self.opt_g.load_state_dict(blob["opt_g"])
+
+
+def _checkpoint(folder: Path) -> Path:
+    return folder / "state.pt"
+
+
+def _resume(folder: Path, run: _Run) -> None:
+    path = _checkpoint(folder)
+    if not path.is_file():
+        return
+    try:
+        run.load(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:  # a damaged checkpoint is recomputed, never trusted
+        logger.warning("ignoring fine-tuning checkpoint %s (%s)", path, exc)
+        return
+    logger.info("resuming fine-tuning at iteration %d from %s", run.step, path)
+
+
+def _images_and_labels(data: CalibrationData) -> tuple[torch.Tensor, torch.Tensor | None]:
+    labels = getattr(data, "labels", None)
+    images = data if isinstance(data, torch.Tensor) else torch.cat(list(iter_batches(data, 64)))
+    if images.dim() < 2 or len(images) == 0:
+        raise ConfigError(f"fine-tuning needs a batch of images [N, ...], got shape {tuple(images.shape)}.")
+    if labels is not None and len(labels) != len(images):
+        labels = None
+    return images.detach().cpu(), None if labels is None else labels.cpu().long()
+
+
+def _num_classes(model: nn.Module, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> int:
+    with torch.no_grad():
+        out = select_output(model(torch.zeros(2, *shape, device=device, dtype=dtype)))
+    if out.dim() != 2:
+        raise ModelError(f"the model's logits have shape {tuple(out.shape)}; fine-tuning needs [N, classes].")
+    return int(out.shape[1])
+
+
+def finetune(
+    model: nn.Module,
+    data: CalibrationData | None = None,
+    *,
+    w_bits: int = 4,
+    a_bits: int = 4,
+    first_last_bits: int | None = 8,
+    generator: str = "adadfq",
+    steps: int | None = None,
+    config: AdaDFQConfig | None = None,
+    init: Init = "calibrate",
+    input_shape: tuple[int, ...] | None = None,
+    input_range: tuple[float, float] | Literal["auto"] | None = "auto",
+    batch_size: int = 64,
+    calibration_samples: int = 256,
+    seed: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 100,
+    progress: bool = True,
+) -> fx.GraphModule:
+    """Fine-tune a quantized copy of ``model`` by distillation, on a generator or on ``data``.
+
+    Args:
+        model: the trained float model (not changed: weights, buffers, modes, hooks).
+        data: a fixed calibration set (any source; labels of a
+            :class:`~zq_plugin.data.SyntheticDataset` are used). ``None``: a generator plays the
+            game named by ``generator`` and its samples also calibrate the student.
+        w_bits: weight bits of all but the first and last layer (2-8).
+        a_bits: activation bits of all but the first and last layer (2-8).
+        first_last_bits: bits of the first and last layer; ``None``: like the others (all layers
+            quantized, the fine-tuning literature's setting).
+        generator: ``"adadfq"`` or ``"gdfq"`` (:data:`GENERATORS`), used when ``data`` is ``None``.
+        steps: iterations (replaces ``config.steps``).
+        config: the game's and the student's options (:class:`~zq_plugin.synth.adadfq.AdaDFQConfig`;
+            default: the generator's). With ``data`` only the student's options apply and there is
+            no warm-up.
+        init: the student before fine-tuning: ``"calibrate"`` (MSE observers) or ``"reconstruct"``
+            (:func:`zq_plugin.reconstruct_fx` with Genie-M on the calibration images).
+        input_shape: one image's shape, e.g. ``(1, 28, 28)``; needed with a generator.
+        input_range: the valid input box (``"auto"``: ``model.input_range``); generated images are clamped to it.
+        batch_size: images per iteration.
+        calibration_samples: images that calibrate the student with a generator (drawn from it first).
+        seed: the same seed and arguments give the same model.
+        cache_dir: keep a checkpoint every ``checkpoint_every`` iterations under
+            ``cache_dir/finetune-<key>/``; the same call resumes there to the same result.
+        checkpoint_every: iterations between checkpoints.
+        progress: a tqdm bar with the losses.
+
+    Returns:
+        The fine-tuned clamping simulation (eval mode); ``.zq_finetune`` records the options,
+        the last losses and the seconds taken. ``convert_fx``, :func:`zq_plugin.accuracy` and
+        :func:`zq_plugin.backends.fx.export_sim` take it like any :func:`zq_plugin.quantize_fx` result.
+
+    Raises:
+        ConfigError: bad bits, steps, batch size, generator name or options; no ``input_shape``
+            with a generator.
+        ModelError: a generator on a model without BatchNorm (give ``data``), logits that are
+            not ``[N, classes]``, non-finite losses.
+
+    Example:
+        >>> import torch, zq_plugin
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        ...                           torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).eval()
+        >>> q = zq_plugin.finetune(net, w_bits=4, a_bits=4, steps=4, input_shape=(1, 8, 8), batch_size=8,
+        ...                        calibration_samples=16, progress=False, config=AdaDFQConfig(steps=4, warmup=1))
+        >>> q(torch.randn(2, 1, 8, 8)).shape
+        torch.Size([2, 3])
+    """
+    from zq_plugin.qparams import check_bits
+    from zq_plugin.reconstruct.engine import _tensor_hash
+    from zq_plugin.synth.api import resolve_input_range
+
+    check_bits(w_bits, "w_bits")
+    check_bits(a_bits, "a_bits")
+    if first_last_bits is not None:
+        check_bits(first_last_bits, "first_last_bits")
+    if generator not in GENERATORS:
+        raise ConfigError(f"generator={generator!r} is not one of {sorted(GENERATORS)}.")
+    for name, value in {"batch_size": batch_size, "calibration_samples": calibration_samples}.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}={value!r} must be a positive int.")
+    if init not in ("calibrate", "reconstruct"):
+        raise ConfigError(f"init={init!r} is not 'calibrate' or 'reconstruct'.")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every={checkpoint_every!r} must be a positive int.")
+    config = config if config is not None else GENERATORS[generator]()
+    changes: dict[str, Any] = {"w_bits": w_bits, "a_bits": a_bits}
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ConfigError(f"steps={steps!r} must be a positive int.")
+        changes.update(steps=steps, warmup=min(config.warmup, steps - 1))
+    if data is not None:
+        changes["warmup"] = 0
+    config = dataclasses.replace(config, **changes)
+    device, dtype = model_device_dtype(model)
+    started = time.perf_counter()
+    with frozen(model):
+        images: torch.Tensor | None = None
+        labels: torch.Tensor | None = None
+        shape = input_shape
+        if data is not None:
+            images, labels = _images_and_labels(data)
+            shape = tuple(images.shape[1:])
+        if shape is None:
+            raise ConfigError("a generator needs input_shape=(C, H, W) (one image's shape, e.g. (1, 28, 28)).")
+        shape = tuple(int(v) for v in shape)
+        box = resolve_input_range(model, input_range)
+        num_classes = _num_classes(model, shape, device, dtype)
+        gen_module = None
+        if data is None:
+            require_batchnorm(model, generator)
+            with torch.random.fork_rng(devices=[]):  # the generator's init draws from torch's global RNG
+                torch.manual_seed(seed)
+                gen_module = ConditionalGenerator(shape, num_classes, config.latent_dim, config.width)
+            gen_module = gen_module.to(device, dtype)
+            calib_rng = torch.Generator().manual_seed(seed + 1)
+            with torch.no_grad():
+                z, y = sample_inputs(config, num_classes, calibration_samples, calib_rng, device, dtype)
+                calibration = generate(gen_module, z, y, input_range=box, lowpass=config.lowpass)
+        else:
+            assert images is not None
+            calibration = images
+        student = fx_student(
+            model,
+            calibration.to(device, dtype),
+            w_bits=w_bits,
+            a_bits=a_bits,
+            first_last_bits=first_last_bits,
+            init=init,
+            seed=seed,
+        )
+        run = _Run(
+            model,
+            student,
+            gen_module,
+            config,
+            images=images,
+            labels=labels,
+            batch_size=batch_size,
+            input_range=box,
+            num_classes=num_classes,
+            seed=seed,
+        )
+        folder = None
+        if cache_dir is not None:
+            key = run_key(
+                model=model_fingerprint(model),
+                data=None if images is None else _tensor_hash(images),
+                config=dataclasses.asdict(config),
+                generator=generator if data is None else None,
+                first_last_bits=first_last_bits,
+                init=init,
+                batch_size=batch_size,
+                calibration_samples=calibration_samples,
+                input_range=box,
+                seed=seed,
+                code=method_code_hash(_Run),
+            )
+            folder = Path(cache_dir) / f"finetune-{key}"
+            _resume(folder, run)
+        losses: dict[str, float] = {}
+        bar = tqdm(range(run.step, config.steps), desc="finetune", disable=None if progress else True)
+        for _ in bar:
+            losses = run.advance()
+            if run.step % 10 == 0:
+                bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()}, refresh=False)
+            if folder is not None and (run.step % checkpoint_every == 0 or run.step == config.steps):
+                atomic_torch_save(run.state(), _checkpoint(folder))
+    student.eval()
+    student.zq_finetune = {  # type: ignore[assignment]
+        "generator": generator if data is None else None,
+        "config": {**dataclasses.asdict(config)},
+        "init": init,
+        "last_losses": losses,
+        "seconds": time.perf_counter() - started,
+    }
+    return student
