@@ -218,3 +218,43 @@ class _NoLogits(nn.Module):
 def test_a_model_without_class_logits_is_refused():
     with pytest.raises(ModelError, match="classes"):
         finetune(_NoLogits().eval(), **QUICK)
+
+
+def test_the_trained_generator_streams_seeded_batches_and_round_trips(tiny_bn_net, tmp_path):
+    import zq_plugin
+    from zq_plugin.errors import DataMismatchError, DatasetCorruptError
+    from zq_plugin.synth.stream import GeneratorStream
+
+    q = finetune(tiny_bn_net, config=_game(4, warmup=1), input_range=(-1.0, 2.0), **QUICK)
+    stream = q.zq_generator
+    batches = list(stream)
+    assert len(batches) == stream.num_batches and batches[0][0].shape == (16, 1, 8, 8)
+    assert all(float(x.min()) >= -1.0 and float(x.max()) <= 2.0 for x, _ in batches)
+    assert all(int(y.max()) < 3 for _, y in batches)
+    assert not torch.equal(batches[0][0], batches[1][0])
+    stream.save(tmp_path / "g.pt")
+    again = GeneratorStream.load(tmp_path / "g.pt", tiny_bn_net)
+    for (x1, y1), (x2, y2) in zip(batches, again, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    two_workers = [y for _, y in again.loader(num_workers=2)]  # workers split the batches, none repeated
+    assert sorted(map(tuple, (y.tolist() for y in two_workers))) == sorted(tuple(y.tolist()) for _, y in batches)
+    zq_plugin.calibrate(zq_plugin.quantize_fx(tiny_bn_net, torch.randn(8, 1, 8, 8)), again)  # any loader
+    other = tiny_bn_net.__class__().eval()
+    with pytest.raises(DataMismatchError, match="another model"):
+        GeneratorStream.load(tmp_path / "g.pt", other)
+    (tmp_path / "bad.pt").write_bytes(b"not torch")
+    with pytest.raises(DatasetCorruptError, match="not a readable zq generator file"):
+        GeneratorStream.load(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("method", ["adadfq", "gdfq"])
+def test_synthesize_plays_the_game_and_returns_labelled_images(tiny_bn_net, method):
+    import zq_plugin
+
+    before = snapshot(tiny_bn_net)
+    options = {"steps": 3, "warmup": 1, "width": 8, "latent_dim": 8}
+    data = zq_plugin.synthesize(
+        tiny_bn_net, method, num_samples=12, batch_size=6, input_shape=(1, 8, 8), progress=False, **options
+    )
+    assert data.images.shape == (12, 1, 8, 8) and data.labels is not None and data.labels.shape == (12,)
+    assert_unchanged(tiny_bn_net, before)

@@ -149,9 +149,11 @@ def test_synthesize(name, method):
     model, shape = model_of(name)
     before = snapshot(model)
     options = {} if method == "noise" else {"steps": 2}
-    if method == "genie":
+    if method in ("genie", "adadfq"):
         options.update(width=16, latent_dim=16)
-    if method in ("zeroq", "dsg", "genie") and not has_bn(model):
+    if method == "adadfq":
+        options.update(warmup=1)
+    if method in ("zeroq", "dsg", "genie", "adadfq") and not has_bn(model):
         with pytest.raises(ModelError, match="no BatchNorm"):
             zq_plugin.synthesize(
                 model, method, num_samples=4, batch_size=4, input_shape=shape, progress=False, **options
@@ -161,6 +163,32 @@ def test_synthesize(name, method):
             model, method, num_samples=4, batch_size=4, input_shape=shape, progress=False, **options
         )
         assert data.images.shape == (4, *shape) and torch.isfinite(data.images).all()
+    assert_unchanged(model, before)
+
+
+# the game's code on torchvision rows is test_finetune's; here the synthesize wrapper, on the patterns
+@pytest.mark.parametrize("name", rows(select=lambda name: name in PATTERNS, fast_rows=()))
+def test_adadfq_synthesize(name):
+    test_synthesize(name, "adadfq")
+
+
+@pytest.mark.parametrize("name", rows(fast_rows=("inplace_residual", "tuple_output", "bn1d_head")))
+def test_finetune(name):
+    """AdaDFQ's game (2 iterations) and fine-tuning: levels kept, the generator streams, source unchanged;
+    a model without BatchNorm is fine-tuned on given data."""
+    model, before, x = cell(name)
+    game = zq_plugin.AdaDFQConfig(steps=2, warmup=1, width=16, latent_dim=16)
+    quick = {"config": game, "batch_size": 4, "calibration_samples": 8, "progress": False}
+    with quiet():
+        if has_bn(model):
+            sim = zq_plugin.finetune(model, input_shape=tuple(x.shape[1:]), **quick)
+            images, labels = sim.zq_generator.batch(0)
+            assert images.shape == (4, *x.shape[1:]) and torch.isfinite(images).all() and labels.shape == (4,)
+        else:
+            with pytest.raises(ModelError, match="no BatchNorm"):
+                zq_plugin.finetune(model, input_shape=tuple(x.shape[1:]), **quick)
+            sim = zq_plugin.finetune(model, calib_of(x.shape[1:], 8), **quick)
+    fq_levels_respected(sim, x)
     assert_unchanged(model, before)
 
 

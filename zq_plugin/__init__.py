@@ -6,7 +6,7 @@ later, Brevitas and torchao PT2E) quantized models with it.
 Example:
     >>> import zq_plugin
     >>> sorted(zq_plugin.METHODS)
-    ['dsg', 'genie', 'noise', 'retro', 'zeroq']
+    ['adadfq', 'dsg', 'gdfq', 'genie', 'noise', 'retro', 'zeroq']
 """
 
 from zq_plugin._utils import CalibrationSummary
@@ -24,14 +24,17 @@ from zq_plugin.errors import (
 )
 from zq_plugin.evaluation import accuracy
 from zq_plugin.fake_quant import FastFakeQuantize
+from zq_plugin.finetune import finetune
 from zq_plugin.recipe import quantize
 from zq_plugin.reconstruct import ReconstructConfig, reconstruct_fx
-from zq_plugin.synth import METHODS, DSGConfig, NoiseConfig, ZeroQConfig, synthesize
+from zq_plugin.synth import METHODS, AdaDFQConfig, DSGConfig, GDFQConfig, NoiseConfig, ZeroQConfig, synthesize
+from zq_plugin.synth.stream import GeneratorStream
 
 __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "AdaDFQConfig",
     "CalibrationSummary",
     "ConfigError",
     "DSGConfig",
@@ -39,6 +42,8 @@ __all__ = [
     "DatasetCorruptError",
     "DatasetNotFoundError",
     "FastFakeQuantize",
+    "GDFQConfig",
+    "GeneratorStream",
     "MissingDependencyError",
     "ModelError",
     "NoiseConfig",
@@ -51,6 +56,7 @@ __all__ = [
     "accuracy",
     "calibrate",
     "convert_int8_fx",
+    "finetune",
     "model_fingerprint",
     "qconfig",
     "quantize",

@@ -310,7 +310,9 @@ def finetune(
 
     Returns:
         The fine-tuned clamping simulation (eval mode); ``.zq_finetune`` records the options,
-        the last losses and the seconds taken. ``convert_fx``, :func:`zq_plugin.accuracy` and
+        the last losses and the seconds taken; with a generator, ``.zq_generator`` is the
+        trained generator as a :class:`~zq_plugin.synth.stream.GeneratorStream` (save it, stream
+        from it). ``convert_fx``, :func:`zq_plugin.accuracy` and
         :func:`zq_plugin.backends.fx.export_sim` take it like any :func:`zq_plugin.quantize_fx` result.
 
     Raises:
@@ -429,6 +431,19 @@ def finetune(
             if folder is not None and (run.step % checkpoint_every == 0 or run.step == config.steps):
                 atomic_torch_save(run.state(), _checkpoint(folder))
     student.eval()
+    if gen_module is not None:
+        from zq_plugin.synth.stream import GeneratorStream
+
+        student.zq_generator = GeneratorStream(  # type: ignore[assignment]
+            gen_module,
+            method=generator,
+            batch_size=batch_size,
+            seed=seed,
+            input_range=box,
+            lowpass=config.lowpass,
+            model_fingerprint=model_fingerprint(model),
+            options=dataclasses.asdict(config),
+        )
     student.zq_finetune = {  # type: ignore[assignment]
         "generator": generator if data is None else None,
         "config": {**dataclasses.asdict(config)},

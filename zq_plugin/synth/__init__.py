@@ -3,7 +3,8 @@
 Importing this package registers every built-in method in :data:`METHODS`.
 """
 
-from zq_plugin.synth import dsg, genie, noise, retro, zeroq  # noqa: F401  (registers the methods)
+from zq_plugin.synth import adadfq, dsg, genie, noise, retro, zeroq  # noqa: F401  (registers the methods)
+from zq_plugin.synth.adadfq import AdaDFQConfig, GDFQConfig
 from zq_plugin.synth.api import synthesize
 from zq_plugin.synth.dsg import DSGConfig
 from zq_plugin.synth.genie import GenieConfig
@@ -14,7 +15,9 @@ from zq_plugin.synth.zeroq import ZeroQConfig
 
 __all__ = [
     "METHODS",
+    "AdaDFQConfig",
     "DSGConfig",
+    "GDFQConfig",
     "GenieConfig",
     "NoiseConfig",
     "RetroConfig",
