@@ -68,11 +68,13 @@ def fx_student(
     first_last_bits: int | None = 8,
     init: Init = "calibrate",
     seed: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> fx.GraphModule:
     """The student: a clamping FX simulation of ``model`` whose weights train (eval mode, steps fixed).
 
     ``init="calibrate"``: :func:`zq_plugin.quantize_fx` of the BN-folded model with the MSE
-    observers on ``images``; ``"reconstruct"``: :func:`zq_plugin.reconstruct_fx` (Genie-M) on them.
+    observers on ``images``; ``"reconstruct"``: :func:`zq_plugin.reconstruct_fx` (Genie-M) on
+    them, its checkpoints under ``cache_dir``.
     """
     from torch.fx.experimental.optimization import fuse
 
@@ -82,8 +84,9 @@ def fx_student(
 
     if init == "reconstruct":
         sim = reconstruct_fx(
-            model, images, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits, seed=seed, progress=False
-        )
+            model, images, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits, seed=seed,
+            cache_dir=cache_dir, progress=False,
+        )  # fmt: skip
     else:
         folded = fuse(copy.deepcopy(model).eval(), inplace=True)
         sim = quantize_fx(
@@ -392,6 +395,7 @@ def finetune(
             first_last_bits=first_last_bits,
             init=init,
             seed=seed,
+            cache_dir=cache_dir,
         )
         run = _Run(
             model,
