@@ -258,3 +258,36 @@ def test_synthesize_plays_the_game_and_returns_labelled_images(tiny_bn_net, meth
     )
     assert data.images.shape == (12, 1, 8, 8) and data.labels is not None and data.labels.shape == (12,)
     assert_unchanged(tiny_bn_net, before)
+
+
+def test_two_process_torchrun_trains_with_ddp_like_one_process(tiny_bn_net, tmp_path):
+    """Under torchrun each rank trains on its slice of the batch and DDP averages: the single-process model."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    from zq_plugin.synth.adadfq import AdaDFQConfig as Config
+
+    helper = pathlib.Path(__file__).parent / "helpers" / "dist_finetune.py"
+    out = tmp_path / "student.pt"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(helper)]
+    proc = subprocess.run(
+        [*cmd, str(out), str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", **env},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(out)
+    assert got["ranks_agree"]
+    assert any((tmp_path / "cache").iterdir())  # rank 0 wrote the checkpoint
+    images = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = finetune(tiny_bn_net, images, config=Config(steps=6, warmup=0, lr_student=0.05), batch_size=16,
+                          progress=False)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    for key, value in single.state_dict().items():
+        torch.testing.assert_close(got["state"][key], value, rtol=1e-5, atol=1e-6)

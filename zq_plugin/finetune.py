@@ -19,6 +19,13 @@ its learning rate decayed by a cosine to zero; the generator's is Adam with beta
 Runs are seeded (the same call gives the same model), never change the float model, and with
 ``cache_dir`` keep a checkpoint every ``checkpoint_every`` iterations from which the same call
 resumes to the same result.
+
+**Several processes** (``torchrun``, any backend: gloo on CPUs, NCCL on GPUs): started inside an
+initialized ``torch.distributed`` group, the student (and the generator) train under
+``DistributedDataParallel``. ``batch_size`` is the batch of all processes together: every rank
+draws the whole batch from the same seeded stream and trains on its slice, and DDP averages the
+gradients, so on a fixed set the run gives the single-process model (to float rounding); with a
+generator, its BatchNorm layers see each rank's slice. Rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from zq_plugin.synth.adadfq import (
     student_loss,
 )
 from zq_plugin.synth.hooks import bn_sums, frozen, require_batchnorm
-from zq_plugin.synth.store import method_code_hash, run_key
+from zq_plugin.synth.store import dist_info, method_code_hash, run_key
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +129,17 @@ class _Run:
         self.device, self.dtype = model_device_dtype(teacher)
         self.rng = torch.Generator().manual_seed(seed)
         self.step = 0
+        self.rank, self.world = dist_info()
+        # under torchrun: every rank draws the whole batch from the same stream and trains on its
+        # slice; DDP averages the gradients, so the update is the single-process one of that batch
+        self.trained_student: nn.Module = student
+        self.trained_generator: nn.Module | None = generator
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.trained_student = DistributedDataParallel(student)
+            if generator is not None:
+                self.trained_generator = DistributedDataParallel(generator)
         params = [p for p in student.parameters() if p.requires_grad]
         self.opt_s = torch.optim.SGD(params, lr=config.lr_student, momentum=0.9, nesterov=True, weight_decay=1e-4)
         student_steps = config.steps - (config.warmup if generator is not None else 0)
@@ -152,7 +170,7 @@ class _Run:
             train_student = True
         if train_student:
             self.student.train(False)
-            z_q = select_output(self.student(x))
+            z_q = select_output(self.trained_student(x))
             loss = student_loss(
                 z_q,
                 z_p,
@@ -175,7 +193,9 @@ class _Run:
         assert self.generator is not None and self.opt_g is not None
         config = self.config
         z, labels = sample_inputs(config, self.num_classes, self.batch_size, self.rng, self.device, self.dtype)
-        x = generate(self.generator, z, labels, input_range=self.input_range, lowpass=config.lowpass)
+        z, labels = self._mine(z), self._mine(labels)
+        assert self.trained_generator is not None
+        x = generate(self.trained_generator, z, labels, input_range=self.input_range, lowpass=config.lowpass)
         with bn_sums(dict(self.bns)) as stats:
             z_p = select_output(self.teacher(x))
             bns = batchnorm_statistics_loss(stats, self.targets)
@@ -195,9 +215,14 @@ class _Run:
 
     def _fixed_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         assert self.images is not None
-        index = torch.randint(0, len(self.images), (self.batch_size,), generator=self.rng)
+        index = self._mine(torch.randint(0, len(self.images), (self.batch_size,), generator=self.rng))
         x = self.images[index].to(self.device, self.dtype)
         return x, None if self.labels is None else self.labels[index].to(self.device)
+
+    def _mine(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of a batch drawn for all ranks (the whole batch without a group)."""
+        share = len(batch) // self.world
+        return batch[self.rank * share : (self.rank + 1) * share]
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -303,7 +328,7 @@ def finetune(
             (:func:`zq_plugin.reconstruct_fx` with Genie-M on the calibration images).
         input_shape: one image's shape, e.g. ``(1, 28, 28)``; needed with a generator.
         input_range: the valid input box (``"auto"``: ``model.input_range``); generated images are clamped to it.
-        batch_size: images per iteration.
+        batch_size: images per iteration (of all processes together under ``torchrun``).
         calibration_samples: images that calibrate the student with a generator (drawn from it first).
         seed: the same seed and arguments give the same model.
         cache_dir: keep a checkpoint every ``checkpoint_every`` iterations under
@@ -350,6 +375,11 @@ def finetune(
         raise ConfigError(f"init={init!r} is not 'calibrate' or 'reconstruct'.")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every={checkpoint_every!r} must be a positive int.")
+    world = dist_info()[1]
+    if batch_size % world:
+        raise ConfigError(
+            f"batch_size={batch_size} is the batch of all {world} processes together and must divide among them."
+        )
     config = config if config is not None else GENERATORS[generator]()
     changes: dict[str, Any] = {"w_bits": w_bits, "a_bits": a_bits}
     if steps is not None:
@@ -433,7 +463,10 @@ def finetune(
             if run.step % 10 == 0:
                 bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()}, refresh=False)
             if folder is not None and (run.step % checkpoint_every == 0 or run.step == config.steps):
-                atomic_torch_save(run.state(), _checkpoint(folder))
+                if run.rank == 0:
+                    atomic_torch_save(run.state(), _checkpoint(folder))
+                if run.world > 1:
+                    torch.distributed.barrier()  # no rank runs ahead of a checkpoint it may resume from
     student.eval()
     if gen_module is not None:
         from zq_plugin.synth.stream import GeneratorStream
