@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from zq_plugin.errors import ConfigError, ModelError
-from zq_plugin.finetune import finetune
+from zq_plugin.finetuning import finetune
 from zq_plugin.synth.adadfq import (
     AdaDFQConfig,
     ConditionalGenerator,
@@ -121,7 +121,7 @@ def _game(steps, warmup=0, **options):
 
 def test_generator_and_student_both_learn_on_a_tiny_model(tiny_bn_net, monkeypatch):
     """Over 60 iterations the generator's BN term and the student's distillation loss fall."""
-    from zq_plugin import finetune as ft
+    from zq_plugin import finetuning as ft
 
     log = []
     advance = ft._Run.advance
@@ -150,7 +150,7 @@ def test_same_seed_same_model_and_the_source_is_unchanged(tiny_bn_net):
 
 
 def test_a_killed_run_resumes_to_the_same_model(tiny_bn_net, tmp_path, monkeypatch):
-    from zq_plugin import finetune as ft
+    from zq_plugin import finetuning as ft
 
     config = _game(12, warmup=3)
     whole = finetune(tiny_bn_net, config=config, **QUICK)
@@ -181,6 +181,14 @@ def test_fine_tuning_on_a_fixed_set_uses_its_labels(tiny_bn_net):
     data = SyntheticDataset(torch.randn(32, 1, 8, 8), labels=torch.randint(0, 3, (32,)), method="noise")
     q = finetune(tiny_bn_net, data, config=_game(5), batch_size=8, progress=False)
     assert q.zq_finetune["generator"] is None and q(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_data_initialize_the_student_and_the_generator_streams(tiny_bn_net):
+    """finetune(model, data, generator=...): the student is calibrated on the data, trained on the game."""
+    data = torch.randn(16, 1, 8, 8)
+    q = finetune(tiny_bn_net, data, generator="gdfq", config=_game(4, warmup=2), batch_size=8, progress=False)
+    assert q.zq_finetune["generator"] == "gdfq" and q.zq_generator.method == "gdfq"
+    assert q.zq_finetune["config"]["warmup"] == 2
 
 
 def test_named_errors(tiny_bn_net, tiny_plain_net):

@@ -24,7 +24,7 @@ from zq_plugin.errors import (
 )
 from zq_plugin.evaluation import accuracy
 from zq_plugin.fake_quant import FastFakeQuantize
-from zq_plugin.finetune import finetune
+from zq_plugin.finetuning import finetune
 from zq_plugin.recipe import quantize
 from zq_plugin.reconstruct import ReconstructConfig, reconstruct_fx
 from zq_plugin.synth import METHODS, AdaDFQConfig, DSGConfig, GDFQConfig, NoiseConfig, ZeroQConfig, synthesize

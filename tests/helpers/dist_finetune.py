@@ -10,7 +10,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # tests/, for conftest's tiny model
 from conftest import TinyBNNet, randomize_bn
 
-from zq_plugin.finetune import finetune
+from zq_plugin.finetuning import finetune
 from zq_plugin.synth.adadfq import AdaDFQConfig
 
 

@@ -19,7 +19,7 @@ and ``H(p) = -sum_c p_c log p_c``:
   running statistics, averaged over layers. GDFQ's generator (``class_loss="teacher"``,
   ``margin=None``) minimizes ``CE(z_p, y) + gamma * L_BNS`` with ``gamma = 0.1``.
 
-The student's side (:func:`student_loss`) is the fine-tuning loop's (:mod:`zq_plugin.finetune`):
+The student's side (:func:`student_loss`) is the fine-tuning loop's (:mod:`zq_plugin.finetuning`):
 GDFQ's distillation ``tau^2 KL(softmax(z_p / tau) || softmax(z_q / tau)) + CE(z_q, y)``, or
 AdaDFQ's code, ``-T^2 H(softmax((z_p - z_q) / T))`` (methods.md §6.2: the paper's
 ``1 - H'`` is not what its code minimizes).
@@ -404,7 +404,7 @@ def _play(model: nn.Module, config: AdaDFQConfig, ctx: BatchContext, method: str
     ``config.steps`` iterations against a W``w_bits``A``a_bits`` student (first/last at 8 bits),
     then the batch is sampled from the trained generator.
     """
-    from zq_plugin.finetune import finetune
+    from zq_plugin.finetuning import finetune
 
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
     student = finetune(

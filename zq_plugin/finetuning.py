@@ -295,7 +295,7 @@ def finetune(
     w_bits: int = 4,
     a_bits: int = 4,
     first_last_bits: int | None = 8,
-    generator: str = "adadfq",
+    generator: str | None = None,
     steps: int | None = None,
     config: AdaDFQConfig | None = None,
     init: Init = "calibrate",
@@ -312,14 +312,17 @@ def finetune(
 
     Args:
         model: the trained float model (not changed: weights, buffers, modes, hooks).
-        data: a fixed calibration set (any source; labels of a
-            :class:`~zq_plugin.data.SyntheticDataset` are used). ``None``: a generator plays the
-            game named by ``generator`` and its samples also calibrate the student.
+        data: calibration images (any source; labels of a :class:`~zq_plugin.data.SyntheticDataset`
+            are used): they initialize the student and, without ``generator``, are the fixed set
+            it is fine-tuned on. ``None``: a generator (AdaDFQ's by default) plays the game and
+            its first ``calibration_samples`` images initialize the student.
         w_bits: weight bits of all but the first and last layer (2-8).
         a_bits: activation bits of all but the first and last layer (2-8).
         first_last_bits: bits of the first and last layer; ``None``: like the others (all layers
             quantized, the fine-tuning literature's setting).
-        generator: ``"adadfq"`` or ``"gdfq"`` (:data:`GENERATORS`), used when ``data`` is ``None``.
+        generator: ``"adadfq"`` or ``"gdfq"`` (:data:`GENERATORS`): fine-tune on the generator's
+            stream (with ``data``, the data still initialize the student); ``None``: on ``data``,
+            or on AdaDFQ's generator when there are no data.
         steps: iterations (replaces ``config.steps``).
         config: the game's and the student's options (:class:`~zq_plugin.synth.adadfq.AdaDFQConfig`;
             default: the generator's). With ``data`` only the student's options apply and there is
@@ -366,7 +369,9 @@ def finetune(
     check_bits(a_bits, "a_bits")
     if first_last_bits is not None:
         check_bits(first_last_bits, "first_last_bits")
-    if generator not in GENERATORS:
+    if generator is None and data is None:
+        generator = "adadfq"
+    if generator is not None and generator not in GENERATORS:
         raise ConfigError(f"generator={generator!r} is not one of {sorted(GENERATORS)}.")
     for name, value in {"batch_size": batch_size, "calibration_samples": calibration_samples}.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -380,13 +385,13 @@ def finetune(
         raise ConfigError(
             f"batch_size={batch_size} is the batch of all {world} processes together and must divide among them."
         )
-    config = config if config is not None else GENERATORS[generator]()
+    config = config if config is not None else GENERATORS[generator or "adadfq"]()
     changes: dict[str, Any] = {"w_bits": w_bits, "a_bits": a_bits}
     if steps is not None:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"steps={steps!r} must be a positive int.")
         changes.update(steps=steps, warmup=min(config.warmup, steps - 1))
-    if data is not None:
+    if generator is None:
         changes["warmup"] = 0
     config = dataclasses.replace(config, **changes)
     device, dtype = model_device_dtype(model)
@@ -404,19 +409,20 @@ def finetune(
         box = resolve_input_range(model, input_range)
         num_classes = _num_classes(model, shape, device, dtype)
         gen_module = None
-        if data is None:
+        if generator is not None:
             require_batchnorm(model, generator)
             with torch.random.fork_rng(devices=[]):  # the generator's init draws from torch's global RNG
                 torch.manual_seed(seed)
                 gen_module = ConditionalGenerator(shape, num_classes, config.latent_dim, config.width)
             gen_module = gen_module.to(device, dtype)
+        if images is not None:
+            calibration = images
+        else:
+            assert gen_module is not None
             calib_rng = torch.Generator().manual_seed(seed + 1)
             with torch.no_grad():
                 z, y = sample_inputs(config, num_classes, calibration_samples, calib_rng, device, dtype)
                 calibration = generate(gen_module, z, y, input_range=box, lowpass=config.lowpass)
-        else:
-            assert images is not None
-            calibration = images
         student = fx_student(
             model,
             calibration.to(device, dtype),
@@ -445,7 +451,7 @@ def finetune(
                 model=model_fingerprint(model),
                 data=None if images is None else _tensor_hash(images),
                 config=dataclasses.asdict(config),
-                generator=generator if data is None else None,
+                generator=generator,
                 first_last_bits=first_last_bits,
                 init=init,
                 batch_size=batch_size,
@@ -468,7 +474,7 @@ def finetune(
                 if run.world > 1:
                     torch.distributed.barrier()  # no rank runs ahead of a checkpoint it may resume from
     student.eval()
-    if gen_module is not None:
+    if gen_module is not None and generator is not None:
         from zq_plugin.synth.stream import GeneratorStream
 
         student.zq_generator = GeneratorStream(  # type: ignore[assignment]
@@ -482,7 +488,7 @@ def finetune(
             options=dataclasses.asdict(config),
         )
     student.zq_finetune = {  # type: ignore[assignment]
-        "generator": generator if data is None else None,
+        "generator": generator,
         "config": {**dataclasses.asdict(config)},
         "init": init,
         "last_losses": losses,
