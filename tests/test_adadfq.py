@@ -299,3 +299,18 @@ def test_two_process_torchrun_trains_with_ddp_like_one_process(tiny_bn_net, tmp_
         torch.set_num_threads(threads)
     for key, value in single.state_dict().items():
         torch.testing.assert_close(got["state"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_learned_steps_train_and_are_written_back_into_plain_fake_quantizers(tiny_bn_net):
+    from zq_plugin import _compat
+    from zq_plugin import finetuning as ft
+
+    data = torch.randn(32, 1, 8, 8)
+    fixed = finetune(tiny_bn_net, data, config=_game(8), batch_size=8, progress=False)
+    learned = finetune(tiny_bn_net, data, config=_game(8, learn_steps=True), batch_size=8, progress=False)
+    assert not any(isinstance(m, ft.LearnedStep) for m in learned.modules())
+    scales = {n: m.scale for n, m in learned.named_modules() if isinstance(m, _compat.FakeQuantize)}
+    fixed_scales = {n: m.scale for n, m in fixed.named_modules() if isinstance(m, _compat.FakeQuantize)}
+    assert scales.keys() == fixed_scales.keys()
+    assert any(not torch.equal(scales[n], fixed_scales[n]) for n in scales)  # the steps moved
+    assert all(bool((s > 0).all()) for s in scales.values())

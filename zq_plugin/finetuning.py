@@ -4,7 +4,8 @@ The student is the :func:`zq_plugin.quantize_fx` simulation of the model (a ``pr
 ``GraphModule``, BatchNorm folded first, MSE-calibrated steps, then frozen) or, with
 ``init="reconstruct"``, the :func:`zq_plugin.reconstruct_fx` result. Its weights train through
 the FakeQuantize modules (straight-through, zero gradient outside the clamping range), with
-the steps fixed, distilled from the untouched float model (the teacher) on:
+the steps fixed or, with ``learn_steps``, learned with them (LSQ: :class:`LearnedStep`),
+distilled from the untouched float model (the teacher) on:
 
 * a **generator** playing AdaDFQ's or GDFQ's game (:mod:`zq_plugin.synth.adadfq`): each
   iteration updates the generator against the current student, then the student on the
@@ -37,7 +38,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import fx, nn
@@ -104,6 +105,62 @@ def fx_student(
     for p in sim.parameters():
         p.requires_grad_(True)
     return sim
+
+
+class LearnedStep(nn.Module):
+    """A FakeQuantize whose step trains with the weights (LSQ, Esser et al., ICLR 2020).
+
+    ``x_q = s * (clamp(round(x / s) + z, qmin, qmax) - z)`` with ``s`` a parameter (per tensor,
+    or per channel along the FakeQuantize's ``ch_axis``) starting at the calibrated step, the
+    zero point fixed, straight-through gradients for ``x`` and LSQ's gradient for ``s`` scaled by
+    ``1 / sqrt(numel(x) * qmax)`` (torch's ``_fake_quantize_learnable_*`` ops). Wraps the
+    FakeQuantize it stands for; :meth:`write_back` stores the learned step in it.
+    """
+
+    def __init__(self, fake_quant: nn.Module) -> None:
+        """Wrap ``fake_quant`` (an enabled torch.ao FakeQuantize, observer off)."""
+        super().__init__()
+        self.fake_quant = fake_quant
+        fq: Any = fake_quant
+        self.scale = nn.Parameter(fq.scale.detach().clone().float())
+        self.register_buffer("zero_point", fq.zero_point.detach().clone().float())
+        self.qmin, self.qmax = int(fq.quant_min), int(fq.quant_max)
+        self.axis = int(fq.ch_axis) if fq.is_per_channel else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` fake-quantized with the learned step (same shape and dtype)."""
+        grad_factor = 1.0 / math.sqrt(x.numel() * max(self.qmax, 1))
+        scale = self.scale.abs().clamp_min(1e-8).to(x.dtype)
+        zero_point = cast(torch.Tensor, self.zero_point).to(x.dtype)
+        if self.axis is None:
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x, scale, zero_point, self.qmin, self.qmax, grad_factor
+            )
+        return torch._fake_quantize_learnable_per_channel_affine(
+            x, scale, zero_point, self.axis, self.qmin, self.qmax, grad_factor
+        )
+
+    def write_back(self) -> nn.Module:
+        """The wrapped FakeQuantize with the learned step in its ``scale`` buffer."""
+        fq: Any = self.fake_quant
+        with torch.no_grad():
+            fq.scale.copy_(self.scale.detach().abs().clamp_min(1e-8).to(fq.scale.dtype))
+        return self.fake_quant
+
+
+def _swap_steps(sim: fx.GraphModule, learn: bool) -> None:
+    """Wrap every enabled FakeQuantize of ``sim`` in :class:`LearnedStep` (``learn``) or unwrap them."""
+    from zq_plugin import _compat
+
+    wanted = LearnedStep if not learn else _compat.FakeQuantize
+    found = [(name, m) for name, m in sim.named_modules() if isinstance(m, wanted)]
+    for name, module in found:
+        parent_name, _, attr = name.rpartition(".")
+        parent = sim.get_submodule(parent_name) if parent_name else sim
+        if isinstance(module, LearnedStep):
+            setattr(parent, attr, module.write_back())
+        elif bool(cast(Any, module).fake_quant_enabled[0]):
+            setattr(parent, attr, LearnedStep(module))
 
 
 class _Run:
@@ -433,6 +490,8 @@ def finetune(
             seed=seed,
             cache_dir=cache_dir,
         )
+        if config.learn_steps:
+            _swap_steps(student, learn=True)
         run = _Run(
             model,
             student,
@@ -473,6 +532,8 @@ def finetune(
                     atomic_torch_save(run.state(), _checkpoint(folder))
                 if run.world > 1:
                     torch.distributed.barrier()  # no rank runs ahead of a checkpoint it may resume from
+    if config.learn_steps:
+        _swap_steps(student, learn=False)
     student.eval()
     if gen_module is not None and generator is not None:
         from zq_plugin.synth.stream import GeneratorStream

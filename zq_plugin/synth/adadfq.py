@@ -86,6 +86,8 @@ class AdaDFQConfig:
             highest (0 < lowpass <= 1); ``None``: off.
         hard_threshold: SynQ: no CE on the sampled label for samples whose teacher probability
             of it is below ``1 - hard_threshold`` (0 < t < 1); ``None``: CE on every sample.
+        learn_steps: the student's quantization steps train with its weights (LSQ, Esser et al.,
+            ICLR 2020: gradient scaled by ``1 / sqrt(numel * qmax)``); off: the steps stay fixed.
         w_bits: the student's weight bits when the game runs inside ``synthesize`` (2-8).
         a_bits: the student's activation bits there (2-8).
     """
@@ -107,6 +109,7 @@ class AdaDFQConfig:
     temperature: float = 20.0
     lowpass: float | None = None
     hard_threshold: float | None = None
+    learn_steps: bool = False
     w_bits: int = 4
     a_bits: int = 4
 
