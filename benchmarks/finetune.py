@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["fixed", "fixed-ptq", "adadfq", "gdfq"])
     parser.add_argument("--test-images", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--learn-steps", action="store_true", help="LSQ steps in every fine-tuning column")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter("ignore")
@@ -80,15 +81,19 @@ def main() -> None:
                     started = time.perf_counter()
                     common = {"seed": args.seed, "cache_dir": cache, "progress": False, "batch_size": 64, **bits}
                     if method.startswith("fixed"):
-                        config = AdaDFQConfig(steps=args.steps, warmup=0, lr_student=args.lr)
+                        config = AdaDFQConfig(
+                            steps=args.steps, warmup=0, lr_student=args.lr, learn_steps=args.learn_steps
+                        )
                         init = "reconstruct" if method == "fixed-ptq" else "calibrate"
                         q = finetune(model, images, config=config, init=init, **common)
                     else:
                         kind = AdaDFQConfig if method == "adadfq" else GDFQConfig
-                        config = kind(steps=args.game_steps, warmup=args.warmup, lr_student=args.lr)
+                        config = kind(
+                            steps=args.game_steps, warmup=args.warmup, lr_student=args.lr, learn_steps=args.learn_steps
+                        )
                         q = finetune(model, images, generator=method, config=config, init="reconstruct", **common)
                     cells.append(f"{_top1(q, x_test, y_test):.2f} ({time.perf_counter() - started:.0f} s)")
-            layers = "all" if args.all_layers else "first/last 8"
+            layers = ("all" if args.all_layers else "first/last 8") + (", LSQ" if args.learn_steps else "")
             print(f"| {name} | W{w}A{a} | {layers} | {fp32:.2f} | {' | '.join(cells)} |", flush=True)
 
 
