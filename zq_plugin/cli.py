@@ -762,7 +762,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     syn = sub.add_parser("synthesize", help="write a synthetic calibration dataset file", formatter_class=HelpFormatter)
     add_model_args(syn)
-    syn.add_argument("--method", default="zeroq", help="zeroq, dsg, retro, genie or noise (docs/synthesis.md)")
+    syn.add_argument(
+        "--method",
+        default="zeroq",
+        help="zeroq, dsg, retro, genie, noise, adadfq or gdfq (docs/synthesis.md, docs/finetune.md)",
+    )
     syn.add_argument("--batch-size", type=int, default=64, help="images optimized together")
     syn.add_argument(
         "--option",
