@@ -247,12 +247,11 @@ class _Run:
         return out
 
     def _generator_step(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
-        assert self.generator is not None and self.opt_g is not None
+        opt_g, trained_generator = cast(torch.optim.Optimizer, self.opt_g), cast(nn.Module, self.trained_generator)
         config = self.config
         z, labels = sample_inputs(config, self.num_classes, self.batch_size, self.rng, self.device, self.dtype)
         z, labels = self._mine(z), self._mine(labels)
-        assert self.trained_generator is not None
-        x = generate(self.trained_generator, z, labels, input_range=self.input_range, lowpass=config.lowpass)
+        x = generate(trained_generator, z, labels, input_range=self.input_range, lowpass=config.lowpass)
         with bn_sums(dict(self.bns)) as stats:
             z_p = select_output(self.teacher(x))
             bns = batchnorm_statistics_loss(stats, self.targets)
@@ -265,15 +264,15 @@ class _Run:
         loss, parts = generator_loss(z_p, z_q, labels, bns, config)
         if not math.isfinite(float(loss.detach())):
             raise ModelError(f"the generator loss became {float(loss)} at iteration {self.step}; lower lr_generator.")
-        self.opt_g.zero_grad(set_to_none=True)
+        opt_g.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt_g.step()
+        opt_g.step()
         return x.detach(), labels, z_p.detach(), parts
 
     def _fixed_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        assert self.images is not None
-        index = self._mine(torch.randint(0, len(self.images), (self.batch_size,), generator=self.rng))
-        x = self.images[index].to(self.device, self.dtype)
+        images = cast(torch.Tensor, self.images)  # a run without a generator always has images
+        index = self._mine(torch.randint(0, len(images), (self.batch_size,), generator=self.rng))
+        x = images[index].to(self.device, self.dtype)
         return x, None if self.labels is None else self.labels[index].to(self.device)
 
     def _mine(self, batch: torch.Tensor) -> torch.Tensor:
@@ -475,7 +474,7 @@ def finetune(
         if images is not None:
             calibration = images
         else:
-            assert gen_module is not None
+            gen_module = cast(ConditionalGenerator, gen_module)  # no images: a generator was made above
             calib_rng = torch.Generator().manual_seed(seed + 1)
             with torch.no_grad():
                 z, y = sample_inputs(config, num_classes, calibration_samples, calib_rng, device, dtype)
