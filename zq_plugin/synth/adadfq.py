@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -285,8 +285,7 @@ def running_moments(layers: Mapping[str, nn.Module]) -> dict[str, tuple[torch.Te
     """Each BN layer's ``(running_mean, running_var)``, detached copies in the statistics dtype."""
     out = {}
     for name, bn in layers.items():
-        mean, var = bn.running_mean, bn.running_var
-        assert isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor)
+        mean, var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)  # tracked layers only
         dtype = stat_dtype(mean.dtype)
         out[name] = (mean.detach().to(dtype, copy=True), var.detach().to(dtype, copy=True))
     return out
@@ -425,8 +424,7 @@ def _play(model: nn.Module, config: AdaDFQConfig, ctx: BatchContext, method: str
     )
     from zq_plugin.synth.stream import GeneratorStream
 
-    stream = student.zq_generator
-    assert isinstance(stream, GeneratorStream)
+    stream = cast(GeneratorStream, student.zq_generator)  # finetune with a generator sets it
     return stream.batch(0)
 
 
