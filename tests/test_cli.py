@@ -624,3 +624,43 @@ def test_quantize_best_recipe_on_brevitas_exports_onnx(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert (report["backend"], report["reconstruction"], report["act_stats"]) == ("brevitas", "genie-m", "zq-mse")
     assert onnx.is_file()
+
+
+def test_finetune_writes_the_model_and_the_generator_as_the_library_would(tmp_path, capsys):
+    """Issue 17: ``zq finetune`` is ``zq_plugin.finetune`` with the same options, and its files load back."""
+    from zq_plugin import AdaDFQConfig, GeneratorStream
+
+    out, gen = tmp_path / "ft.pt2", tmp_path / "gen.pt"
+    argv = ["finetune", "--model", "resnet_s", "--w-bits", "3", "--a-bits", "3", "--steps", "3", "--batch-size", "8"]
+    argv += ["--num-samples", "16", "--option", "warmup=1", "--out", str(out), "--generator-out", str(gen)]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["generator"] == "adadfq" and report["steps"] == 3 and report["first_last_bits"] == 8
+    assert not (tmp_path / "ft.pt2.cache").exists()  # the resume checkpoints go once the model is written
+    model = zoo.load("resnet_s")
+    want = zq_plugin.finetune(
+        model, w_bits=3, a_bits=3, steps=3, batch_size=8, calibration_samples=16, input_shape=(1, 28, 28),
+        config=AdaDFQConfig(warmup=1), progress=False,
+    )  # fmt: skip
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(torch.export.load(out).module()(x), want(x), atol=1e-5)
+    images, labels = next(iter(GeneratorStream.load(gen, model)))
+    assert images.shape == (8, 1, 28, 28) and labels.shape == (8,)
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--generator", "none"], "--generator none needs --data"),
+        (["--generator", "none", "--data", "noise", "--generator-out", "g.pt"], "--generator-out saves"),
+        (["--out", "m.pt"], "ends in .pt2"),
+        (["--option", "margin=[0.9,0.1]"], "lambda_l < lambda_u"),
+        (["--option", "nosuch=1"], "has no option"),
+        (["--w-bits", "1"], "--w-bits=1 is not supported"),
+    ],
+)
+def test_finetune_bad_options_are_refused_before_the_model_is_loaded(extra, match, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("model loaded before the options were checked"))
+    assert cli.main(["finetune", "--model", "resnet_s", *extra]) == 2
+    assert match in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``zq`` command: ``zq demo``, ``zq synthesize``, ``zq quantize``, ``zq plan``.
+"""The ``zq`` command: ``zq demo``, ``zq synthesize``, ``zq quantize``, ``zq finetune``, ``zq plan``.
 
 Run ``zq <command> --help`` for the options of each.
 """
@@ -6,6 +6,7 @@ Run ``zq <command> --help`` for the options of each.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.metadata
 import json
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -351,6 +353,25 @@ def save_quantized(qmodel: nn.Module, example: torch.Tensor, path: Path, backend
     return fmt
 
 
+@contextlib.contextmanager
+def torchrun_group() -> Iterator[int]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): a gloo process group for the block; yields this rank (0 alone).
+
+    On leaving, every rank waits for the others (none tears the group down while another still
+    uses it) and the group is destroyed, also on error.
+    """
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")  # started by torchrun: CPU processes
+    try:
+        yield torch.distributed.get_rank() if distributed else 0
+        if distributed:
+            torch.distributed.barrier()
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 # --------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
     """``zq demo``."""
@@ -383,10 +404,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     input_range = input_range_arg(args, shape[0])
     # without --cache-dir, finished batches go to OUT.cache (removed once OUT is written): Ctrl-C, rerun, resume
     cache_dir = args.cache_dir if args.cache_dir is not None else Path(f"{args.out}.cache")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")  # started by torchrun: CPU processes
-    try:
+    with torchrun_group() as rank:
         data = synthesize(
             model,
             args.method,
@@ -398,16 +416,11 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
             input_range=input_range,  # type: ignore[arg-type]
             **parse_options(args.option),
         )
-        if not distributed or torch.distributed.get_rank() == 0:
+        if rank == 0:
             data.save(args.out)
             if args.cache_dir is None:
                 shutil.rmtree(cache_dir, ignore_errors=True)
             print(f"wrote {data} to {args.out}")
-        if distributed:
-            torch.distributed.barrier()  # no rank tears the group down while another still uses it
-    finally:
-        if distributed and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     return 0
 
 
@@ -591,6 +604,87 @@ def _quantize_brevitas(
         example = next(iter(iter_batches(data, 1)))[:1]
         report["onnx_out"] = str(zb.export_onnx(qmodel, example, args.onnx_out))
     return qmodel
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """``zq finetune``: :func:`zq_plugin.finetune` on a generator's stream or on ``--data``."""
+    from zq_plugin.finetuning import finetune
+    from zq_plugin.synth import get_method
+
+    if args.out is not None and args.out.suffix != ".pt2":
+        raise ConfigError(f"--out {args.out}: the fine-tuned model is a torch.export program, whose name ends in .pt2.")
+    check_writable(args.out, "--out")
+    check_writable(args.generator_out, "--generator-out")
+    generator = None if args.generator == "none" else args.generator
+    if generator is None and args.data is None:
+        raise ConfigError("--generator none needs --data (a 'zq synthesize' file, real, noise or a method).")
+    if generator is None and args.generator_out is not None:
+        raise ConfigError("--generator-out saves the trained generator: give --generator adadfq or gdfq.")
+    for flag, bits in (("--w-bits", args.w_bits), ("--a-bits", args.a_bits)):
+        check_bits(bits, flag)
+    first_last = None if args.all_layers else args.first_last_bits
+    if first_last is not None:
+        check_bits(first_last, "--first-last-bits")
+    config = get_method(generator or "adadfq").config(parse_options(args.option))  # before the model is loaded
+    model = load_model(args.model, args.arch, args.checkpoint)
+    if args.evaluate:  # before the data and the training, which take a while
+        require_fashion_mnist(model, args, "--evaluate")
+    shape, _ = checked_input(model, args)
+    input_range = input_range_arg(args, shape[0])
+    data = load_data(model, args) if args.data is not None else None
+    # without --cache-dir, checkpoints go to OUT.cache (removed once OUT is written): Ctrl-C, rerun, resume
+    cache_dir = args.cache_dir
+    if cache_dir is None and args.out is not None:
+        cache_dir = Path(f"{args.out}.cache")
+    report: dict[str, Any] = {
+        "data": args.data,
+        "generator": generator,
+        "w_bits": args.w_bits,
+        "a_bits": args.a_bits,
+        "first_last_bits": first_last,
+        "init": args.init,
+    }
+    with torchrun_group() as rank:
+        sim = finetune(
+            model,
+            data,
+            w_bits=args.w_bits,
+            a_bits=args.a_bits,
+            first_last_bits=first_last,
+            generator=generator,
+            steps=args.steps,
+            config=config,
+            init=args.init,
+            input_shape=shape,
+            input_range=input_range,  # type: ignore[arg-type]
+            batch_size=args.batch_size,
+            calibration_samples=args.num_samples,
+            seed=args.seed,
+            cache_dir=cache_dir,
+            progress=sys.stderr.isatty(),
+        )
+        if rank != 0:
+            return 0
+        info = cast(dict[str, Any], sim.zq_finetune)
+        report.update(steps=info["config"]["steps"], seconds=round(info["seconds"], 1), last_losses=info["last_losses"])
+        if args.evaluate:
+            x_test, y_test = datasets.load_fashion_mnist("test")
+            report["fp32_top1"] = accuracy(model, x_test, y_test)
+            report["quantized_top1"] = accuracy(sim, x_test, y_test)
+        if args.generator_out is not None:
+            cast(Any, sim.zq_generator).save(args.generator_out)
+            report["generator_out"] = str(args.generator_out)
+        if args.out is not None:
+            if data is not None:
+                example = next(iter(iter_batches(data, 2)))[:2]
+            else:
+                example = next(iter(cast(Any, sim.zq_generator)))[0][:2]
+            report["out_format"] = save_quantized(sim, example, args.out, "fx")
+            report["out"] = str(args.out)
+            if args.cache_dir is None and cache_dir is not None:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+        print(json.dumps(report, indent=2))
+    return 0
 
 
 def load_data(model: nn.Module, args: argparse.Namespace) -> Any:
@@ -851,6 +945,66 @@ def build_parser() -> argparse.ArgumentParser:
     qua.add_argument("--gptq", action="store_true", help="Brevitas GPTQ after calibration")
     qua.add_argument("--onnx-out", type=Path, help="write the Brevitas model as QCDQ ONNX")
     qua.set_defaults(func=cmd_quantize)
+
+    fin = sub.add_parser(
+        "finetune",
+        help="fine-tune a quantized FX simulation by distillation on a generator (AdaDFQ, GDFQ) or a fixed set",
+        formatter_class=HelpFormatter,
+    )
+    add_model_args(fin)
+    fin.add_argument(
+        "--generator",
+        choices=["adadfq", "gdfq", "none"],
+        default="adadfq",
+        help="train this generator against the student and fine-tune on its stream; none: on --data alone "
+        "(docs/finetune.md)",
+    )
+    fin.add_argument(
+        "--data",
+        help="images that calibrate the student (and, with --generator none, the fixed fine-tuning set): a file "
+        "from 'zq synthesize', real, noise or a method to run now (default: the generator's first --num-samples)",
+    )
+    fin.add_argument("--allow-mismatch", action="store_true", help="use a dataset file made for other weights")
+    fin.add_argument("--w-bits", type=int, default=4, help="weight bits of all but the first and last layer")
+    fin.add_argument("--a-bits", type=int, default=4, help="activation bits of all but the first and last layer")
+    fin.add_argument("--first-last-bits", type=int, default=8, help="weight and activation bits of the first and last")
+    fin.add_argument(
+        "--all-layers", action="store_true", help="first and last layer at --w-bits/--a-bits too (the papers' setting)"
+    )
+    fin.add_argument("--steps", type=int, help="iterations (default: the generator's config, 400)")
+    fin.add_argument(
+        "--init",
+        choices=["calibrate", "reconstruct"],
+        default="calibrate",
+        help="the student before fine-tuning: MSE observers, or Genie-M reconstruction on the calibration images",
+    )
+    fin.add_argument("--batch-size", type=int, default=64, help="images per iteration (all torchrun ranks together)")
+    fin.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a game or student option, e.g. warmup=50, lr_student=3e-4, margin=[0.1,0.8] (repeatable; "
+        "docs/finetune.md lists them)",
+    )
+    fin.add_argument(
+        "--evaluate", action="store_true", help="report top-1 on the Fashion-MNIST test set (Fashion-MNIST models)"
+    )
+    fin.add_argument(
+        "--out",
+        type=Path,
+        help="save the fine-tuned simulation as a torch.export program FILE.pt2 (torch.export.load(FILE).module())",
+    )
+    fin.add_argument(
+        "--generator-out", type=Path, help="save the trained generator (zq_plugin.GeneratorStream.load streams it)"
+    )
+    fin.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="keep checkpoints here, and keep them; a rerun resumes from them (default: OUT.cache, removed once "
+        "OUT is written: after Ctrl-C the same command resumes)",
+    )
+    fin.set_defaults(func=cmd_finetune)
 
     pla = sub.add_parser("plan", help="mixed-precision plan from data: sensitivity, Pareto frontier, plot")
     add_model_args(pla)
