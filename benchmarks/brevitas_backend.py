@@ -31,9 +31,9 @@ import torch
 from zq_plugin import datasets, synthesize, zoo
 from zq_plugin.backends import brevitas as zb
 from zq_plugin.backends.fx import quantize_fx
+from zq_plugin.backends.fx_plan import to_qconfig_mapping
 from zq_plugin.evaluation import accuracy
 from zq_plugin.mixed_precision import BitPlan, pareto_plan
-from zq_plugin.backends.fx_plan import to_qconfig_mapping
 
 OUT = Path("zq_out")
 BITS = ((8, 8), (4, 8), (4, 4))

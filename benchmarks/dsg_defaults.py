@@ -66,7 +66,6 @@ def margins_vs_real(name: str = "resnet_s") -> None:
     model = zoo.load(name)
     layers = batchnorm_layers(model)
     targets = bn_targets(layers)
-    gen = torch.Generator().manual_seed(0)
     print(f"\n| {name} BN layer | real mean dev q90 | margin delta | real std dev q90 | margin gamma |")
     print("|---|---|---|---|---|")
     with capture_inputs(dict(layers)) as feats, torch.no_grad():

@@ -31,9 +31,9 @@ import torch
 
 from zq_plugin import datasets, synthesize, zoo
 from zq_plugin.backends.fx import quantize_fx
+from zq_plugin.backends.fx_plan import to_qconfig_mapping
 from zq_plugin.evaluation import accuracy
 from zq_plugin.mixed_precision import BitPlan, Budget, hybrid_plan, measure_sensitivity, pareto_plan
-from zq_plugin.backends.fx_plan import to_qconfig_mapping
 from zq_plugin.mixed_precision.report import plot_frontier
 
 OUT = Path("zq_out")

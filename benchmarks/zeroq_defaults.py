@@ -34,7 +34,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name in args.models:
         model = zoo.load(name)
-        for statistics, init, clamp in itertools.product(("per_sample", "batch"), ("uniform", "gaussian"), (True, False)):
+        grid = itertools.product(("per_sample", "batch"), ("uniform", "gaussian"), (True, False))
+        for statistics, init, clamp in grid:
             t = time.perf_counter()
             data = zq_plugin.synthesize(
                 model, "zeroq", num_samples=args.num_samples, input_shape=zoo.INPUT_SHAPE, seed=args.seed,
@@ -48,8 +49,8 @@ def main() -> None:
             }
             row = dict(model=name, statistics=statistics, init=init, clamp=clamp, seconds=round(seconds, 1), **acc)
             rows.append(row)
-            print(f"| {name} | {statistics} | {init} | {clamp} | {acc['W8A8']:.2f} | {acc['W4A4']:.2f} | {seconds:.0f} |",
-                  flush=True)  # fmt: skip
+            cells = f"{acc['W8A8']:.2f} | {acc['W4A4']:.2f} | {seconds:.0f}"
+            print(f"| {name} | {statistics} | {init} | {clamp} | {cells} |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

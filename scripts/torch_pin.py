@@ -29,7 +29,7 @@ def supported_range() -> tuple[tuple[int, ...], tuple[int, ...]]:
     text = (ROOT / "pyproject.toml").read_text()
     match = re.search(r'"torch>=([\d.]+),<([\d.]+)"', text)
     if match is None:
-        raise SystemExit("torch_pin: pyproject.toml has no \"torch>=A,<B\" requirement")
+        raise SystemExit('torch_pin: pyproject.toml has no "torch>=A,<B" requirement')
     return _release(match.group(1)), _release(match.group(2))
 
 
@@ -46,7 +46,7 @@ def choose(installed: str | None) -> tuple[str, str]:
     lower, upper = supported_range()
     keep = bool(installed) and lower <= _release(installed or "") < upper
     torch_version = installed if keep and installed else pinned()
-    major, minor, patch = (_release(torch_version) + (0, 0, 0))[:3]
+    major, minor, patch = (*_release(torch_version), 0, 0, 0)[:3]
     vision = f"0.{minor + 15}.{patch}" if major == 2 else ""
     return torch_version, vision
 

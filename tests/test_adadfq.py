@@ -314,3 +314,31 @@ def test_learned_steps_train_and_are_written_back_into_plain_fake_quantizers(tin
     assert scales.keys() == fixed_scales.keys()
     assert any(not torch.equal(scales[n], fixed_scales[n]) for n in scales)  # the steps moved
     assert all(bool((s > 0).all()) for s in scales.values())
+
+
+def test_a_fine_tuned_plan_student_is_carried_into_pt2e():
+    """Issue 17 item 2: the fine-tuned weights and the steps of a plan's student reach a converted PT2E model."""
+    from zq_plugin.backends.pt2e import from_sim
+    from zq_plugin.finetuning import fx_student
+    from zq_plugin.mixed_precision import BitPlan
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 10),
+    ).eval()  # fmt: skip
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    x = torch.randn(64, 1, 8, 8)
+    plan = BitPlan.uniform(net, w_bits=4, a_bits=4, first_last_bits=None)
+    config = AdaDFQConfig(lr_student=0.1)
+    ft = finetune(net, x, plan=plan, steps=20, batch_size=16, config=config, input_range=None, progress=False)
+    q = from_sim(net, ft, x, plan=plan)
+    assert q.zq_carried == {"weight_steps": 3, "act_steps": 3}
+    start = fx_student(net, x, w_bits=4, a_bits=4, plan=plan)
+    for sim in (ft, start):  # FX also rounds the logits
+        sim.get_submodule(str(list(sim.graph.nodes)[-2].target)).disable_fake_quant()
+    t = torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        # equal but where FX rounds a layer's output at 8 bits before the next input's 4 (double rounding)
+        assert float((q(t) - ft(t)).abs().median()) < 1e-6
+        assert float((q(t) - start(t)).abs().median()) > 1e-3  # the fine-tuned weights, not the starting ones

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from zq_plugin._utils import model_device_dtype, select_output
 from zq_plugin.data import CalibrationData, atomic_torch_save, iter_batches, model_fingerprint
 from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.mixed_precision.plan import BitPlan
 from zq_plugin.synth.adadfq import (
     AdaDFQConfig,
     ConditionalGenerator,
@@ -75,6 +76,7 @@ def fx_student(
     a_bits: int,
     first_last_bits: int | None = 8,
     init: Init = "calibrate",
+    plan: BitPlan | None = None,
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> fx.GraphModule:
@@ -82,7 +84,8 @@ def fx_student(
 
     ``init="calibrate"``: :func:`zq_plugin.quantize_fx` of the BN-folded model with the MSE
     observers on ``images``; ``"reconstruct"``: :func:`zq_plugin.reconstruct_fx` (Genie-M) on
-    them, its checkpoints under ``cache_dir``.
+    them, its checkpoints under ``cache_dir``. ``plan``: per-layer bits instead of the uniform
+    ones (each layer's input quantized at its ``a_bits``, as PT2E and Brevitas read a plan).
     """
     from torch.fx.experimental.optimization import fuse
 
@@ -90,16 +93,19 @@ def fx_student(
     from zq_plugin.observers.ao import MSEObserver, PerChannelMSEObserver
     from zq_plugin.reconstruct.engine import reconstruct_fx
 
+    if plan is not None:
+        plan.check(model)
     if init == "reconstruct":
         sim = reconstruct_fx(
-            model, images, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits, seed=seed,
+            model, images, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits, plan=plan, seed=seed,
             cache_dir=cache_dir, progress=False,
         )  # fmt: skip
     else:
         folded = fuse(copy.deepcopy(model).eval(), inplace=True)
         sim = quantize_fx(
             folded, images, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits, fold=False,
-            act_observer=MSEObserver, weight_observer=PerChannelMSEObserver,
+            plan=None if plan is None else plan.traced(folded), act_observer=MSEObserver,
+            weight_observer=PerChannelMSEObserver,
         )  # fmt: skip
     sim.eval()
     for p in sim.parameters():
@@ -355,6 +361,7 @@ def finetune(
     steps: int | None = None,
     config: AdaDFQConfig | None = None,
     init: Init = "calibrate",
+    plan: BitPlan | None = None,
     input_shape: tuple[int, ...] | None = None,
     input_range: tuple[float, float] | Literal["auto"] | None = "auto",
     batch_size: int = 64,
@@ -385,6 +392,10 @@ def finetune(
             no warm-up.
         init: the student before fine-tuning: ``"calibrate"`` (MSE observers) or ``"reconstruct"``
             (:func:`zq_plugin.reconstruct_fx` with Genie-M on the calibration images).
+        plan: per-layer bits (:class:`~zq_plugin.mixed_precision.BitPlan`) instead of ``w_bits``,
+            ``a_bits`` and ``first_last_bits``; each layer's input is quantized at its ``a_bits``
+            (as PT2E reads a plan: :func:`zq_plugin.backends.pt2e.from_sim` then carries every
+            step of the result into a converted PT2E model).
         input_shape: one image's shape, e.g. ``(1, 28, 28)``; needed with a generator.
         input_range: the valid input box (``"auto"``: ``model.input_range``); generated images are clamped to it.
         batch_size: images per iteration (of all processes together under ``torchrun``).
@@ -486,6 +497,7 @@ def finetune(
             a_bits=a_bits,
             first_last_bits=first_last_bits,
             init=init,
+            plan=plan,
             seed=seed,
             cache_dir=cache_dir,
         )
@@ -511,6 +523,7 @@ def finetune(
                 config=dataclasses.asdict(config),
                 generator=generator,
                 first_last_bits=first_last_bits,
+                plan=None if plan is None else plan.to_json(),
                 init=init,
                 batch_size=batch_size,
                 calibration_samples=calibration_samples,
@@ -551,6 +564,7 @@ def finetune(
         "generator": generator,
         "config": {**dataclasses.asdict(config)},
         "init": init,
+        "plan": plan,
         "last_losses": losses,
         "seconds": time.perf_counter() - started,
     }

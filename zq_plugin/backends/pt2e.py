@@ -796,10 +796,7 @@ def reconstruct_pt2e(
         >>> q(torch.randn(3, 1, 8, 8)).shape, q.zq_carried
         (torch.Size([3, 10]), {'weight_steps': 2, 'act_steps': 2})
     """
-    from torch.fx.experimental.optimization import fuse
-
-    from zq_plugin.observers import pt2e as observers
-    from zq_plugin.reconstruct.engine import reconstruct_fx, sim_layer
+    from zq_plugin.reconstruct.engine import reconstruct_fx
 
     _compat.torchao_pt2e()  # the missing extra is named before the reconstruction runs
     if plan is None:  # a plan, so that FX quantizes each layer's input at its a_bits, as PT2E does
@@ -807,6 +804,69 @@ def reconstruct_pt2e(
     sim = reconstruct_fx(
         model, data, plan=plan, method=method, config=config, seed=seed, cache_dir=cache_dir, progress=progress
     )
+    converted = from_sim(model, sim, data, plan=plan, batch_size=batch_size)
+    converted.zq_reconstruction = sim.zq_reconstruction
+    return converted
+
+
+def from_sim(
+    model: nn.Module,
+    sim: torch.fx.GraphModule,
+    data: CalibrationData,
+    *,
+    plan: BitPlan,
+    batch_size: int = 64,
+) -> torch.fx.GraphModule:
+    """Carry a clamping FX simulation's weights and steps into a converted PT2E model.
+
+    ``sim`` is a result of :func:`zq_plugin.reconstruct_fx`, :func:`zq_plugin.finetune` or
+    :func:`zq_plugin.quantize_fx` (``fold=False``: its layers keep their weight FakeQuantize)
+    on ``model`` with the same ``plan`` (so that FX, too, quantizes each layer's input at its
+    ``a_bits``):
+
+    1. the model with BatchNorm folded into its convolutions (as the simulation has it) gets the
+       simulation's weights and biases (a weight that is ``s * q`` on its grid quantizes back
+       to ``q`` bit for bit; a fine-tuned float weight rounds as the simulation rounds it);
+    2. it is exported and prepared with :func:`plan_quantizer` at ``plan``, calibrated on
+       ``data`` with the MSE observers (for what the simulation has no step for, e.g. the
+       inputs of a residual ``add``);
+    3. :func:`carry_steps` sets each layer's weight steps and input ``(scale, zero_point)`` to
+       the simulation's; then :func:`convert`.
+
+    Args:
+        model: the float model the simulation was made from (not changed).
+        sim: the FX simulation (not changed).
+        data: calibration images (any source) for the steps the simulation does not have.
+        plan: the per-layer bits the simulation was made with.
+        batch_size: calibration batch size for tensor data.
+
+    Returns:
+        The converted model (eval mode, any batch size); ``.zq_carried`` counts the weight and
+        input steps taken from the simulation. Its logits differ from the simulation's by the
+        FakeQuantize FX puts on the last layer's output.
+
+    Raises:
+        ConfigError, ModelError: as :func:`quantize_pt2e`.
+        MissingDependencyError: torchao is not installed.
+
+    Example:
+        >>> import torch, zq_plugin
+        >>> from zq_plugin.mixed_precision import BitPlan
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        ...                           torch.nn.Linear(4 * 6 * 6, 10)).eval()
+        >>> x = torch.randn(32, 1, 8, 8)
+        >>> plan = BitPlan.uniform(net, w_bits=4, a_bits=4, first_last_bits=None)
+        >>> q = from_sim(net, zq_plugin.quantize_fx(net, x, plan=plan, fold=False), x, plan=plan)
+        >>> q(torch.randn(3, 1, 8, 8)).shape, q.zq_carried
+        (torch.Size([3, 10]), {'weight_steps': 2, 'act_steps': 2})
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    from zq_plugin.observers import pt2e as observers
+    from zq_plugin.reconstruct.engine import sim_layer
+
+    _compat.torchao_pt2e()
+    plan.check(model)
     folded = fuse(copy.deepcopy(model).eval(), inplace=True)
     with torch.no_grad():
         for name, layer in folded.named_modules():
@@ -816,11 +876,10 @@ def reconstruct_pt2e(
             layer.weight.copy_(source.weight)
             if layer.bias is not None and source.bias is not None:
                 layer.bias.copy_(source.bias)
-    bits = {"w_bits": w_bits, "a_bits": a_bits, "plan": plan.traced(folded), "first_last_bits": first_last_bits}
+    bits = {"w_bits": 8, "a_bits": 8, "plan": plan.traced(folded), "first_last_bits": None}  # the plan's bits rule
     chosen = {"act_observer": observers.MSEObserver, "weight_observer": observers.PerChannelMSEObserver}
     prepared = _prepared(folded, data, bits, chosen, batch_size, None, qat=False)
     carried = carry_steps(prepared, sim)
     converted = convert(prepared)
-    converted.zq_reconstruction = sim.zq_reconstruction
     converted.zq_carried = carried  # type: ignore[assignment]
     return converted
