@@ -350,6 +350,70 @@ def _num_classes(model: nn.Module, shape: tuple[int, ...], device: torch.device,
     return int(out.shape[1])
 
 
+def _checked_config(
+    config: AdaDFQConfig | None,
+    generator: str | None,
+    *,
+    w_bits: int,
+    a_bits: int,
+    first_last_bits: int | None,
+    init: str,
+    steps: int | None,
+    batch_size: int,
+    calibration_samples: int,
+    checkpoint_every: int,
+) -> AdaDFQConfig:
+    """:func:`finetune`'s arguments checked (named :class:`ConfigError` s); the config the run uses."""
+    from zq_plugin.qparams import check_bits
+
+    check_bits(w_bits, "w_bits")
+    check_bits(a_bits, "a_bits")
+    if first_last_bits is not None:
+        check_bits(first_last_bits, "first_last_bits")
+    if generator is not None and generator not in GENERATORS:
+        raise ConfigError(f"generator={generator!r} is not one of {sorted(GENERATORS)}.")
+    counts = {
+        "batch_size": batch_size,
+        "calibration_samples": calibration_samples,
+        "checkpoint_every": checkpoint_every,
+    }
+    if steps is not None:
+        counts["steps"] = steps
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name}={value!r} must be a positive int.")
+    if init not in ("calibrate", "reconstruct"):
+        raise ConfigError(f"init={init!r} is not 'calibrate' or 'reconstruct'.")
+    world = dist_info()[1]
+    if batch_size % world:
+        raise ConfigError(
+            f"batch_size={batch_size} is the batch of all {world} processes together and must divide among them."
+        )
+    config = config if config is not None else GENERATORS[generator or "adadfq"]()
+    changes: dict[str, Any] = {"w_bits": w_bits, "a_bits": a_bits}
+    if steps is not None:
+        changes.update(steps=steps, warmup=min(config.warmup, steps - 1))
+    if generator is None:
+        changes["warmup"] = 0
+    return dataclasses.replace(config, **changes)
+
+
+def _train(run: _Run, folder: Path | None, checkpoint_every: int, progress: bool) -> dict[str, float]:
+    """Advance ``run`` to its last iteration, checkpointing under ``folder``; the last losses."""
+    losses: dict[str, float] = {}
+    bar = tqdm(range(run.step, run.config.steps), desc="finetune", disable=None if progress else True)
+    for _ in bar:
+        losses = run.advance()
+        if run.step % 10 == 0:
+            bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()}, refresh=False)
+        if folder is not None and (run.step % checkpoint_every == 0 or run.step == run.config.steps):
+            if run.rank == 0:
+                atomic_torch_save(run.state(), _checkpoint(folder))
+            if run.world > 1:
+                torch.distributed.barrier()  # no rank runs ahead of a checkpoint it may resume from
+    return losses
+
+
 def finetune(
     model: nn.Module,
     data: CalibrationData | None = None,
@@ -428,39 +492,15 @@ def finetune(
         >>> q(torch.randn(2, 1, 8, 8)).shape
         torch.Size([2, 3])
     """
-    from zq_plugin.qparams import check_bits
     from zq_plugin.reconstruct.engine import _tensor_hash
     from zq_plugin.synth.api import resolve_input_range
 
-    check_bits(w_bits, "w_bits")
-    check_bits(a_bits, "a_bits")
-    if first_last_bits is not None:
-        check_bits(first_last_bits, "first_last_bits")
     if generator is None and data is None:
         generator = "adadfq"
-    if generator is not None and generator not in GENERATORS:
-        raise ConfigError(f"generator={generator!r} is not one of {sorted(GENERATORS)}.")
-    for name, value in {"batch_size": batch_size, "calibration_samples": calibration_samples}.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name}={value!r} must be a positive int.")
-    if init not in ("calibrate", "reconstruct"):
-        raise ConfigError(f"init={init!r} is not 'calibrate' or 'reconstruct'.")
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ConfigError(f"checkpoint_every={checkpoint_every!r} must be a positive int.")
-    world = dist_info()[1]
-    if batch_size % world:
-        raise ConfigError(
-            f"batch_size={batch_size} is the batch of all {world} processes together and must divide among them."
-        )
-    config = config if config is not None else GENERATORS[generator or "adadfq"]()
-    changes: dict[str, Any] = {"w_bits": w_bits, "a_bits": a_bits}
-    if steps is not None:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"steps={steps!r} must be a positive int.")
-        changes.update(steps=steps, warmup=min(config.warmup, steps - 1))
-    if generator is None:
-        changes["warmup"] = 0
-    config = dataclasses.replace(config, **changes)
+    config = _checked_config(
+        config, generator, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits, init=init, steps=steps,
+        batch_size=batch_size, calibration_samples=calibration_samples, checkpoint_every=checkpoint_every,
+    )  # fmt: skip
     device, dtype = model_device_dtype(model)
     started = time.perf_counter()
     with frozen(model):
@@ -533,17 +573,7 @@ def finetune(
             )
             folder = Path(cache_dir) / f"finetune-{key}"
             _resume(folder, run)
-        losses: dict[str, float] = {}
-        bar = tqdm(range(run.step, config.steps), desc="finetune", disable=None if progress else True)
-        for _ in bar:
-            losses = run.advance()
-            if run.step % 10 == 0:
-                bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()}, refresh=False)
-            if folder is not None and (run.step % checkpoint_every == 0 or run.step == config.steps):
-                if run.rank == 0:
-                    atomic_torch_save(run.state(), _checkpoint(folder))
-                if run.world > 1:
-                    torch.distributed.barrier()  # no rank runs ahead of a checkpoint it may resume from
+        losses = _train(run, folder, checkpoint_every, progress)
     if config.learn_steps:
         _swap_steps(student, learn=False)
     student.eval()
