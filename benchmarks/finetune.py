@@ -5,7 +5,8 @@ demo (200 steps, seed 0; ``zq_out/cache``), first and last layer at 8 bits (``--
 every layer at the pair's bits):
 
 * **PTQ best**: the best post-training recipe, Genie-M reconstruction (``reconstruct_fx``);
-* **FT fixed**: ``finetune(model, images)`` from the MSE-calibrated student, ``--steps`` iterations;
+* **FT fixed**: ``finetune(model, images)`` from the MSE-calibrated student, ``--steps`` iterations
+  (the student's learning rate ``--lr``, by default the library's 1e-4, in every column);
 * **FT fixed, from PTQ**: the same from the reconstructed student (``init="reconstruct"``);
 * **AdaDFQ / GDFQ**: ``finetune(model, images, generator=...)``: the same reconstructed student
   fine-tuned on the generator's stream, the generator trained ``--warmup`` iterations alone
@@ -51,7 +52,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning iterations on the fixed set")
     parser.add_argument("--game-steps", type=int, default=800, help="AdaDFQ/GDFQ iterations, warm-up included")
     parser.add_argument("--warmup", type=int, default=500, help="generator-only iterations of the game")
-    parser.add_argument("--lr", type=float, default=3e-4, help="the student's SGD learning rate")
+    parser.add_argument(
+        "--lr", type=float, default=AdaDFQConfig.lr_student, help="the student's SGD learning rate (default: 1e-4)"
+    )
     parser.add_argument("--methods", nargs="+", default=["fixed", "fixed-ptq", "adadfq", "gdfq"])
     parser.add_argument("--test-images", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
