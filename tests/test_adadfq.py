@@ -342,3 +342,23 @@ def test_a_fine_tuned_plan_student_is_carried_into_pt2e():
         # equal but where FX rounds a layer's output at 8 bits before the next input's 4 (double rounding)
         assert float((q(t) - ft(t)).abs().median()) < 1e-6
         assert float((q(t) - start(t)).abs().median()) > 1e-3  # the fine-tuned weights, not the starting ones
+
+
+def test_a_fine_tuned_student_is_carried_into_brevitas(tiny_bn_net):
+    """Issue 17 item 2: Brevitas layers take the fine-tuned weights on the student's steps."""
+    from zq_plugin.backends.brevitas import from_sim
+    from zq_plugin.mixed_precision import BitPlan
+
+    images = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    config = AdaDFQConfig(lr_student=0.1)
+    ft = finetune(tiny_bn_net, images, steps=10, batch_size=16, config=config, input_range=None, progress=False)
+    before = snapshot(tiny_bn_net)
+    q = from_sim(tiny_bn_net, ft, images, plan=BitPlan.uniform(tiny_bn_net, w_bits=4, a_bits=4))
+    assert_unchanged(tiny_bn_net, before)
+    assert q.zq_carried["weight_steps"] == q.zq_carried["layers"] == 5
+    for name, layer in q.named_modules():
+        if hasattr(layer, "quant_weight"):
+            student = ft.get_submodule(name)
+            with torch.no_grad():
+                want = student.weight_fake_quant(student.weight)
+                torch.testing.assert_close(layer.quant_weight().value, want, rtol=0, atol=1e-6)

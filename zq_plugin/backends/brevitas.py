@@ -698,7 +698,7 @@ def reconstruct_brevitas(
         >>> qmodel(torch.randn(2, 1, 8, 8)).shape
         torch.Size([2, 10])
     """
-    from zq_plugin.reconstruct.engine import reconstruct_fx, sim_layer
+    from zq_plugin.reconstruct.engine import reconstruct_fx
 
     _brevitas()
     sim = reconstruct_fx(
@@ -707,6 +707,52 @@ def reconstruct_brevitas(
     )  # fmt: skip
     if plan is None:
         plan = BitPlan.uniform(model, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits)
+    qmodel = from_sim(model, sim, data, plan=plan, act_stats=act_stats)
+    qmodel.zq_reconstruction = sim.zq_reconstruction
+    return qmodel
+
+
+def from_sim(
+    model: nn.Module, sim: Any, data: CalibrationData, *, plan: BitPlan, act_stats: str = "zq-mse"
+) -> nn.Module:
+    """Carry a clamping FX simulation's weights and steps into calibrated Brevitas layers.
+
+    ``sim`` is a result of :func:`zq_plugin.reconstruct_fx` or :func:`zq_plugin.finetune` (or
+    :func:`zq_plugin.quantize_fx` with ``fold=False``) on ``model`` at the bits of ``plan``; see
+    :func:`reconstruct_brevitas` for what is carried: each layer's folded weight and bias and
+    its per-channel weight step (Brevitas's round-to-nearest then gives the simulation's
+    integers), and the input steps of layers with unsigned inputs; the other activation ranges
+    are calibrated on ``data`` with ``act_stats``.
+
+    Args:
+        model: the float model the simulation was made from (not changed).
+        sim: the FX simulation (not changed).
+        data: calibration images (any source).
+        plan: the simulation's per-layer bits (``BitPlan.uniform`` for uniform ones).
+        act_stats: the statistic of the calibrated activation ranges (:func:`to_brevitas`).
+
+    Returns:
+        The calibrated Brevitas model (eval mode); ``.zq_carried`` counts the weight and
+        activation steps taken from the simulation and the layers.
+
+    Raises:
+        ModelError: a Brevitas layer has no counterpart of the same shape in ``sim``.
+        MissingDependencyError: Brevitas is not installed.
+
+    Example:
+        >>> import torch, zq_plugin
+        >>> from zq_plugin.mixed_precision import BitPlan
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+        ...                           torch.nn.Linear(4 * 6 * 6, 10)).eval()
+        >>> x = torch.randn(32, 1, 8, 8)
+        >>> plan = BitPlan.uniform(net, w_bits=4, a_bits=4)
+        >>> q = from_sim(net, zq_plugin.quantize_fx(net, x, w_bits=4, a_bits=4, fold=False), x, plan=plan)
+        >>> q.zq_carried["weight_steps"], q(torch.randn(2, 1, 8, 8)).shape
+        (2, torch.Size([2, 10]))
+    """
+    from zq_plugin.reconstruct.engine import sim_layer
+
+    _brevitas()
     qmodel = to_brevitas(model, plan, act_stats=act_stats)
     carried: dict[str, Any] = {}
     with torch.no_grad():
@@ -714,8 +760,8 @@ def reconstruct_brevitas(
             source = sim_layer(sim, name)
             if source is None or source.weight.shape != layer.weight.shape:
                 raise ModelError(
-                    f"reconstruct_brevitas: layer {name!r} has no counterpart of the same shape in the FX "
-                    "simulation; quantize this model with zq_plugin.reconstruct_fx instead."
+                    f"layer {name!r} has no counterpart of the same shape in the FX simulation; use the FX "
+                    "simulation itself (zq_plugin.reconstruct_fx / finetune) for this model."
                 )
             layer.weight.copy_(source.weight)
             layer.bias.copy_(source.bias if source.bias is not None else torch.zeros_like(layer.bias))
@@ -744,7 +790,6 @@ def reconstruct_brevitas(
                 scaler = next(m for m in i_quant.modules() if isinstance(m, _brevitas()["runtime_scaling"]))
                 _rescale(scaler.value, i_quant.scale(), act.scale)
                 acts += 1
-    qmodel.zq_reconstruction = sim.zq_reconstruction
     qmodel.zq_carried = {"weight_steps": weights, "act_steps": acts, "layers": len(carried)}  # type: ignore[assignment]
     return qmodel
 
