@@ -42,8 +42,6 @@ def _top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) ->
 
 
 def main() -> None:
-    from reconstruction import calibration_images
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     models = [n for n in zoo.available() if zoo.has_batchnorm(n)]
     parser.add_argument("--models", nargs="+", default=models, choices=models)
@@ -60,6 +58,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learn-steps", action="store_true", help="LSQ steps in every fine-tuning column")
     args = parser.parse_args()
+    from reconstruction import calibration_images  # the same cached sets as the reconstruction table
+
     logging.basicConfig(level=logging.WARNING)
     warnings.simplefilter("ignore")
     x_test, y_test = datasets.load_fashion_mnist("test")
