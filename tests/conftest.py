@@ -58,6 +58,17 @@ def tiny_bn_net() -> nn.Module:
     return randomize_bn(TinyBNNet()).eval()
 
 
+def pool_bn_net() -> nn.Module:
+    """Conv-BN-ReLU-MaxPool-Conv-ReLU-Flatten-Linear for ``[N, 1, 8, 8]`` inputs, BN means off zero (seed 0)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 10),
+    ).eval()  # fmt: skip
+    net[1].running_mean.uniform_(-0.5, 0.5)
+    return net
+
+
 @pytest.fixture
 def tiny_plain_net() -> nn.Module:
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, pool_bn_net, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -322,12 +322,7 @@ def test_a_fine_tuned_plan_student_is_carried_into_pt2e():
     from zq_plugin.finetuning import fx_student
     from zq_plugin.mixed_precision import BitPlan
 
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 10),
-    ).eval()  # fmt: skip
-    net[1].running_mean.uniform_(-0.5, 0.5)
+    net = pool_bn_net()
     x = torch.randn(64, 1, 8, 8)
     plan = BitPlan.uniform(net, w_bits=4, a_bits=4, first_last_bits=None)
     config = AdaDFQConfig(lr_student=0.1)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import assert_unchanged, snapshot
+from conftest import assert_unchanged, pool_bn_net, snapshot
 from torch import nn
 
 from zq_plugin.backends.pt2e import quantize_pt2e
@@ -290,12 +290,7 @@ def test_reconstruct_pt2e_carries_the_rounded_weights_and_learned_steps():
     from zq_plugin.backends.pt2e import reconstruct_pt2e
     from zq_plugin.reconstruct import METHODS, reconstruct_fx
 
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 10),
-    ).eval()  # fmt: skip
-    net[1].running_mean.uniform_(-0.5, 0.5)
+    net = pool_bn_net()
     x = torch.randn(64, 1, 8, 8)
     quick = dataclasses.replace(METHODS["genie-m"], iterations=30)
     kwargs = {"w_bits": 4, "a_bits": 4, "first_last_bits": None, "config": quick, "progress": False}
