@@ -985,7 +985,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=VALUE",
         help="a game or student option, e.g. warmup=50, lr_student=3e-4, margin=[0.1,0.8] (repeatable; "
-        "docs/finetune.md lists them)",
+        "docs/finetune.md lists them; with --generator none the student's options are AdaDFQ's config fields)",
     )
     fin.add_argument(
         "--evaluate", action="store_true", help="report top-1 on the Fashion-MNIST test set (Fashion-MNIST models)"

@@ -582,7 +582,11 @@ def _prepared(
     *,
     qat: bool,
 ) -> torch.fx.GraphModule:
-    """Export, ``prepare_pt2e`` / ``prepare_qat_pt2e`` with the plan's quantizer, keep negative lobes, calibrate."""
+    """Export, ``prepare_pt2e`` / ``prepare_qat_pt2e`` with the plan's quantizer, keep negative lobes, calibrate.
+
+    ``bits`` holds ``plan``; the uniform ``w_bits``/``a_bits``/``first_last_bits`` are read only
+    when ``plan`` is ``None``.
+    """
     from zq_plugin._utils import weight_layers
 
     ao = _compat.torchao_pt2e()
@@ -876,7 +880,7 @@ def from_sim(
             layer.weight.copy_(source.weight)
             if layer.bias is not None and source.bias is not None:
                 layer.bias.copy_(source.bias)
-    bits = {"w_bits": 8, "a_bits": 8, "plan": plan.traced(folded), "first_last_bits": None}  # the plan's bits rule
+    bits = {"plan": plan.traced(folded)}  # with a plan, _prepared reads no uniform bits
     chosen = {"act_observer": observers.MSEObserver, "weight_observer": observers.PerChannelMSEObserver}
     prepared = _prepared(folded, data, bits, chosen, batch_size, None, qat=False)
     carried = carry_steps(prepared, sim)
