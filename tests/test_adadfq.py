@@ -1,5 +1,6 @@
 """AdaDFQ / GDFQ: the game's losses (properties), the generator, and data-free fine-tuning."""
 
+import logging
 import math
 
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from zq_plugin.errors import ConfigError, ModelError
-from zq_plugin.finetuning import finetune
+from zq_plugin.finetuning import _checked_config, finetune
 from zq_plugin.synth.adadfq import (
     AdaDFQConfig,
     ConditionalGenerator,
@@ -201,11 +202,33 @@ def test_named_errors(tiny_bn_net, tiny_plain_net):
     with pytest.raises(ConfigError, match="input_shape"):
         finetune(tiny_bn_net, progress=False)
     before = snapshot(tiny_plain_net)
-    with pytest.raises(ModelError, match="no BatchNorm"):  # the game matches BN statistics: give data
-        finetune(tiny_plain_net, **QUICK)
+    with pytest.raises(ModelError, match=r"no BatchNorm.*generator='adadfq'.*finetune\(model, images\)"):
+        finetune(tiny_plain_net, **QUICK)  # the game matches BN statistics: the message says to give images
     assert_unchanged(tiny_plain_net, before)
-    q = finetune(tiny_plain_net, torch.randn(16, 1, 8, 8), config=_game(3), batch_size=8, progress=False)
+
+
+def test_fixed_images_need_no_input_range(tiny_plain_net, caplog):
+    with caplog.at_level(logging.WARNING):  # nothing is synthesized from fixed images: no input_range warning
+        q = finetune(tiny_plain_net, torch.randn(16, 1, 8, 8), config=_game(3), batch_size=8, progress=False)
     assert q(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+    assert "input_range" not in caplog.text
+
+
+def test_steps_shorter_than_the_warm_up_scale_it_and_say_so(caplog):
+    def warmup(config, steps, generator="adadfq"):
+        return _checked_config(
+            config, generator, w_bits=4, a_bits=4, first_last_bits=8, init="calibrate", steps=steps, batch_size=16,
+            calibration_samples=32, checkpoint_every=10,
+        ).warmup  # fmt: skip
+
+    assert warmup(None, 100) == AdaDFQConfig().warmup  # it fits: kept
+    assert warmup(AdaDFQConfig(warmup=3), 6) == 3  # chosen by the user and fits: kept
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="zq_plugin.finetuning"):
+        assert warmup(None, 30) == 4  # 50 of 400 -> the same share of 30, not 29 of 30
+    assert "warm-up is scaled" in caplog.text
+    assert warmup(None, 1) == 0
+    assert warmup(None, 30, generator=None) == 0  # fixed data: no game, no warm-up
 
 
 def test_a_model_in_float64_is_fine_tuned_in_its_dtype(tiny_bn_net):

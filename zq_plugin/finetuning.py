@@ -66,6 +66,10 @@ logger = logging.getLogger(__name__)
 
 GENERATORS: dict[str, type[AdaDFQConfig]] = {"adadfq": AdaDFQConfig, "gdfq": GDFQConfig}
 Init = Literal["calibrate", "reconstruct"]
+_NO_BN_FIX = (
+    "Fine-tune on images instead: finetune(model, images) with real images or a synthetic set from a "
+    "method that needs no BatchNorm (zq_plugin.synthesize(model, method='retro' or 'noise'))."
+)
 
 
 def fx_student(
@@ -392,7 +396,14 @@ def _checked_config(
     config = config if config is not None else GENERATORS[generator or "adadfq"]()
     changes: dict[str, Any] = {"w_bits": w_bits, "a_bits": a_bits}
     if steps is not None:
-        changes.update(steps=steps, warmup=min(config.warmup, steps - 1))
+        changes["steps"] = steps
+        if generator is not None and config.warmup >= steps:  # keep the warm-up's share of the run
+            changes["warmup"] = min(round(config.warmup * steps / config.steps), steps - 1)
+            logger.warning(
+                "steps=%d leaves no room for the %d generator-only warm-up iterations; the warm-up is scaled "
+                "with the steps to %d (set config.warmup, or --option warmup=N, to choose it).",
+                steps, config.warmup, changes["warmup"],
+            )  # fmt: skip
     if generator is None:
         changes["warmup"] = 0
     return dataclasses.replace(config, **changes)
@@ -450,7 +461,9 @@ def finetune(
         generator: ``"adadfq"`` or ``"gdfq"`` (:data:`GENERATORS`): fine-tune on the generator's
             stream (with ``data``, the data still initialize the student); ``None``: on ``data``,
             or on AdaDFQ's generator when there are no data.
-        steps: iterations (replaces ``config.steps``).
+        steps: iterations (replaces ``config.steps``). The generator-only warm-up
+            (``config.warmup``) is kept; if it does not fit in ``steps`` it is scaled to the
+            same share of ``steps`` (with a warning).
         config: the game's and the student's options (:class:`~zq_plugin.synth.adadfq.AdaDFQConfig`;
             default: the generator's). With ``data`` only the student's options apply and there is
             no warm-up.
@@ -513,11 +526,12 @@ def finetune(
         if shape is None:
             raise ConfigError("a generator needs input_shape=(C, H, W) (one image's shape, e.g. (1, 28, 28)).")
         shape = tuple(int(v) for v in shape)
-        box = resolve_input_range(model, input_range)
+        if generator is not None:
+            require_batchnorm(model, generator, argument="generator", fix=_NO_BN_FIX)
+        box = resolve_input_range(model, input_range) if generator is not None else None  # for synthesis only
         num_classes = _num_classes(model, shape, device, dtype)
         gen_module = None
         if generator is not None:
-            require_batchnorm(model, generator)
             with torch.random.fork_rng(devices=[]):  # the generator's init draws from torch's global RNG
                 torch.manual_seed(seed)
                 gen_module = ConditionalGenerator(shape, num_classes, config.latent_dim, config.width)

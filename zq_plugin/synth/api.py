@@ -173,8 +173,10 @@ def synthesize(
 
     Args:
         model: the trained float model (read its BN statistics before any prepare/fusion).
-        method: a registered method: ``"zeroq"``, ``"dsg"``, ``"retro"``, ``"genie"``, ``"noise"`` (see
-            :data:`zq_plugin.synth.METHODS`).
+        method: a registered method: ``"zeroq"``, ``"dsg"``, ``"retro"``, ``"genie"``, ``"adadfq"``,
+            ``"gdfq"``, ``"noise"`` (see :data:`zq_plugin.synth.METHODS`). ``"adadfq"``/``"gdfq"``
+            play a whole generator game per batch (:func:`zq_plugin.finetune` trains one generator
+            and streams from it).
         num_samples: number of images, >= 1.
         input_shape: one image's shape, channels first, e.g. ``(1, 28, 28)``.
         seed: the same seed (and options) gives the same images.

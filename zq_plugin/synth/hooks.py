@@ -31,14 +31,23 @@ def batchnorm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchN
     }
 
 
-def require_batchnorm(model: nn.Module, method: str) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    """Like :func:`batchnorm_layers`, but raise :class:`ModelError` when there is none."""
+def require_batchnorm(
+    model: nn.Module,
+    method: str,
+    *,
+    argument: str = "method",
+    fix: str = "Use method='noise' for a data-free baseline, or calibrate on real data.",
+) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """Like :func:`batchnorm_layers`, but raise :class:`ModelError` when there is none.
+
+    The message names ``argument={method!r}`` (the caller's argument) and ends with ``fix``.
+    """
     layers = batchnorm_layers(model)
     if not layers:
         raise ModelError(
             f"{type(model).__name__} has no BatchNorm layer with running statistics (searched "
-            f"BatchNorm1d/2d/3d and SyncBatchNorm), so method={method!r}, which matches BN statistics, "
-            "has nothing to match. Use method='noise' for a data-free baseline, or calibrate on real data."
+            f"BatchNorm1d/2d/3d and SyncBatchNorm), so {argument}={method!r}, which matches BN statistics, "
+            f"has nothing to match. {fix}"
         )
     return layers
 
