@@ -526,12 +526,11 @@ def finetune(
         if shape is None:
             raise ConfigError("a generator needs input_shape=(C, H, W) (one image's shape, e.g. (1, 28, 28)).")
         shape = tuple(int(v) for v in shape)
+        num_classes = _num_classes(model, shape, device, dtype)
+        box, gen_module = None, None  # the input box matters only to images the generator makes
         if generator is not None:
             require_batchnorm(model, generator, argument="generator", fix=_NO_BN_FIX)
-        box = resolve_input_range(model, input_range) if generator is not None else None  # for synthesis only
-        num_classes = _num_classes(model, shape, device, dtype)
-        gen_module = None
-        if generator is not None:
+            box = resolve_input_range(model, input_range)
             with torch.random.fork_rng(devices=[]):  # the generator's init draws from torch's global RNG
                 torch.manual_seed(seed)
                 gen_module = ConditionalGenerator(shape, num_classes, config.latent_dim, config.width)
