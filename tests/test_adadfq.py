@@ -353,12 +353,9 @@ def test_a_fine_tuned_plan_student_is_carried_into_pt2e():
     q = from_sim(net, ft, x, plan=plan)
     assert q.zq_carried == {"weight_steps": 3, "act_steps": 3}
     start = fx_student(net, x, w_bits=4, a_bits=4, plan=plan)
-    for sim in (ft, start):  # FX also rounds the logits
-        sim.get_submodule(str(list(sim.graph.nodes)[-2].target)).disable_fake_quant()
     t = torch.randn(32, 1, 8, 8)
     with torch.no_grad():
-        # equal but where FX rounds a layer's output at 8 bits before the next input's 4 (double rounding)
-        assert float((q(t) - ft(t)).abs().median()) < 1e-6
+        torch.testing.assert_close(q(t), ft(t), atol=1e-5, rtol=1e-5)  # one meaning: no double rounding left
         assert float((q(t) - start(t)).abs().median()) > 1e-3  # the fine-tuned weights, not the starting ones
 
 

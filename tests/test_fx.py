@@ -535,7 +535,7 @@ def test_relu6_after_conv_bn_is_observed_after_the_activation(kind):
     torch.testing.assert_close(relu6_as_relu_then_clamp(net)(x), net(x))  # the same function
     sim = zq_plugin.quantize_fx(net, x, w_bits=4, a_bits=4, first_last_bits=None)
     fqs = [m for m in sim.modules() if hasattr(m, "zero_point") and not m.is_per_channel]
-    assert len(fqs) == 3  # image, ReLU6 output (shared with the clamp), logits
+    assert len(fqs) == 2  # the two layers' inputs: the image, the ReLU6 output (the logits stay float)
     assert int(fqs[1].zero_point) == 0 and int(fqs[1].quant_max) == 15
     # the shared observer sees the clamped tensor only: its grid ends at 6, not at the ReLU's max
     assert float(net.bn(net.conv(x)).max()) > 9.0
@@ -591,9 +591,9 @@ def test_negative_lobe_activations_keep_their_minimum(kind):
         act_observer=MSEObserver, weight_observer=PerChannelMSEObserver,
     )  # fmt: skip
     fqs = [m for m in sim.modules() if hasattr(m, "zero_point") and not m.is_per_channel]
-    assert len(fqs) == 4  # image, conv output (not fused with these activations), activation output, logits
-    assert [fq.activation_post_process.keep_min for fq in fqs] == [False, False, True, False]
-    fq, observer = fqs[2], fqs[2].activation_post_process
+    assert len(fqs) == 2  # the two layers' inputs: the image, the activation output behind the flatten
+    assert [fq.activation_post_process.keep_min for fq in fqs] == [False, True]
+    fq, observer = fqs[1], fqs[1].activation_post_process
     assert float(observer.calculate_range()[0]) == float(observer.min_val) < 0
     assert float(-fq.zero_point * fq.scale) <= float(observer.min_val) + float(fq.scale) / 2
     if kind == "hardswish":

@@ -290,7 +290,8 @@ def _input_fq(prepared: nn.Module, layer: str):
         if node.op == "call_module" and node.target == layer:
             arg = node.args[0]
             while True:
-                if arg.op == "call_module" and "activation_post_process" in str(arg.target):
+                name = str(arg.target)
+                if arg.op == "call_module" and ("activation_post_process" in name or "_input_quant" in name):
                     return prepared.get_submodule(str(arg.target))
                 arg = next(a for a in arg.args if isinstance(a, torch.fx.Node))
     raise AssertionError(layer)

@@ -76,7 +76,7 @@ _NONNEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax)
 _NONNEGATIVE_FUNCTIONS = {"relu", "relu6", "relu_", "sigmoid", "softmax"}
 
 
-PLUGIN_STATS = ("zq-mse", "zq-percentile", "zq-aciq", "zq-entropy")
+PLUGIN_STATS = ("zq-minmax", "zq-mse", "zq-percentile", "zq-aciq", "zq-entropy")
 
 
 def _plugin_range(name: str) -> Any:
@@ -84,6 +84,7 @@ def _plugin_range(name: str) -> Any:
     from zq_plugin.observers import stats
 
     return {
+        "zq-minmax": stats.minmax_range,
         "zq-mse": stats.lp_range,
         "zq-percentile": stats.percentile_range,
         "zq-aciq": stats.aciq_range,
@@ -131,6 +132,7 @@ def _brevitas() -> dict[str, Any]:
             quant_layer = importlib.import_module("brevitas.nn.quant_layer")
             runtime_quant = importlib.import_module("brevitas.proxy.runtime_quant")
             standalone = importlib.import_module("brevitas.core.scaling.standalone")
+            zero_point = importlib.import_module("brevitas.core.zero_point")
             enum = importlib.import_module("brevitas.inject.enum")
     except ImportError as exc:
         raise MissingDependencyError(
@@ -147,6 +149,7 @@ def _brevitas() -> dict[str, Any]:
         "act_proxy": runtime_quant.ActQuantProxyFromInjectorBase,
         "quant": quant,
         "runtime_scaling": standalone.ParameterFromRuntimeStatsScaling,
+        "runtime_zero_point": zero_point.ParameterFromRuntimeZeroPoint,
         "param_from_stats": standalone.ParameterFromStatsFromParameterScaling,
         "StatsOp": enum.StatsOp,
     }
@@ -189,12 +192,19 @@ def _grouped_transpose(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups > 1
 
 
-def _layer_kwargs(plan: BitPlan, unsigned: dict[str, bool], act_stats: str, b: dict[str, Any]) -> dict[str, Any]:
+def _layer_kwargs(
+    plan: BitPlan, unsigned: dict[str, bool], act_stats: str, b: dict[str, Any], input_grid: str = "symmetric"
+) -> dict[str, Any]:
     """Brevitas layer keyword arguments, evaluated per module name (lambdas, as ``layerwise_quantize`` needs)."""
     quant, stats_op = b["quant"], b["StatsOp"]
     per_channel = quant.Int8WeightPerChannelFloat.let(scaling_impl=b["param_from_stats"])  # GPTQ-ready scales
     per_tensor = quant.Int8WeightPerTensorFloat.let(scaling_impl=b["param_from_stats"])
-    if act_stats == "max":
+    if input_grid not in ("symmetric", "affine"):
+        raise ConfigError(f"input_grid={input_grid!r}: use 'affine' (a zero point, as FX and PT2E) or 'symmetric'.")
+    if input_grid == "affine":  # every input on [0, 2^b - 1] with a zero point: the grid of FX and PT2E
+        shifted = quant.ShiftedUint8ActPerTensorFloatMSE if act_stats == "mse" else quant.ShiftedUint8ActPerTensorFloat
+        signed_act = unsigned_act = shifted
+    elif act_stats == "max":
         signed_act = quant.Int8ActPerTensorFloat.let(scaling_stats_op=stats_op.MAX)
         unsigned_act = quant.Uint8ActPerTensorFloat.let(scaling_stats_op=stats_op.MAX)
     elif act_stats == "percentile":
@@ -204,7 +214,7 @@ def _layer_kwargs(plan: BitPlan, unsigned: dict[str, bool], act_stats: str, b: d
     elif act_stats in PLUGIN_STATS:
         signed_act = quant.Int8ActPerTensorFloat.let(scaling_stats_impl=PluginStatistic, zq_statistic=act_stats)
         unsigned_act = quant.Uint8ActPerTensorFloat.let(scaling_stats_impl=PluginStatistic, zq_statistic=act_stats)
-    else:
+    if act_stats not in ("max", "percentile", "mse", *PLUGIN_STATS):
         raise ConfigError(
             f"act_stats={act_stats!r}: use 'max', 'percentile' (Brevitas's 99.999 %), 'mse' (Brevitas's), "
             f"or one of the plugin's statistics {PLUGIN_STATS}."
@@ -223,7 +233,7 @@ def _layer_kwargs(plan: BitPlan, unsigned: dict[str, bool], act_stats: str, b: d
         "weight_bit_width": lambda module, name: bits(name, "w_bits"),
         "input_quant": lambda module, name: unsigned_act if unsigned.get(name, False) else signed_act,
         "input_bit_width": lambda module, name: bits(name, "a_bits"),
-        "bias_quant": b["quant"].Int32Bias,
+        "bias_quant": None if input_grid == "affine" else b["quant"].Int32Bias,
         "return_quant_tensor": False,
     }
 
@@ -255,6 +265,7 @@ def to_brevitas(
     a_bits: int = 8,
     first_last_bits: int | None = 8,
     act_stats: str = "max",
+    input_grid: str = "symmetric",
 ) -> nn.Module:
     """A Brevitas copy of ``model`` with the plan's weight and input bits (the original is untouched).
 
@@ -280,6 +291,11 @@ def to_brevitas(
             (Brevitas's), or the plugin's own ``"zq-mse"``, ``"zq-percentile"``, ``"zq-aciq"``,
             ``"zq-entropy"`` (:class:`PluginStatistic`, the statistics of ``docs/observers.md``
             on the quantizer's real bit width).
+        input_grid: ``"symmetric"`` (Brevitas's default: unsigned ``[0, 2^b - 1]`` after ReLU-like
+            ops, signed otherwise, no zero point) or ``"affine"`` (every input on ``[0, 2^b - 1]`` with a
+            zero point, Brevitas's ``ShiftedUint8ActPerTensorFloat``: the grid of the FX simulation and
+            PT2E, which :func:`from_sim` carries; its own calibration uses Brevitas's percentile
+            interval, or its MSE with ``act_stats="mse"``).
 
     Returns:
         The Brevitas model in eval mode, on the model's device; :func:`calibrate` it before use.
@@ -311,7 +327,7 @@ def to_brevitas(
                 f"Brevitas could not trace {type(model).__name__} ({type(exc).__name__}: {exc}). Its graph "
                 "quantization needs a model without data-dependent Python control flow in forward."
             ) from exc
-        kwargs = _layer_kwargs(plan, unsigned, act_stats, b)
+        kwargs = _layer_kwargs(plan, unsigned, act_stats, b, input_grid)
         layer_map = {float_cls: (getattr(b["qnn"], name), kwargs) for float_cls, name in _QUANT_LAYERS.items()}
         qmodel = b["layerwise_quantize"](graph, compute_layer_map=layer_map)
     qmodel.eval().to(input_placement(model)[0])  # the quantizers' own tensors go where the model's weights are
@@ -606,25 +622,6 @@ def gptq(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> nn
     return model
 
 
-def _input_fake_quants(sim: Any) -> dict[str, Any]:
-    """``layer -> FX fake-quantizer`` for each simulation layer whose input is a fake-quantizer's output.
-
-    Keyed by the model's layer name (a ConvTranspose wrapper's ``<name>.conv`` under ``<name>``).
-    """
-    from zq_plugin import _compat
-
-    modules = dict(sim.named_modules())
-    found: dict[str, Any] = {}
-    for node in sim.graph.nodes:
-        if node.op != "call_module" or not node.args or getattr(node.args[0], "op", None) != "call_module":
-            continue
-        source = modules.get(str(node.args[0].target))
-        if isinstance(source, _compat.FakeQuantize):
-            name = str(node.target)
-            found[name.removesuffix(".conv") if isinstance(modules.get(name), WEIGHT_LAYERS) else name] = source
-    return found
-
-
 @torch.no_grad()
 def _rescale(value: torch.Tensor, current: torch.Tensor, target: torch.Tensor) -> None:
     """Multiply a Brevitas scale parameter so that the quantizer's scale ``current`` becomes ``target``."""
@@ -750,14 +747,14 @@ def from_sim(
         >>> q.zq_carried["weight_steps"], q(torch.randn(2, 1, 8, 8)).shape
         (2, torch.Size([2, 10]))
     """
-    from zq_plugin.reconstruct.engine import sim_layer
+    from zq_plugin.backends.fx_sim import read_sim
 
-    _brevitas()
-    qmodel = to_brevitas(model, plan, act_stats=act_stats)
-    carried: dict[str, Any] = {}
+    b = _brevitas()
+    layers = read_sim(sim)
+    qmodel = to_brevitas(model, plan, act_stats=act_stats, input_grid="affine")
     with torch.no_grad():
         for name, layer in _quant_layers(qmodel):
-            source = sim_layer(sim, name)
+            source = layers.get(name)
             if source is None or source.weight.shape != layer.weight.shape:
                 raise ModelError(
                     f"layer {name!r} has no counterpart of the same shape in the FX simulation; use the FX "
@@ -765,32 +762,40 @@ def from_sim(
                 )
             layer.weight.copy_(source.weight)
             layer.bias.copy_(source.bias if source.bias is not None else torch.zeros_like(layer.bias))
-            carried[name] = source
-    calibrate(qmodel, data)
-    weights = acts = 0
-    unsigned = nonnegative_inputs(model)
-    input_fqs = _input_fake_quants(sim)
+    calibrate(qmodel, data)  # every quantizer in its calibrated state; the simulation's steps replace the ranges
+    steps: dict[str, dict[str, str]] = {}
     with torch.no_grad():
         for name, layer in _quant_layers(qmodel):
-            fq: Any = getattr(carried[name], "weight_fake_quant", None)
-            w_quant = layer.weight_quant
-            if fq is not None and fq.is_per_channel and int(fq.fake_quant_enabled[0]) and w_quant.is_quant_enabled:
+            source = layers[name]
+            how = steps[name] = {"weight": "calibrated", "input": "calibrated"}
+            grid, w_quant = source.weight_grid, layer.weight_quant
+            if grid is not None and grid.axis is not None and w_quant.is_quant_enabled:
                 bits = int(w_quant.bit_width())
-                if (int(fq.quant_min), int(fq.quant_max)) == quant_range(bits, signed=True, narrow=True):
+                if (grid.quant_min, grid.quant_max) == quant_range(bits, signed=True, narrow=True):
                     scaler = w_quant.tensor_quant.scaling_impl
-                    _rescale(scaler.value, layer.quant_weight().scale, fq.scale)
-                    weights += 1
-            act = input_fqs.get(name)
-            i_quant = layer.input_quant
-            if act is None or not unsigned.get(name, False) or not i_quant.is_quant_enabled:
+                    _rescale(scaler.value, layer.quant_weight().scale, grid.scale.to(layer.weight.device))
+                    how["weight"] = "carried"
+            grid, i_quant = source.input_grid, layer.input_quant
+            if grid is None or not i_quant.is_quant_enabled:
                 continue
             bits = int(i_quant.bit_width())
-            same = (int(act.quant_min), int(act.quant_max)) == quant_range(bits, signed=False, narrow=False)
-            if same and int(act.zero_point.reshape(-1)[0]) == 0:
-                scaler = next(m for m in i_quant.modules() if isinstance(m, _brevitas()["runtime_scaling"]))
-                _rescale(scaler.value, i_quant.scale(), act.scale)
-                acts += 1
-    qmodel.zq_carried = {"weight_steps": weights, "act_steps": acts, "layers": len(carried)}  # type: ignore[assignment]
+            if (grid.quant_min, grid.quant_max) != quant_range(bits, signed=False, narrow=False):
+                continue
+            scaler = next(m for m in i_quant.modules() if isinstance(m, b["runtime_scaling"]))
+            zero_point = next((m for m in i_quant.modules() if isinstance(m, b["runtime_zero_point"])), None)
+            if zero_point is None and int(grid.zero_point[0]) != 0:
+                continue
+            target = grid.scale.to(layer.weight.device)
+            _rescale(scaler.value, i_quant.scale(), target)
+            if zero_point is not None:
+                zero_point.value.detach().fill_(float(grid.zero_point[0]) * float(target[0]))
+            how["input"] = "carried"
+    qmodel.zq_carried = {  # type: ignore[assignment]
+        "weight_steps": sum(h["weight"] == "carried" for h in steps.values()),
+        "act_steps": sum(h["input"] == "carried" for h in steps.values()),
+        "layers": len(steps),
+    }
+    qmodel.zq_steps = steps  # type: ignore[assignment]
     return qmodel
 
 
@@ -943,3 +948,18 @@ def run_onnx(
         for k in range(len(runs[0]))
     ]
     return outs if all_outputs else outs[0]
+
+
+def describe_layers(qmodel: nn.Module) -> dict[str, tuple[int | None, int | None, str | None]]:
+    """``layer -> (w_bits, a_bits, granularity)`` of a Brevitas model, read from its quantizers, in module order."""
+    rows: dict[str, tuple[int | None, int | None, str | None]] = {}
+    with torch.no_grad():
+        for name, layer in _quant_layers(qmodel):
+            w_quant, i_quant = layer.weight_quant, layer.input_quant
+            w_bits = int(w_quant.bit_width()) if w_quant.is_quant_enabled else None
+            a_bits = int(i_quant.bit_width()) if i_quant.is_quant_enabled else None
+            granularity = None
+            if w_bits is not None:
+                granularity = "per_channel" if layer.quant_weight().scale.numel() > 1 else "per_tensor"
+            rows[name] = (w_bits, a_bits, granularity)
+    return rows

@@ -34,7 +34,6 @@ import copy
 import logging
 import os
 import traceback
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -497,9 +496,14 @@ def fold_weights(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     Outputs are unchanged up to float rounding; inference is faster (no per-pass weight fake
     quantization, BN, or unscaling). Activation FakeQuantize modules stay. Not for fine-tuning.
     """
+    from zq_plugin.backends.fx_sim import weight_bits_of
+
     for name, module in list(model.named_modules()):
         plain = _folded_float_module(module)
         if plain is not None:
+            bits, granularity = weight_bits_of(getattr(module, "weight_fake_quant", None))
+            plain.zq_weight_bits = bits  # type: ignore[assignment]  # describe() reads them
+            plain.zq_weight_granularity = granularity  # type: ignore[assignment]
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
     model.recompile()
@@ -530,31 +534,36 @@ def quantize_fx(
 ) -> torch.fx.GraphModule:
     """Quantize a copy of ``model`` at W``w_bits``A``a_bits`` (or a ``plan``) in a clamping FX simulation.
 
-    ``prepare_qat_fx`` on an eval-mode deep copy (BN folded with running statistics), calibration
-    with float statistics (observers on, fake quantization off), then observers off and fake
-    quantization on. The result stays in eval mode; its outputs honour quant_min/quant_max at
-    every bit width. The source model is not changed. ConvTranspose layers (no QAT module in
-    torch.ao) get their weight fake-quantized per output channel (axis 1) by
-    :class:`FakeQuantConvTranspose`. Weight layers left in float (a ``None`` qconfig in
-    ``mapping``, layers inside ``nn.MultiheadAttention``) are listed in ``.zq_float_layers``
-    with a warning. Batches go to the model's device.
+    The bits mean what they mean on every backend (:mod:`zq_plugin.backends.fx_sim`): each
+    Conv/Linear/ConvTranspose has its weight at ``w_bits`` and its **input** at ``a_bits`` (the
+    first and last weight layer at ``first_last_bits``), and nothing else is quantized (joins,
+    gates and the logits stay float). Uniform bits are ``BitPlan.uniform``. ``prepare_qat_fx`` on
+    an eval-mode deep copy (BN folded with running statistics), calibration with float statistics
+    (observers on, fake quantization off), then observers off and fake quantization on. The result
+    stays in eval mode; its outputs honour quant_min/quant_max at every bit width. The source
+    model is not changed. ConvTranspose layers (no QAT module in torch.ao) get their weight
+    fake-quantized per output channel (axis 1) by :class:`FakeQuantConvTranspose`. Weight layers
+    left in float (a ``None`` qconfig in ``mapping``, layers inside ``nn.MultiheadAttention``)
+    are listed in ``.zq_float_layers`` with a warning. Batches go to the model's device.
+
+    With a ready ``mapping`` (your own torch.ao ``QConfigMapping``) torch.ao's placement applies
+    instead: a layer's activation qconfig quantizes its **output** (integration-notes §1.3).
 
     Args:
         model: float model.
         data: calibration data (any source).
         w_bits: weight bits of all but the first/last layer.
-        a_bits: activation bits of all but the first/last layer.
+        a_bits: input bits of all but the first/last layer.
         first_last_bits: bits of the first and last Conv/Linear (``None``: no exception).
         act_observer: activation observer class (default ``MinMaxObserver``).
         weight_observer: weight observer class (default ``PerChannelMinMaxObserver``).
         mapping: a ready ``QConfigMapping`` of FakeQuantize qconfigs, overriding the bit arguments.
-        plan: a :class:`~zq_plugin.mixed_precision.BitPlan` instead (not with ``mapping``): each
-            layer's input at its ``a_bits`` exactly (the model input too, see
-            :func:`zq_plugin.backends.fx_plan.set_input_bits`), as the PT2E and Brevitas backends read it.
+        plan: a :class:`~zq_plugin.mixed_precision.BitPlan` instead (not with ``mapping``).
         batch_size: calibration batch size for tensor data.
         fold: after calibration, replace the QAT Conv/Linear modules by float ones holding the
             BN-folded, fake-quantized weights (:func:`fold_weights`: same outputs up to float
-            rounding, faster). ``False`` keeps the QAT modules, e.g. to fine-tune.
+            rounding, faster). ``False`` keeps the QAT modules, e.g. to fine-tune or to carry the
+            simulation into another backend.
         input_fn: maps a batch to the model's positional inputs (see :func:`calibrate`).
 
     Raises:
@@ -563,34 +572,30 @@ def quantize_fx(
     """
     check_traceable(model, "quantize_fx")
     model_device_dtype(model)  # one device and one floating dtype, or a ConfigError naming them
-    example = _to_model(_example_inputs(data, batch_size, input_fn), model)
-    input_bits: dict[str, int] = {}
-    if plan is not None:
-        if mapping is not None:
-            raise ConfigError("give a plan or a mapping, not both (the plan is turned into a mapping).")
-        from zq_plugin.backends import fx_plan
-
-        observers = {"act_observer": act_observer, "weight_observer": weight_observer}
-        with warnings.catch_warnings():  # the input's bits are set apart below: no conflict with the first layer
-            warnings.filterwarnings("ignore", message=".*FX cannot give one observer two bit widths.*")
-            owners = fx_plan.activation_owners(plan, model, example, separate_input=True)
-            input_bits = {key: bits for key, bits in owners.items() if key.startswith(fx_plan.INPUT)}
-            mapping = fx_plan.to_qconfig_mapping(plan, model, example, separate_input=True, **observers)
+    if plan is not None and mapping is not None:
+        raise ConfigError("give a plan or a mapping, not both (the plan is turned into a mapping).")
     if mapping is None:
-        mapping = uniform_qconfig_mapping(
-            model,
-            w_bits,
-            a_bits,
-            first_last_bits=first_last_bits,
-            act_observer=act_observer,
-            weight_observer=weight_observer,
-        )
+        from zq_plugin.backends.fx_sim import simulate
+        from zq_plugin.mixed_precision.plan import BitPlan, LayerBits
+
+        if plan is not None:
+            plan.check(model)
+        elif weight_layers(model):
+            plan = BitPlan.uniform(model, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits)
+        if first_last_bits is not None:
+            check_bits(first_last_bits, "first_last_bits")
+        sim = simulate(
+            model, data, plan, act_observer=act_observer, weight_observer=weight_observer,
+            default=LayerBits(w_bits=w_bits, a_bits=a_bits), first_last_bits=first_last_bits,
+            batch_size=batch_size, fold=False, input_fn=input_fn,
+        )  # fmt: skip
+        floats = _float_weight_layers(model, sim, lambda name: hasattr(_has_module(sim, name), "weight_fake_quant"))
+        result = fold_weights(sim) if fold else sim
+        report_float_layers(result, floats, "quantize_fx")
+        return result
+    example = _to_model(_example_inputs(data, batch_size, input_fn), model)
     float_model = relu6_as_relu_then_clamp(copy.deepcopy(model).eval())
     prepared = _compat.prepare_qat_fx(float_model, mapping, example).eval()
-    if input_bits:
-        from zq_plugin.backends.fx_plan import set_input_bits
-
-        set_input_bits(prepared, input_bits, act_observer=act_observer)
     _swap_conv_transpose(prepared)
     clip_before_shared_observer(prepared)
     keep_negative_lobes(prepared)

@@ -33,7 +33,6 @@ import copy
 import functools
 import os
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -57,27 +56,6 @@ TARGETS = (
 )
 DEFAULT_BITS = LayerBits(w_bits=8, a_bits=8)
 
-#: Ops whose tensor inputs are quantized although they have no weight (as FX quantizes them):
-#: each input at the bits its other readers ask for (so they share one observer), else 8.
-SHARED_INPUT_OPS = (
-    torch.ops.aten.add.Tensor,
-    torch.ops.aten.add_.Tensor,
-    torch.ops.aten.cat.default,
-    torch.ops.aten.avg_pool2d.default,
-    torch.ops.aten.adaptive_avg_pool2d.default,
-    torch.ops.aten.mean.dim,
-)
-
-#: Ops a tensor's bits are looked up through (quantize(op(x)) == op(quantize(x)) or a pure reshape;
-#: an average pool is followed too, as FX shares its input's observer with its output).
-_PASS_THROUGH = {
-    torch.ops.aten.relu.default, torch.ops.aten.relu_.default, torch.ops.aten.hardtanh.default,
-    torch.ops.aten.hardtanh_.default, torch.ops.aten.max_pool2d.default, torch.ops.aten.max_pool1d.default,
-    torch.ops.aten.flatten.using_ints, torch.ops.aten.view.default, torch.ops.aten.reshape.default,
-    torch.ops.aten.dropout.default, torch.ops.aten.clone.default, torch.ops.aten.contiguous.default,
-    torch.ops.aten.avg_pool2d.default, torch.ops.aten.adaptive_avg_pool2d.default, torch.ops.aten.mean.dim,
-}  # fmt: skip
-
 
 def layer_name(node: torch.fx.Node) -> str:
     """The qualified name of the module that ran ``node`` in the exported model ("" at top level)."""
@@ -89,33 +67,6 @@ def _reason(exc: BaseException) -> str:
     """``Type: first line`` of an exception raised inside torch's exporters, for a ModelError message."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else type(exc).__name__}"
-
-
-def _is_float_tensor(node: torch.fx.Node) -> bool:
-    value = node.meta.get("val")
-    return isinstance(value, torch.Tensor) and value.is_floating_point()
-
-
-def _reader_bits(node: torch.fx.Node, bits_of: Callable[[torch.fx.Node], LayerBits]) -> int:
-    """Input bits that the Conv/Linear layers reading ``node`` ask for (through pass-through ops), else 8.
-
-    The highest, as FX's producer rule sets one observer for all readers. A shared op's input
-    edge at these bits shares the readers' observer (torchao's implicit sharing of equal specs),
-    so a tensor is quantized once for both, never twice in a row.
-    """
-    found: list[int] = []
-    todo, seen = [node], set()
-    while todo:
-        current = todo.pop()
-        for user in current.users:
-            if user in seen or user.op != "call_function":
-                continue
-            seen.add(user)
-            if user.target in TARGETS and user.args and user.args[0] is current:
-                found.append(bits_of(user).a_bits)
-            elif user.target in _PASS_THROUGH and user.args and user.args[0] is current:
-                todo.append(user)
-    return max(found, default=DEFAULT_BITS.a_bits)
 
 
 def _specs(bits: LayerBits, act_observer: Any, weight_observer: Any) -> tuple[Any, Any]:
@@ -234,10 +185,6 @@ def plan_quantizer(
                     act, weight = spec(bits.w_bits, bits.a_bits)
                     inputs = {node.args[0]: act, node.args[1]: weight}
                     self.annotated.add(layer_name(node))
-                elif node.target in SHARED_INPUT_OPS:
-                    args = node.args[0] if node.target is torch.ops.aten.cat.default else node.args
-                    tensors = [a for a in args if isinstance(a, torch.fx.Node) and _is_float_tensor(a)]
-                    inputs = {a: spec(8, _reader_bits(a, bits_of))[0] for a in tensors}
                 else:
                     continue
                 node.meta["quantization_annotation"] = ao.QuantizationAnnotation(
@@ -685,55 +632,57 @@ def _preset_observer_class() -> type:
     return PresetObserver
 
 
-def _same_grid(fq: Any, observer: Any, *, per_channel: bool) -> bool:
-    """An FX FakeQuantize and a torchao observer with the same integer range and granularity."""
-    if fq is None or not int(fq.fake_quant_enabled[0]) or bool(fq.is_per_channel) != per_channel:
+def _same_grid(grid: Any, observer: Any) -> bool:
+    """A simulation :class:`~zq_plugin.backends.fx_sim.Grid` and a torchao observer with the same range and axis."""
+    if grid is None or (int(grid.quant_min), int(grid.quant_max)) != (int(observer.quant_min), int(observer.quant_max)):
         return False
-    if (int(fq.quant_min), int(fq.quant_max)) != (int(observer.quant_min), int(observer.quant_max)):
-        return False
-    return not per_channel or int(fq.ch_axis) == int(getattr(observer, "ch_axis", None) or 0)
+    axis = getattr(observer, "ch_axis", None) if "PerChannel" in type(observer).__name__ else None
+    return grid.axis == (None if axis is None else int(axis))
 
 
-def carry_steps(prepared: torch.fx.GraphModule, sim: torch.fx.GraphModule) -> dict[str, int]:
-    """Give a calibrated ``prepare_pt2e`` model the FX simulation's steps where both quantize the same tensor.
+def _weight_owner(node: torch.fx.Node) -> str:
+    """The model layer a conv/linear node computes: its weight's owner (``fc`` for ``F.linear(x, self.fc.weight)``)."""
+    weight = node.args[1] if len(node.args) > 1 else None
+    while isinstance(weight, torch.fx.Node) and weight.op == "call_module" and weight.args:
+        weight = weight.args[0]  # the weight's observer
+    if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+        return str(weight.target).rpartition(".")[0] or str(weight.target)
+    return layer_name(node)
 
-    For every Conv/Linear node of ``prepared`` whose layer (``nn_module_stack``) has a weight
-    layer of the same name in ``sim`` (a :func:`zq_plugin.reconstruct_fx` or
-    :func:`zq_plugin.quantize_fx` result), its **weight** observer is replaced by one that
-    converts with the simulation's per-channel weight ``(scale, 0)``, and its **input** observer
-    by one with the ``(scale, zero_point)`` of the FakeQuantize in front of that layer in the
-    simulation (found through the ops that share it, e.g. max-pool or flatten), when the two
-    grids have the same integer range: FX quantizes an op's output, PT2E the layer's input,
-    which is the same tensor. Other observers (add/cat inputs, grids that differ) keep their
-    calibrated values. In place; returns the counts ``{"weight_steps", "act_steps"}``.
+
+def carry_steps(prepared: torch.fx.GraphModule, sim: torch.fx.GraphModule) -> dict[str, dict[str, str]]:
+    """Give a ``prepare_pt2e`` model the simulation's steps where both quantize the same tensor; in place.
+
+    For every Conv/Linear node of ``prepared`` whose layer is a layer of ``sim`` (read through
+    :func:`zq_plugin.backends.fx_sim.read_sim`), its **weight** observer is replaced by one that
+    converts with the simulation's weight steps and its **input** observer by one with the
+    simulation's input ``(scale, zero_point)``, when the integer ranges and axes match (both
+    quantize the layer's input: the same tensor). Returns ``layer -> {"weight": how, "input": how}``
+    with ``how`` one of ``"carried"``, ``"calibrated"`` (the grids differ, or the simulation has
+    none: the observer's own statistics stay).
     """
-    from zq_plugin.backends.fx_plan import _observer_before
-    from zq_plugin.reconstruct.engine import sim_layer
+    from zq_plugin.backends.fx_sim import read_sim
 
     preset = _preset_observer_class()
-    sim_nodes = {str(n.target): n for n in sim.graph.nodes if n.op == "call_module"}
-    counts = {"weight_steps": 0, "act_steps": 0}
+    layers = read_sim(sim)
+    report: dict[str, dict[str, str]] = {}
     for node in list(prepared.graph.nodes):
         if node.op != "call_function" or node.target not in TARGETS or len(node.args) < 2:
             continue
-        name = layer_name(node)
-        source = sim_layer(sim, name)
-        if source is None:
-            continue
-        weight_obs, input_obs = node.args[1], node.args[0]
-        fq: Any = getattr(source, "weight_fake_quant", None)
-        observer = getattr(prepared, str(weight_obs.target), None) if weight_obs.op == "call_module" else None
-        if observer is not None and _same_grid(fq, observer, per_channel=True):
-            setattr(prepared, str(weight_obs.target), preset(observer, fq.scale, torch.zeros_like(fq.zero_point)))
-            counts["weight_steps"] += 1
-        sim_node = sim_nodes.get(name) or sim_nodes.get(f"{name}.conv")
-        found = _observer_before(sim_node.args[0], sim, fake_quant=True) if sim_node and sim_node.args else None
-        act_fq: Any = sim.get_submodule(str(found.target)) if found is not None else None
-        observer = getattr(prepared, str(input_obs.target), None) if input_obs.op == "call_module" else None
-        if observer is not None and _same_grid(act_fq, observer, per_channel=False):
-            setattr(prepared, str(input_obs.target), preset(observer, act_fq.scale, act_fq.zero_point))
-            counts["act_steps"] += 1
-    return counts
+        name = _weight_owner(node)
+        layer = layers.get(name)
+        how = report.setdefault(name, {"weight": "calibrated", "input": "calibrated"})
+        for role, obs_node, grid in (
+            ("weight", node.args[1], layer.weight_grid if layer is not None else None),
+            ("input", node.args[0], layer.input_grid if layer is not None else None),
+        ):
+            if not isinstance(obs_node, torch.fx.Node) or obs_node.op != "call_module":
+                continue
+            observer = getattr(prepared, str(obs_node.target), None)
+            if observer is not None and grid is not None and _same_grid(grid, observer):
+                setattr(prepared, str(obs_node.target), preset(observer, grid.scale, grid.zero_point))
+                how[role] = "carried"
+    return report
 
 
 def reconstruct_pt2e(
@@ -866,15 +815,16 @@ def from_sim(
     """
     from torch.fx.experimental.optimization import fuse
 
+    from zq_plugin.backends.fx_sim import read_sim
     from zq_plugin.observers import pt2e as observers
-    from zq_plugin.reconstruct.engine import sim_layer
 
     _compat.torchao_pt2e()
     plan.check(model)
     folded = fuse(copy.deepcopy(model).eval(), inplace=True)
+    layers = read_sim(sim)
     with torch.no_grad():
         for name, layer in folded.named_modules():
-            source = sim_layer(sim, name) if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear) else None
+            source = layers.get(name) if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear) else None
             if source is None or source.weight.shape != layer.weight.shape:
                 continue
             layer.weight.copy_(source.weight)
@@ -885,5 +835,36 @@ def from_sim(
     prepared = _prepared(folded, data, bits, chosen, batch_size, None, qat=False)
     carried = carry_steps(prepared, sim)
     converted = convert(prepared)
-    converted.zq_carried = carried  # type: ignore[assignment]
+    converted.zq_carried = {  # type: ignore[assignment]
+        "weight_steps": sum(h["weight"] == "carried" for h in carried.values()),
+        "act_steps": sum(h["input"] == "carried" for h in carried.values()),
+    }
+    converted.zq_steps = carried  # type: ignore[assignment]
     return converted
+
+
+def _grid_bits(node: Any, qmin_index: int) -> tuple[int | None, str | None]:
+    """``(bits, granularity)`` of a dequantize node (its ``quant_min``/``quant_max``); else ``(None, None)``."""
+    import math
+
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or "dequantize" not in str(node.target):
+        return None, None
+    per_channel = "per_channel" in str(node.target)
+    index = qmin_index + (1 if per_channel else 0)  # dequantize_per_channel has an axis before the range
+    levels = int(cast(int, node.args[index + 1])) - int(cast(int, node.args[index])) + 1
+    return max(1, math.ceil(math.log2(levels))), "per_channel" if per_channel else "per_tensor"
+
+
+def describe_converted(converted: torch.fx.GraphModule) -> dict[str, tuple[int | None, int | None, str | None]]:
+    """``layer -> (w_bits, a_bits, granularity)`` of a converted PT2E model, read from its q/dq nodes, in graph order.
+
+    A Conv/Linear whose weight or input is not dequantized from integers reports ``None`` there.
+    """
+    rows: dict[str, tuple[int | None, int | None, str | None]] = {}
+    for node in converted.graph.nodes:
+        if node.op != "call_function" or node.target not in TARGETS or len(node.args) < 2:
+            continue
+        w_bits, granularity = _grid_bits(node.args[1], 3)
+        a_bits, _ = _grid_bits(node.args[0], 3)
+        rows.setdefault(layer_name(node), (w_bits, a_bits, granularity))
+    return rows

@@ -400,6 +400,8 @@ def reconstruct_fx(
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    observer: str = "mse",
+    weight_observer: str = "mse",
 ) -> fx.GraphModule:
     """Quantize ``model`` in the clamping FX simulation and reconstruct it unit by unit on ``data``.
 
@@ -413,7 +415,7 @@ def reconstruct_fx(
         model: a float model (any device and floating dtype; the images follow it); not changed.
         data: calibration images (any source: a SyntheticDataset, a tensor, a loader).
         w_bits: weight bits of all but the first/last layer, as :func:`zq_plugin.quantize_fx`.
-        a_bits: activation bits (FX: a layer's output), as :func:`zq_plugin.quantize_fx`.
+        a_bits: input bits of all but the first/last layer, as :func:`zq_plugin.quantize_fx`.
         plan: a :class:`~zq_plugin.mixed_precision.BitPlan` (per-layer bits) instead of
             ``w_bits``/``a_bits``/``first_last_bits``; layers with per-tensor or non-uniform
             weights keep their calibrated weights (only per-channel uniform weights learn rounding).
@@ -425,6 +427,8 @@ def reconstruct_fx(
             the model, the images, the bits or plan, the configuration, the seed and this code);
             the same call resumes after the last finished unit, with the same result.
         progress: a tqdm bar per unit (loss, held-out error) on a terminal.
+        observer: the statistic of the starting activation ranges (:func:`zq_plugin.observers.ao.observer_class`).
+        weight_observer: the per-channel statistic of the starting weight steps.
 
     Returns:
         The clamping simulation (a ``prepare_qat_fx`` ``GraphModule`` in eval mode) with the
@@ -448,7 +452,7 @@ def reconstruct_fx(
     from torch.fx.experimental.optimization import fuse
 
     from zq_plugin.backends.fx import check_traceable, quantize_fx
-    from zq_plugin.observers.ao import MSEObserver, PerChannelMSEObserver
+    from zq_plugin.observers.ao import observer_class
 
     if config is None:
         if method not in METHODS:
@@ -460,7 +464,10 @@ def reconstruct_fx(
     folded = fuse(copy.deepcopy(model).eval(), inplace=True)  # BN folded into the weights first
     if plan is not None:
         plan = plan.check(model).traced(folded)
-    observers = {"act_observer": MSEObserver, "weight_observer": PerChannelMSEObserver}
+    observers = {
+        "act_observer": observer_class(observer),
+        "weight_observer": observer_class(weight_observer, per_channel=True),
+    }
     sim = quantize_fx(
         folded, images, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits,
         plan=plan, fold=False, **observers,
@@ -476,6 +483,7 @@ def reconstruct_fx(
             model=model_fingerprint(model), images=_tensor_hash(images), w_bits=w_bits, a_bits=a_bits,
             plan=None if plan is None else plan.to_json(), first_last_bits=first_last_bits,
             config=dataclasses.asdict(config), seed=seed, code=method_code_hash(_resume),
+            observers=(observer, weight_observer), meaning="layer-inputs",
         )  # fmt: skip
         folder = Path(cache_dir) / f"reconstruct-{key}"
         done, report = _resume(folder, sim, units)
