@@ -69,12 +69,52 @@ def test_named_errors():
     net = _net()
     with pytest.raises(ConfigError, match="input_shape"):
         zq_plugin.quantize(net, progress=False)
-    with pytest.raises(ConfigError, match="backend 'tflite'"):
+    with pytest.raises(ConfigError, match="backend='tflite' is unknown"):
         zq_plugin.quantize(net, input_shape=(1, 8, 8), backend="tflite")
     with pytest.raises(ConfigError, match="unknown reconstruction method"):
         zq_plugin.quantize(net, input_shape=(1, 8, 8), reconstruction="adaquant")
     with pytest.raises(ConfigError, match="unknown synthesizer"):
         zq_plugin.quantize(net, input_shape=(1, 8, 8), synthesizer="qimera")
     no_bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
-    with pytest.raises(ModelError, match="BatchNorm"):
+    with pytest.raises(ModelError, match="BatchNorm.*synthesizer='retro'"):
         zq_plugin.quantize(no_bn, input_shape=(1, 8, 8), num_samples=4, progress=False)
+
+
+def test_method_is_refused_by_name_and_the_synthesizer_keyword_works_everywhere():
+    """Found from outside: quantize(method='noise') raised a bare TypeError from synthesize()."""
+    with pytest.raises(ConfigError, match=r"synthesizer=.*reconstruction="):
+        zq_plugin.quantize(_net(), input_shape=(1, 8, 8), method="noise")
+    a = zq_plugin.synthesize(_net(), synthesizer="noise", num_samples=4, input_shape=(1, 8, 8), progress=False)
+    assert a.method == "noise"
+    with pytest.raises(ConfigError, match="drop data="):
+        zq_plugin.quantize(_net(), data=torch.randn(8, 1, 8, 8), steps=3)
+
+
+def test_synthesize_needs_input_shape_unless_the_model_declares_it():
+    """Found from outside: synthesize(model) silently made 3x224x224 images for a 32x32 net."""
+    net = _net()
+    with pytest.raises(ConfigError, match=r"input_shape=\(C, H, W\)"):
+        zq_plugin.synthesize(net, "noise", num_samples=2, progress=False)
+    net.input_shape = (1, 8, 8)
+    assert zq_plugin.synthesize(net, "noise", num_samples=2, progress=False).images.shape == (2, 1, 8, 8)
+
+
+def test_input_range_is_a_keyword_of_quantize():
+    x = zq_plugin.quantize(
+        _net(), input_shape=(1, 8, 8), num_samples=8, steps=2, input_range=(-0.5, 0.5), stage="calibrate",
+        progress=False,
+    ).zq_calibration.images
+    assert float(x.min()) >= -0.5 and float(x.max()) <= 0.5
+
+
+@pytest.mark.parametrize("backend", ["pt2e", "brevitas"])
+def test_finetune_deploys_on_every_backend(backend):
+    pytest.importorskip("torchao" if backend == "pt2e" else "brevitas")
+    net, x = _net(), torch.randn(32, 1, 8, 8)
+    fx = zq_plugin.finetune(net, x, steps=3, batch_size=8, progress=False)
+    q = zq_plugin.finetune(net, x, steps=3, batch_size=8, progress=False, backend=backend)
+    report = zq_plugin.describe(q)
+    assert report.build.stage == "finetune" and {r.weight_step for r in report.layers} == {"carried"}
+    t = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(q(t), fx(t), atol=1e-4, rtol=1e-4)

@@ -24,9 +24,9 @@ from zq_plugin.errors import (
 )
 from zq_plugin.evaluation import accuracy
 from zq_plugin.fake_quant import FastFakeQuantize
-from zq_plugin.finetuning import finetune
-from zq_plugin.recipe import quantize
+from zq_plugin.recipe import finetune, quantize, reconstruct_brevitas, reconstruct_pt2e
 from zq_plugin.reconstruct import ReconstructConfig, reconstruct_fx
+from zq_plugin.report import describe
 from zq_plugin.synth import METHODS, AdaDFQConfig, DSGConfig, GDFQConfig, NoiseConfig, ZeroQConfig, synthesize
 from zq_plugin.synth.stream import GeneratorStream
 
@@ -56,12 +56,15 @@ __all__ = [
     "accuracy",
     "calibrate",
     "convert_int8_fx",
+    "describe",
     "finetune",
     "model_fingerprint",
     "qconfig",
     "quantize",
     "quantize_fx",
+    "reconstruct_brevitas",
     "reconstruct_fx",
+    "reconstruct_pt2e",
     "synthesize",
     "uniform_qconfig_mapping",
 ]

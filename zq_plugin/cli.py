@@ -32,8 +32,9 @@ from zq_plugin.demo import DEMO_STEPS, demo_markdown, real_subset, run_demo
 from zq_plugin.errors import ConfigError, DataMismatchError, ZQError
 from zq_plugin.evaluation import accuracy
 from zq_plugin.mixed_precision.report import chosen_index, plot_frontier, points_to_measure
-from zq_plugin.observers.ao import NAMES, observer_class
+from zq_plugin.observers.ao import NAMES
 from zq_plugin.qparams import check_bits
+from zq_plugin.report import describe
 from zq_plugin.synth import synthesize
 from zq_plugin.synth.store import SynthesisInterrupted
 
@@ -457,35 +458,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         plan = BitPlan.load(args.plan).with_params(model)
         report["plan"] = str(args.plan)  # its figures, not the unused uniform --w-bits/--a-bits
         report["average_w_bits"] = round(plan.average_w_bits(), 3)
-        for kind in ("w_bits", "a_bits"):
-            counts: dict[str, int] = {}
-            for bits in plan.layers.values():
-                counts[str(getattr(bits, kind))] = counts.get(str(getattr(bits, kind)), 0) + 1
-            report[f"layers_by_{kind}"] = dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
     method = args.reconstruct or ("genie-m" if args.recipe == "best" else None)
-    if args.backend != "brevitas" and (args.onnx_out or args.bias_correction or args.gptq):
-        raise ConfigError("--onnx-out, --bias-correction and --gptq belong to --backend brevitas.")
-    if args.backend == "pt2e":
-        sim = _quantize_pt2e(model, data, plan, args, report, method)
-    elif args.backend == "brevitas":
-        if method is not None and args.gptq:
-            raise ConfigError("--gptq would overwrite the reconstructed rounding: use one of --gptq, --reconstruct.")
-        sim = _quantize_brevitas(model, data, plan, args, report, method)
-    elif method is not None:
-        sim = _quantize_reconstructed(model, data, plan, method, args, report)
-    else:
-        report["act_observer"], report["weight_observer"] = args.act_observer, args.weight_observer
-        act, wt = observer_class(args.act_observer), observer_class(args.weight_observer, per_channel=True)
-        sim = quantize_fx(
-            model,
-            data,
-            w_bits=args.w_bits,
-            a_bits=args.a_bits,
-            first_last_bits=args.first_last_bits,
-            act_observer=act,
-            weight_observer=wt,
-            plan=plan,
-        )
+    sim = _quantize(model, data, plan, method, args, report)
+    built = describe(sim).to_dict()  # what the model applies, read from it (not from the request)
+    report.update(
+        layers_by_w_bits=built["layers_by_bits"]["w_bits"], layers_by_a_bits=built["layers_by_bits"]["a_bits"]
+    )
+    report["model"] = built
     if args.evaluate:
         x_test, y_test = datasets.load_fashion_mnist("test")
         report["fp32_top1"] = accuracy(model, x_test, y_test)
@@ -510,26 +489,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quantize_pt2e(
-    model: nn.Module, data: Any, plan: Any, args: argparse.Namespace, report: dict[str, Any], method: str | None
-) -> nn.Module:
-    """``zq quantize --backend pt2e``: export, prepare_pt2e at the plan's bits, calibrate or reconstruct, convert."""
-    from zq_plugin.backends.pt2e import quantize_pt2e, reconstruct_pt2e
-    from zq_plugin.observers import pt2e as zp
-
-    report["backend"] = "pt2e"
-    if method is not None:
-        converted = _quantize_reconstructed(model, data, plan, method, args, report, run=reconstruct_pt2e)
-        report["carried"] = converted.zq_carried
-        return converted
-    report.update(act_observer=args.act_observer, weight_observer=args.weight_observer)
-    return quantize_pt2e(
-        model, data, w_bits=args.w_bits, a_bits=args.a_bits, plan=plan, first_last_bits=args.first_last_bits,
-        act_observer=zp.observer_class(args.act_observer),
-        weight_observer=zp.observer_class(args.weight_observer, per_channel=True),
-    )  # fmt: skip
-
-
 def _reconstruct_config(method: str, args: argparse.Namespace, report: dict[str, Any]) -> Any:
     """The method's configuration with ``--iterations``, noted in the report."""
     import dataclasses
@@ -545,64 +504,54 @@ def _reconstruct_config(method: str, args: argparse.Namespace, report: dict[str,
     return config
 
 
-def _quantize_reconstructed(
-    model: nn.Module,
-    data: Any,
-    plan: Any,
-    method: str,
-    args: argparse.Namespace,
-    report: dict[str, Any],
-    run: Any = None,
+def _quantize(
+    model: nn.Module, data: Any, plan: Any, method: str | None, args: argparse.Namespace, report: dict[str, Any]
 ) -> nn.Module:
-    """``zq quantize --reconstruct METHOD`` / ``--recipe best``: MSE observers, then reconstruction.
+    """``zq quantize``: one request through the pipeline (calibrate or reconstruct, then the backend).
 
-    ``run`` is the entry point (default ``reconstruct_fx``; the PT2E backend passes ``reconstruct_pt2e``).
+    Brevitas's own tools (``--gptq``, ``--bias-correction``) run on the carried model; ``--onnx-out``
+    writes its QCDQ ONNX.
     """
-    from zq_plugin.reconstruct import reconstruct_fx
+    from zq_plugin.pipeline import Request, run
 
-    config = _reconstruct_config(method, args, report)
-    report.update(act_observer="mse", weight_observer="mse")
-    started = time.perf_counter()
-    sim = (run or reconstruct_fx)(
-        model, data, w_bits=args.w_bits, a_bits=args.a_bits, plan=plan, config=config,
-        first_last_bits=args.first_last_bits, cache_dir=args.cache_dir, progress=sys.stderr.isatty(),
+    if args.act_stats is not None:
+        raise ConfigError(
+            f"--act-stats {args.act_stats}: the statistic is chosen by --observer on every backend "
+            "(e.g. --observer mse; docs/observers.md)."
+        )
+    if args.backend != "brevitas" and (args.onnx_out or args.bias_correction or args.gptq):
+        raise ConfigError(
+            "--onnx-out, --bias-correction and --gptq belong to --backend brevitas "
+            f"(--backend {args.backend} exports with --out FILE.pt2)."
+        )
+    if method is not None and args.gptq:
+        raise ConfigError("--gptq would overwrite the reconstructed rounding: use one of --gptq, --reconstruct.")
+    if method is None and args.iterations is not None:
+        raise ConfigError("--iterations sets the reconstruction's steps: give --reconstruct METHOD or --recipe best.")
+    observer = args.observer or ("mse" if method is not None else "minmax")
+    config = _reconstruct_config(method, args, report) if method is not None else None
+    request = Request(
+        w_bits=args.w_bits, a_bits=args.a_bits, first_last_bits=args.first_last_bits, plan=plan,
+        stage="reconstruct" if method is not None else "calibrate", backend=args.backend, observer=observer,
+        weight_observer=args.weight_observer, reconstruction=method or "genie-m", reconstruction_config=config,
     )  # fmt: skip
-    report["reconstruction_seconds"] = round(time.perf_counter() - started, 1)
-    return sim
+    report.update(
+        backend=args.backend, stage=request.stage, observer=observer, weight_observer=request.weight_statistic
+    )
+    started = time.perf_counter()
+    qmodel = run(model, data, request, cache_dir=args.cache_dir, progress=sys.stderr.isatty())
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    if args.backend == "brevitas":
+        from zq_plugin.backends import brevitas as zb
 
-
-def _quantize_brevitas(
-    model: nn.Module,
-    data: Any,
-    plan: Any,
-    args: argparse.Namespace,
-    report: dict[str, Any],
-    method: str | None = None,
-) -> nn.Module:
-    """``zq quantize --backend brevitas``: Brevitas layers, calibration or reconstruction, then BC / GPTQ, ONNX."""
-    from zq_plugin.backends import brevitas as zb
-
-    bits = {"w_bits": args.w_bits, "a_bits": args.a_bits, "first_last_bits": args.first_last_bits}
-    act_stats = args.act_stats or ("max" if method is None else "zq-mse")
-    if method is not None:
-        config = _reconstruct_config(method, args, report)
-        started = time.perf_counter()
-        qmodel = zb.reconstruct_brevitas(
-            model, data, plan=plan, config=config, act_stats=act_stats, cache_dir=args.cache_dir,
-            progress=sys.stderr.isatty(), **bits,
-        )  # fmt: skip
-        report["reconstruction_seconds"] = round(time.perf_counter() - started, 1)
-    else:
-        qmodel = zb.to_brevitas(model, plan, act_stats=act_stats, **bits)
-        zb.calibrate(qmodel, data)
-    if args.gptq:
-        zb.gptq(qmodel, data)
-    if args.bias_correction:
-        zb.bias_correct(qmodel, data)
-    report.update(backend="brevitas", act_stats=act_stats, gptq=args.gptq, bias_correction=args.bias_correction)
-    if args.onnx_out:
-        example = next(iter(iter_batches(data, 1)))[:1]
-        report["onnx_out"] = str(zb.export_onnx(qmodel, example, args.onnx_out))
+        if args.gptq:
+            zb.gptq(qmodel, data)
+        if args.bias_correction:
+            zb.bias_correct(qmodel, data)
+        report.update(gptq=args.gptq, bias_correction=args.bias_correction)
+        if args.onnx_out:
+            example = next(iter(iter_batches(data, 1)))[:1]
+            report["onnx_out"] = str(zb.export_onnx(qmodel, example, args.onnx_out))
     return qmodel
 
 
@@ -894,12 +843,18 @@ def build_parser() -> argparse.ArgumentParser:
     qua.add_argument("--w-bits", type=int, default=8, help="weight bits of all but the first and last layer")
     qua.add_argument("--a-bits", type=int, default=8, help="activation bits of all but the first and last layer")
     qua.add_argument("--first-last-bits", type=int, default=8, help="weight and activation bits of the first and last")
-    qua.add_argument("--act-observer", default="minmax", choices=NAMES, help="activation observer (docs/observers.md)")
+    qua.add_argument(
+        "--observer",
+        "--act-observer",
+        dest="observer",
+        choices=NAMES,
+        help="range statistic, one meaning on every backend (docs/observers.md; default: minmax, mse with "
+        "--recipe best / --reconstruct)",
+    )
     qua.add_argument(
         "--weight-observer",
-        default="minmax",
         choices=[n for n in NAMES if n != "histogram"],
-        help="per-channel weight observer",
+        help="per-channel weight statistic (default: --observer's; minmax for histogram)",
     )
     qua.add_argument(
         "--evaluate", action="store_true", help="report top-1 on the Fashion-MNIST test set (Fashion-MNIST models)"
@@ -936,11 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
     qua.add_argument(
         "--cache-dir", type=Path, help="keep synthesized batches and reconstruction checkpoints here (resume)"
     )
-    qua.add_argument(
-        "--act-stats",
-        choices=["max", "percentile", "mse", "zq-mse", "zq-percentile", "zq-aciq", "zq-entropy"],
-        help="Brevitas activation statistic (docs/brevitas.md; default: max, zq-mse with --recipe best/--reconstruct)",
-    )
+    qua.add_argument("--act-stats", help=argparse.SUPPRESS)  # replaced by --observer: refused by name
     qua.add_argument("--bias-correction", action="store_true", help="Brevitas bias correction after calibration")
     qua.add_argument("--gptq", action="store_true", help="Brevitas GPTQ after calibration")
     qua.add_argument("--onnx-out", type=Path, help="write the Brevitas model as QCDQ ONNX")

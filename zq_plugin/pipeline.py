@@ -203,6 +203,11 @@ def simulate(
         return sim, getattr(sim, "zq_reconstruction", None)
     from zq_plugin.finetuning import finetune
 
+    if request.observer != "mse" or request.weight_statistic != "mse":
+        raise ConfigError(
+            f"stage='finetune' starts from the MSE-calibrated student; observer={request.observer!r} applies to "
+            "stage='calibrate' and 'reconstruct'."
+        )
     options = dict(request.finetune_options)
     for taken in ("backend", "plan", "w_bits", "a_bits", "first_last_bits", "seed", "cache_dir", "progress"):
         if taken in options:
@@ -234,6 +239,21 @@ def carry(model: nn.Module, sim: nn.Module, data: Any, request: Request) -> tupl
 
         qmodel = brevitas_from_sim(model, sim, data, plan=plan, act_stats=BREVITAS_STATS[request.observer])
     return qmodel, dict(getattr(qmodel, "zq_steps", {}))
+
+
+def _generated_images(sim: nn.Module, count: int = 256) -> Any:
+    """``count`` images of the generator a fine-tuned student carries (``sim.zq_generator``)."""
+    import torch
+
+    stream = getattr(sim, "zq_generator", None)
+    if stream is None:
+        raise ConfigError("no calibration data: pass data=<images> (or fine-tune on a generator).")
+    images, index, total = [], 0, 0
+    while total < count:
+        batch, _ = stream.batch(index)
+        images.append(batch)
+        total, index = total + len(batch), index + 1
+    return torch.cat(images)[:count]
 
 
 def run(
@@ -275,6 +295,8 @@ def run(
 
         _brevitas()
     sim, stage_report = simulate(model, data, request, cache_dir=cache_dir, progress=progress)
+    if data is None:  # fine-tuned on a generator's stream: its images calibrate what the simulation lacks
+        data = _generated_images(sim)
     qmodel, steps = carry(model, sim, data, request)
     build = Build(
         backend=request.backend, stage=request.stage, observer=request.observer, request=request.summary(),

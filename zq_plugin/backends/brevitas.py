@@ -134,6 +134,9 @@ def _brevitas() -> dict[str, Any]:
             standalone = importlib.import_module("brevitas.core.scaling.standalone")
             zero_point = importlib.import_module("brevitas.core.zero_point")
             enum = importlib.import_module("brevitas.inject.enum")
+        # Brevitas notes, at each layer fed an affine (zero-point) input, that it does not track the
+        # output accumulator's zero point; the outputs are right (they are float) and nothing reads it
+        warnings.filterwarnings("ignore", message="Computing zero point of output accumulator", module="brevitas")
     except ImportError as exc:
         raise MissingDependencyError(
             "the Brevitas backend needs brevitas: pip install 'zq-plugin[brevitas]' "
@@ -628,87 +631,6 @@ def _rescale(value: torch.Tensor, current: torch.Tensor, target: torch.Tensor) -
     value.mul_((target.reshape(current.shape) / current).reshape(value.shape).to(value.dtype))
 
 
-def reconstruct_brevitas(
-    model: nn.Module,
-    data: CalibrationData,
-    *,
-    w_bits: int = 4,
-    a_bits: int = 4,
-    plan: BitPlan | None = None,
-    method: str = "genie-m",
-    config: Any = None,
-    first_last_bits: int | None = 8,
-    act_stats: str = "zq-mse",
-    seed: int = 0,
-    cache_dir: str | os.PathLike[str] | None = None,
-    progress: bool = True,
-) -> nn.Module:
-    """A calibrated Brevitas model holding a reconstruction's rounded weights and learned steps.
-
-    Reconstruction runs in the clamping FX simulation (:func:`zq_plugin.reconstruct_fx`, one
-    engine for every backend); its result is then carried into the Brevitas layers of
-    :func:`to_brevitas`:
-
-    1. each weight layer gets the simulation's folded weight and bias. A reconstructed weight is
-       ``s * q`` with ``q`` an integer of the narrow signed range, the same range Brevitas uses,
-       and the layer's per-channel weight scale is set to that ``s`` (the learned step), so
-       Brevitas's round-to-nearest gives back ``q`` exactly: the learned rounding is baked into
-       the weights and survives :func:`export_onnx` bit for bit (Brevitas's own ``LearnedRoundSte``
-       would hold the same up/down choice as one more parameter per weight, and is not needed
-       once the choice is made);
-    2. the activation quantizers are calibrated on ``data`` with ``act_stats`` (:func:`calibrate`);
-       then every layer whose input is unsigned and whose simulation input is an FX
-       fake-quantizer with zero point 0 and the same integer range takes that quantizer's
-       learned step. Brevitas quantizes each layer's **input** symmetrically, FX each op's
-       **output** with a zero point: signed inputs (the image, a linear bottleneck, a residual
-       sum) keep the calibrated Brevitas step.
-
-    Args:
-        model: the float model (not changed).
-        data: calibration images (any source), used by reconstruction and by calibration.
-        w_bits: weight bits of all but the first/last layer.
-        a_bits: input bits of all but the first/last layer (Brevitas: a layer's input).
-        plan: per-layer bits instead of the three uniform ones (:func:`to_brevitas`).
-        method: the reconstruction method (:func:`zq_plugin.reconstruct_fx`).
-        config: overrides the method's configuration.
-        first_last_bits: bits of the first and last weight layer (``None``: like the others).
-        seed: the reconstruction seed.
-        cache_dir: reconstruction checkpoints (resume), as :func:`zq_plugin.reconstruct_fx`.
-        progress: tqdm bars.
-        act_stats: the statistic of the calibrated activation ranges (:func:`to_brevitas`).
-
-    Returns:
-        The calibrated Brevitas model (eval mode); ``.zq_reconstruction`` is the per-unit report,
-        ``.zq_carried`` counts the weight and activation steps taken from the simulation.
-
-    Raises:
-        ConfigError, ModelError: as :func:`zq_plugin.reconstruct_fx` and :func:`to_brevitas`.
-        MissingDependencyError: Brevitas is not installed.
-
-    Example:
-        >>> import dataclasses, torch
-        >>> from zq_plugin.reconstruct import METHODS
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-        ...                           torch.nn.Linear(4 * 6 * 6, 10)).eval()
-        >>> quick = dataclasses.replace(METHODS["genie-m"], iterations=5)
-        >>> qmodel = reconstruct_brevitas(net, torch.randn(32, 1, 8, 8), config=quick, progress=False)
-        >>> qmodel(torch.randn(2, 1, 8, 8)).shape
-        torch.Size([2, 10])
-    """
-    from zq_plugin.reconstruct.engine import reconstruct_fx
-
-    _brevitas()
-    sim = reconstruct_fx(
-        model, data, w_bits=w_bits, a_bits=a_bits, plan=plan, method=method, config=config,
-        first_last_bits=first_last_bits, seed=seed, cache_dir=cache_dir, progress=progress,
-    )  # fmt: skip
-    if plan is None:
-        plan = BitPlan.uniform(model, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits)
-    qmodel = from_sim(model, sim, data, plan=plan, act_stats=act_stats)
-    qmodel.zq_reconstruction = sim.zq_reconstruction
-    return qmodel
-
-
 def from_sim(
     model: nn.Module, sim: Any, data: CalibrationData, *, plan: BitPlan, act_stats: str = "zq-mse"
 ) -> nn.Module:
@@ -963,3 +885,21 @@ def describe_layers(qmodel: nn.Module) -> dict[str, tuple[int | None, int | None
                 granularity = "per_channel" if layer.quant_weight().scale.numel() > 1 else "per_tensor"
             rows[name] = (w_bits, a_bits, granularity)
     return rows
+
+
+_MOVED = {"reconstruct_brevitas": "zq_plugin.recipe"}  # stage x backend compositions live above the backends now
+
+
+def __getattr__(name: str) -> Any:
+    """``reconstruct_brevitas`` moved to :mod:`zq_plugin.recipe` (the pipeline); this name works for one release."""
+    if name in _MOVED:
+        import importlib
+
+        warnings.warn(
+            f"zq_plugin.backends.brevitas.{name} moved: use zq_plugin.{name} or "
+            "zq_plugin.quantize(..., backend='brevitas', stage='reconstruct').",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

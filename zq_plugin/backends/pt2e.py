@@ -685,83 +685,6 @@ def carry_steps(prepared: torch.fx.GraphModule, sim: torch.fx.GraphModule) -> di
     return report
 
 
-def reconstruct_pt2e(
-    model: nn.Module,
-    data: CalibrationData,
-    *,
-    w_bits: int = 4,
-    a_bits: int = 4,
-    plan: BitPlan | None = None,
-    method: str = "genie-m",
-    config: Any = None,
-    first_last_bits: int | None = 8,
-    seed: int = 0,
-    cache_dir: str | os.PathLike[str] | None = None,
-    progress: bool = True,
-    batch_size: int = 64,
-) -> torch.fx.GraphModule:
-    """A converted PT2E model holding a reconstruction's rounded weights and learned steps.
-
-    Reconstruction (AdaRound, BRECQ, QDrop, Genie-M) runs in the clamping FX simulation,
-    :func:`zq_plugin.reconstruct_fx`, one engine for every backend, given a plan (uniform bits
-    become ``BitPlan.uniform``), so that FX too quantizes each layer's input at its ``a_bits``;
-    its result is carried over:
-
-    1. the model with BatchNorm folded into its convolutions (as the simulation has it) gets the
-       simulation's weights and biases; a reconstructed weight is ``s * q`` with ``q`` an
-       integer of the narrow signed range, so quantizing it again with the step ``s`` gives
-       back ``q``: the learned rounding survives ``convert_pt2e`` bit for bit;
-    2. it is exported and prepared with :func:`plan_quantizer` at the same plan, calibrated on
-       ``data`` with the MSE observers (for what the simulation has no step for, e.g. the inputs
-       of a residual ``add``);
-    3. :func:`carry_steps` sets each layer's weight steps and input ``(scale, zero_point)`` to
-       the simulation's; then :func:`convert`.
-
-    Args:
-        model: the float model (not changed).
-        data: calibration images (any source), used by reconstruction and by calibration.
-        w_bits: weight bits of all but the first/last layer (ignored with ``plan``).
-        a_bits: input bits of all but the first/last layer (ignored with ``plan``).
-        plan: per-layer bits instead (:class:`~zq_plugin.mixed_precision.BitPlan`).
-        method: the reconstruction method (:func:`zq_plugin.reconstruct_fx`).
-        config: overrides the method's configuration.
-        first_last_bits: bits of the first and last weight layer (``None``: like the others).
-        seed: the reconstruction seed.
-        cache_dir: reconstruction checkpoints (resume), as :func:`zq_plugin.reconstruct_fx`.
-        progress: tqdm bars.
-        batch_size: calibration batch size for tensor data.
-
-    Returns:
-        The converted model (eval mode, any batch size); ``.zq_reconstruction`` is the per-unit
-        report, ``.zq_carried`` counts the weight and input steps taken from the simulation.
-
-    Raises:
-        ConfigError, ModelError: as :func:`zq_plugin.reconstruct_fx` and :func:`quantize_pt2e`.
-        MissingDependencyError: torchao is not installed.
-
-    Example:
-        >>> import dataclasses, torch
-        >>> from zq_plugin.reconstruct import METHODS
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
-        ...                           torch.nn.Linear(4 * 6 * 6, 10)).eval()
-        >>> quick = dataclasses.replace(METHODS["genie-m"], iterations=5)
-        >>> q = reconstruct_pt2e(net, torch.randn(32, 1, 8, 8), config=quick, progress=False)
-        >>> q(torch.randn(3, 1, 8, 8)).shape, q.zq_carried
-        (torch.Size([3, 10]), {'weight_steps': 2, 'act_steps': 2})
-    """
-    from zq_plugin.reconstruct.engine import reconstruct_fx
-
-    _compat.torchao_pt2e()  # the missing extra is named before the reconstruction runs
-    if plan is None:  # a plan, so that FX quantizes each layer's input at its a_bits, as PT2E does
-        plan = BitPlan.uniform(model, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits)
-    sim = reconstruct_fx(
-        model, data, plan=plan, method=method, config=config, seed=seed, cache_dir=cache_dir, progress=progress
-    )
-    converted = from_sim(model, sim, data, plan=plan, batch_size=batch_size)
-    converted.zq_reconstruction = sim.zq_reconstruction
-    return converted
-
-
 def from_sim(
     model: nn.Module,
     sim: torch.fx.GraphModule,
@@ -868,3 +791,21 @@ def describe_converted(converted: torch.fx.GraphModule) -> dict[str, tuple[int |
         a_bits, _ = _grid_bits(node.args[0], 3)
         rows.setdefault(layer_name(node), (w_bits, a_bits, granularity))
     return rows
+
+
+_MOVED = {"reconstruct_pt2e": "zq_plugin.recipe"}  # stage x backend compositions live above the backends now
+
+
+def __getattr__(name: str) -> Any:
+    """``reconstruct_pt2e`` moved to :mod:`zq_plugin.recipe` (the pipeline); this name keeps working for one release."""
+    if name in _MOVED:
+        import importlib
+
+        warnings.warn(
+            f"zq_plugin.backends.pt2e.{name} moved: use zq_plugin.{name} or "
+            "zq_plugin.quantize(..., backend='pt2e', stage='reconstruct').",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -137,7 +137,7 @@ def synthesize(
     method: str = "zeroq",
     *,
     num_samples: int = 256,
-    input_shape: tuple[int, ...] = (3, 224, 224),
+    input_shape: tuple[int, ...] | None = None,
     seed: int = 0,
     batch_size: int = 64,
     input_range: tuple[float, float] | Literal["auto"] | None = "auto",
@@ -178,7 +178,8 @@ def synthesize(
             play a whole generator game per batch (:func:`zq_plugin.finetune` trains one generator
             and streams from it).
         num_samples: number of images, >= 1.
-        input_shape: one image's shape, channels first, e.g. ``(1, 28, 28)``.
+        input_shape: one image's shape, channels first, e.g. ``(1, 28, 28)``; required unless the
+            model declares it as ``model.input_shape`` (the zoo's models do).
         seed: the same seed (and options) gives the same images.
         batch_size: images optimized together.
         input_range: ``(lo, hi)`` box of valid inputs in the model's input space; ``"auto"`` reads
@@ -186,6 +187,7 @@ def synthesize(
         progress: show a tqdm bar per batch.
         cache_dir: folder for finished batches (resume, reuse); ``None`` keeps everything in memory.
         **options: the method's own options (e.g. ``steps=200`` for ZeroQ); unknown names raise.
+            ``synthesizer=`` is accepted as the same as ``method`` (the spelling of :func:`zq_plugin.quantize`).
 
     Returns:
         A :class:`~zq_plugin.data.SyntheticDataset`; ``.images`` is float32 ``[N, *input_shape]`` on the CPU.
@@ -204,8 +206,21 @@ def synthesize(
         >>> data.images.shape
         torch.Size([4, 1, 8, 8])
     """
+    if "synthesizer" in options:  # the spelling of quantize() and finetune(), accepted here too
+        named = options.pop("synthesizer")
+        if method not in ("zeroq", named):
+            raise ConfigError(f"method={method!r} and synthesizer={named!r}: name the synthesizer once.")
+        method = named
     spec = get_method(method)
     config = spec.config(options)
+    if input_shape is None:
+        declared = getattr(model, "input_shape", None)
+        if declared is None:
+            raise ConfigError(
+                f"synthesize needs the shape of one input image of {type(model).__name__}: pass input_shape=(C, H, W), "
+                "e.g. (1, 28, 28) or (3, 224, 224) (a model may declare it as model.input_shape)."
+            )
+        input_shape = tuple(declared)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples={num_samples!r} must be a positive int (e.g. 256).")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

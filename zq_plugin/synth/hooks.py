@@ -36,7 +36,10 @@ def require_batchnorm(
     method: str,
     *,
     argument: str = "method",
-    fix: str = "Use method='noise' for a data-free baseline, or calibrate on real data.",
+    fix: str = (
+        "Use method='retro' (Retro-Synthesis needs no BatchNorm), method='noise' for a baseline, "
+        "or calibrate on real data."
+    ),
 ) -> dict[str, nn.modules.batchnorm._BatchNorm]:
     """Like :func:`batchnorm_layers`, but raise :class:`ModelError` when there is none.
 

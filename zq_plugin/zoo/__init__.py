@@ -67,6 +67,9 @@ def load(name: str, *, pretrained: bool = True) -> nn.Module:
     Args:
         name: one of :func:`available`.
         pretrained: load the shipped checkpoint (else random initialization).
+
+    The model declares its input, ``model.input_shape == INPUT_SHAPE`` (one image, ``(1, 28, 28)``),
+    so :func:`zq_plugin.synthesize` needs no ``input_shape``.
     """
     model = _check_name(name)()
     if pretrained:
@@ -76,6 +79,7 @@ def load(name: str, *, pretrained: bool = True) -> nn.Module:
                 f"checkpoint {path.name} is missing from the package; retrain it: python -m zq_plugin.zoo.train {name}"
             )
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.input_shape = INPUT_SHAPE  # type: ignore[assignment]  # synthesize() reads it
     return model.eval()
 
 
