@@ -34,8 +34,15 @@ SYMMETRIC_SCHEMES = (torch.per_tensor_symmetric, torch.per_channel_symmetric)
 _BASE_KEYS = ("dtype", "qscheme", "reduce_range", "quant_min", "quant_max", "factory_kwargs", "eps", "is_dynamic")
 
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # torch's widest quantized container (qint32 / int32)
+
+
 def check_quant_range(quant_min: object, quant_max: object) -> None:
-    """Raise :class:`ConfigError` unless both are None, or integers with ``quant_min <= 0 <= quant_max > quant_min``."""
+    """Raise :class:`ConfigError` unless both are None, or int32s with ``quant_min <= 0 <= quant_max > quant_min``.
+
+    Every range inside int32 is accepted, 2 to 2^32 levels, as by torch's observers (whose
+    ``calculate_qparams`` fails on a bound outside int32: zero points are int32 tensors).
+    """
     if quant_min is None and quant_max is None:
         return
     if quant_min is None or quant_max is None:
@@ -52,6 +59,12 @@ def check_quant_range(quant_min: object, quant_max: object) -> None:
             f"quant_min={quant_min}, quant_max={quant_max} is not a valid range: need quant_min <= 0 <= quant_max "
             "and quant_min < quant_max (4-bit: 0..15 unsigned, -8..7 or -7..7 signed); "
             "zq_plugin.qparams.quant_range(bits, signed) builds one."
+        )
+    if quant_min < INT32_MIN or quant_max > INT32_MAX:
+        raise ConfigError(
+            f"quant_min={quant_min}, quant_max={quant_max} does not fit in int32 [{INT32_MIN}, {INT32_MAX}], "
+            "the widest quantized type (torch's observers fail on it too: their zero points are int32); "
+            "use e.g. dtype=torch.qint32 without quant_min/quant_max for 32 bits."
         )
 
 

@@ -620,11 +620,16 @@ def aciq_alpha(distribution: str, levels: int, two_sided: bool) -> float:
     two-sided distribution the tail counts twice, ``tail = 2 E[(X - c)^2; X > c]`` with ``X`` the
     one-sided version, which is what :func:`_tail` computes.
 
+    The optimum lies below ``2 ln(levels) + 3`` (Laplace; the Gaussian's is smaller), so the
+    candidates run up to 60, or to ``2 ln(levels) + 10`` for grids of more than about 2^36
+    levels: the search costs the same at every bit width.
+
     Example:
         >>> round(aciq_alpha("laplace", 16, True), 2), round(aciq_alpha("gaussian", 16, True), 2)
         (4.92, 2.52)
     """
-    c = torch.linspace(1e-3, 60.0, 60_000, dtype=torch.float64)
+    top = max(60.0, 2.0 * math.log(levels) + 10.0)
+    c = torch.linspace(1e-3, top, 60_000, dtype=torch.float64)
     k = 2.0 if two_sided else 1.0
     loss = _tail(c, distribution) + (k * c / (levels - 1)) ** 2 / 12.0
     return float(c[int(loss.argmin())])
@@ -722,7 +727,14 @@ def kl_loss(
     levels = quant_max - quant_min + 1
     cell = (torch.round(center / s) + z).clamp(quant_min, quant_max).sub(quant_min).to(torch.int64)  # [G, C, M]
     cell = cell.expand_as(inside)
-    shape = (*inside.shape[:-1], levels)
+    if levels > cell.shape[-1]:
+        # more levels than bins (16- and 32-bit grids): number the occupied cells in order instead. The
+        # non-empty bins come first, in position order, so their cells never decrease and consecutive
+        # equal cells are one cell; the padding after them holds nothing. Same sums, O(bins) memory.
+        step = torch.ones_like(cell, dtype=torch.bool)
+        step[..., 1:] = cell[..., 1:] != cell[..., :-1]
+        cell = step.cumsum(-1) - 1
+    shape = (*inside.shape[:-1], min(levels, cell.shape[-1]))
     mass = torch.zeros(shape, dtype=torch.float64).scatter_add_(-1, cell, n_in)
     occupied = torch.zeros(shape, dtype=torch.float64).scatter_add_(-1, cell, inside.to(torch.float64))
     q = torch.where(inside, mass.gather(-1, cell) / occupied.gather(-1, cell).clamp(min=1.0), 0.0)
