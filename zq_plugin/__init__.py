@@ -9,6 +9,7 @@ Example:
     ['adadfq', 'dsg', 'gdfq', 'genie', 'noise', 'retro', 'zeroq']
 """
 
+from zq_plugin import finetuning  # noqa: F401  (registers the game's synthesizers, adadfq and gdfq)
 from zq_plugin._utils import CalibrationSummary
 from zq_plugin.backends.fx import calibrate, convert_int8_fx, qconfig, quantize_fx, uniform_qconfig_mapping
 from zq_plugin.data import SyntheticDataset, model_fingerprint

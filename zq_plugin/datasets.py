@@ -24,8 +24,11 @@ import numpy as np
 import torch
 
 from zq_plugin.errors import ConfigError, DatasetCorruptError, DatasetNotFoundError
-from zq_plugin.zoo.models import MEAN, STD
 
+#: Fashion-MNIST's pixel mean and standard deviation (training split, pixels in [0, 1]): every
+#: zoo model takes ``(x - MEAN) / STD``.
+MEAN = 0.2860
+STD = 0.3530
 ENV_VAR = "ZQ_FASHION_MNIST_DIR"
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"

@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 from zq_plugin._utils import model_device_dtype, select_output
 from zq_plugin.data import CalibrationData, atomic_torch_save, iter_batches, model_fingerprint
 from zq_plugin.errors import ConfigError, ModelError
-from zq_plugin.mixed_precision.plan import BitPlan
+from zq_plugin.plan import BitPlan
+from zq_plugin.runs import dist_info, method_code_hash, run_key
 from zq_plugin.synth.adadfq import (
     AdaDFQConfig,
     ConditionalGenerator,
@@ -60,7 +61,7 @@ from zq_plugin.synth.adadfq import (
     student_loss,
 )
 from zq_plugin.synth.hooks import bn_sums, frozen, require_batchnorm
-from zq_plugin.synth.store import dist_info, method_code_hash, run_key
+from zq_plugin.synth.registry import BatchContext, register
 
 logger = logging.getLogger(__name__)
 
@@ -612,3 +613,43 @@ def finetune(
         "seconds": time.perf_counter() - started,
     }
     return student
+
+
+# The game's synthesizers live with the game: synthesize(method="adadfq"/"gdfq") plays it here and
+# samples the batch from the trained generator (registered when zq_plugin is imported).
+def _play(model: nn.Module, config: AdaDFQConfig, ctx: BatchContext, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of ``synthesize(method="adadfq"/"gdfq")``, from a freshly played game.
+
+    ``config.steps`` iterations against a W``w_bits``A``a_bits`` student (first/last at 8 bits),
+    then the batch is sampled from the trained generator.
+    """
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+    student = finetune(
+        model,
+        generator=method,
+        config=config,
+        w_bits=config.w_bits,
+        a_bits=config.a_bits,
+        input_shape=ctx.input_shape,
+        input_range=ctx.input_range,
+        batch_size=ctx.batch_size,
+        calibration_samples=max(ctx.batch_size, 64),
+        seed=seed,
+        progress=ctx.progress,
+    )
+    from zq_plugin.synth.stream import GeneratorStream
+
+    stream = cast(GeneratorStream, student.zq_generator)  # finetune with a generator sets it
+    return stream.batch(0)
+
+
+@register("adadfq", AdaDFQConfig, needs_batchnorm=True)
+def make_adadfq(model: nn.Module, config: AdaDFQConfig, ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch ``([n, *input_shape], [n])`` from a generator trained by AdaDFQ's game."""
+    return _play(model, config, ctx, "adadfq")
+
+
+@register("gdfq", GDFQConfig, needs_batchnorm=True)
+def make_gdfq(model: nn.Module, config: GDFQConfig, ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch ``([n, *input_shape], [n])`` from a generator trained by GDFQ's game."""
+    return _play(model, config, ctx, "gdfq")

@@ -44,7 +44,7 @@ from torch import fx, nn
 
 from zq_plugin._utils import weight_layers
 from zq_plugin.errors import ConfigError
-from zq_plugin.mixed_precision.plan import BitPlan
+from zq_plugin.plan import BitPlan
 from zq_plugin.qparams import check_bits
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from torch import nn
 
 from zq_plugin.data import CalibrationData
 from zq_plugin.errors import ConfigError, ModelError
-from zq_plugin.mixed_precision.plan import BitPlan
+from zq_plugin.plan import BitPlan
 from zq_plugin.reconstruct.engine import ReconstructConfig
 
 #: The synthesizer, image count and reconstruction method of :func:`quantize` (measured best).
@@ -107,10 +107,10 @@ def quantize(
         >>> sim(torch.randn(2, 1, 8, 8)).shape
         torch.Size([2, 3])
     """
+    from zq_plugin.hooks import batchnorm_layers
     from zq_plugin.pipeline import Request, run
     from zq_plugin.synth import METHODS as SYNTHESIZERS
     from zq_plugin.synth import synthesize
-    from zq_plugin.synth.hooks import batchnorm_layers
 
     if "method" in synth_options:
         raise ConfigError(

@@ -62,7 +62,7 @@ from zq_plugin._utils import (
 )
 from zq_plugin.data import CalibrationData, collect_batches
 from zq_plugin.errors import ConfigError, MissingDependencyError, ModelError, NotCalibratedError, ZQError
-from zq_plugin.mixed_precision.plan import BitPlan
+from zq_plugin.plan import BitPlan
 from zq_plugin.qparams import quant_range
 
 logger = logging.getLogger(__name__)
@@ -660,7 +660,7 @@ def from_sim(
 
     Example:
         >>> import torch, zq_plugin
-        >>> from zq_plugin.mixed_precision import BitPlan
+        >>> from zq_plugin.plan import BitPlan
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
         ...                           torch.nn.Linear(4 * 6 * 6, 10)).eval()
         >>> x = torch.randn(32, 1, 8, 8)
@@ -838,7 +838,8 @@ def run_onnx(
     with ``all_outputs=True`` the list of every output in the file's order, each concatenated
     over the batches. ``x`` may live on any device. ``optimize=False`` turns onnxruntime's graph
     optimizations off: then QDQ patterns are computed as written, as torch computes them; at
-    the default level onnxruntime fuses them into integer kernels that round differently.
+    the default level onnxruntime fuses them into integer kernels that round differently (its
+    exact U8U8 kernels on x86 CPUs without VNNI, where the faster U8S8 ones saturate).
 
     Example:
         >>> import tempfile, torch
@@ -856,6 +857,10 @@ def run_onnx(
     except ImportError as exc:
         raise MissingDependencyError("running ONNX needs onnxruntime: pip install 'zq-plugin[onnx]'.") from exc
     options = ort.SessionOptions()
+    # x86 without VNNI (AVX2, AVX-512F): the fused uint8 x int8 kernels add products pairwise in
+    # saturating int16 (255 * 127 * 2 > 32767), so full-range 8-bit weights lost up to 1.8 units
+    # per output (17 dB); onnxruntime's exact U8U8 kernels instead. No effect on other CPUs.
+    options.add_session_config_entry("session.x64quantprecision", "1")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

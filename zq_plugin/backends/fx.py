@@ -62,7 +62,7 @@ from zq_plugin.fake_quant import FastFakeQuantize
 from zq_plugin.qparams import check_bits, quant_range
 
 if TYPE_CHECKING:
-    from zq_plugin.mixed_precision.plan import BitPlan
+    from zq_plugin.plan import BitPlan
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def qconfig(
             raise ConfigError(
                 "a non-uniform weight grid exists only as fake quantization: use fake_quant=True and prepare_qat_fx."
             )
-        from zq_plugin.mixed_precision.nonuniform import NonUniformFakeQuantize
+        from zq_plugin.nonuniform import NonUniformFakeQuantize
 
         weight = NonUniformFakeQuantize.with_args(bits=w_bits, per_channel=per_channel)
         return _compat.QConfig(activation=FastFakeQuantize.with_args(observer=act_observer, **act_kw), weight=weight)
@@ -576,7 +576,7 @@ def quantize_fx(
         raise ConfigError("give a plan or a mapping, not both (the plan is turned into a mapping).")
     if mapping is None:
         from zq_plugin.backends.fx_sim import simulate
-        from zq_plugin.mixed_precision.plan import BitPlan, LayerBits
+        from zq_plugin.plan import BitPlan, LayerBits
 
         if plan is not None:
             plan.check(model)

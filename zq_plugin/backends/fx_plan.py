@@ -24,7 +24,7 @@ mark of the observer on its input. The emitted mapping then sets only those name
 
 Example:
     >>> import torch
-    >>> from zq_plugin.mixed_precision.plan import BitPlan
+    >>> from zq_plugin.plan import BitPlan
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3)).eval()
     >>> plan = BitPlan.uniform(net, w_bits=4, a_bits=6, first_last_bits=None)
     >>> activation_owners(plan, net, (torch.randn(1, 1, 8, 8),))  # "0" quantizes the image and writes "2"'s input
@@ -44,7 +44,7 @@ from torch import nn
 
 from zq_plugin import _compat
 from zq_plugin.backends.fx import check_traceable, qconfig
-from zq_plugin.mixed_precision.plan import BitPlan
+from zq_plugin.plan import BitPlan
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def set_input_bits(
     Example:
         >>> import torch
         >>> from zq_plugin import _compat
-        >>> from zq_plugin.mixed_precision.plan import BitPlan
+        >>> from zq_plugin.plan import BitPlan
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(72, 3)).eval()
         >>> plan, x = BitPlan.uniform(net, w_bits=4, a_bits=4, first_last_bits=None), torch.randn(2, 1, 8, 8)
         >>> bits = activation_owners(plan, net, x, separate_input=True)

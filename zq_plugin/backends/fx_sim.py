@@ -20,7 +20,7 @@ simulation only through it; nothing else outside the FX modules touches FX inter
 
 Example:
     >>> import torch
-    >>> from zq_plugin.mixed_precision import BitPlan
+    >>> from zq_plugin.plan import BitPlan
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
     ...                           torch.nn.Linear(144, 3)).eval()
     >>> plan = BitPlan.uniform(net, w_bits=4, a_bits=3, first_last_bits=None)
@@ -43,7 +43,7 @@ from torch import nn
 
 from zq_plugin import _compat
 from zq_plugin.errors import ConfigError
-from zq_plugin.mixed_precision.plan import BitPlan, LayerBits
+from zq_plugin.plan import BitPlan, LayerBits
 
 #: Functional calls that compute a weight layer (their weight is argument 1).
 FUNCTIONAL_WEIGHT_OPS = frozenset(

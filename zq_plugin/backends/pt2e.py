@@ -44,7 +44,7 @@ from zq_plugin._utils import call_model, report_float_layers, weight_layer_names
 from zq_plugin.backends.fx import InputFn, _example_inputs, _to_model, calibrate
 from zq_plugin.data import CalibrationData
 from zq_plugin.errors import ConfigError, ModelError, NotCalibratedError
-from zq_plugin.mixed_precision.plan import BitPlan, LayerBits
+from zq_plugin.plan import BitPlan, LayerBits
 from zq_plugin.qparams import quant_range
 
 #: The aten operators :class:`PlanQuantizer` annotates (input 0: activation, input 1: weight).
@@ -727,7 +727,7 @@ def from_sim(
 
     Example:
         >>> import torch, zq_plugin
-        >>> from zq_plugin.mixed_precision import BitPlan
+        >>> from zq_plugin.plan import BitPlan
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
         ...                           torch.nn.Linear(4 * 6 * 6, 10)).eval()
         >>> x = torch.randn(32, 1, 8, 8)

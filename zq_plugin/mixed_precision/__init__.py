@@ -7,11 +7,11 @@
    it into a torch.ao ``QConfigMapping`` (activation bits moved to the producer's output).
 """
 
-from zq_plugin.mixed_precision.nonuniform import NonUniformFakeQuantize, clustered_quantize
 from zq_plugin.mixed_precision.pareto import Budget, FrontierPoint, best_under, pareto_frontier
-from zq_plugin.mixed_precision.plan import BitPlan, LayerBits
 from zq_plugin.mixed_precision.planner import PlanResult, hybrid_plan, pareto_plan
 from zq_plugin.mixed_precision.sensitivity import HybridChoice, Sensitivity, measure_sensitivity, quantize_weight
+from zq_plugin.nonuniform import NonUniformFakeQuantize, clustered_quantize
+from zq_plugin.plan import BitPlan, LayerBits
 
 __all__ = [
     "BitPlan",

@@ -29,8 +29,8 @@ from zq_plugin.backends.fx import check_traceable
 from zq_plugin.data import CalibrationData
 from zq_plugin.errors import ConfigError
 from zq_plugin.mixed_precision.pareto import Budget, FrontierPoint, best_under, pareto_frontier
-from zq_plugin.mixed_precision.plan import BitPlan, Granularity, Grid, LayerBits
 from zq_plugin.mixed_precision.sensitivity import HybridChoice, Sensitivity, measure_sensitivity
+from zq_plugin.plan import BitPlan, Granularity, Grid, LayerBits
 from zq_plugin.qparams import check_bits
 
 

@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 from zq_plugin._utils import OutputFn, input_placement, place, select_output, weight_layers
 from zq_plugin.data import CalibrationData, collect_batches
 from zq_plugin.errors import ConfigError
-from zq_plugin.mixed_precision.nonuniform import clustered_quantize
-from zq_plugin.mixed_precision.plan import Granularity, Grid
+from zq_plugin.hooks import capture_inputs
+from zq_plugin.nonuniform import clustered_quantize
+from zq_plugin.plan import Granularity, Grid
 from zq_plugin.qparams import check_bits, compute_qparams, fake_quantize, quant_range
-from zq_plugin.synth.hooks import capture_inputs
 
 logger = logging.getLogger(__name__)
 

@@ -43,11 +43,11 @@ from zq_plugin import _compat
 from zq_plugin._utils import model_device_dtype, weight_layer_names
 from zq_plugin.data import CalibrationData, atomic_torch_save, iter_batches, model_fingerprint
 from zq_plugin.errors import ConfigError
-from zq_plugin.mixed_precision.plan import BitPlan
+from zq_plugin.plan import BitPlan
 from zq_plugin.reconstruct.blocks import Block, find_blocks, find_layers
 from zq_plugin.reconstruct.graph import block_module, node_values
 from zq_plugin.reconstruct.quantizers import LearnedRoundingWeight, LSQActivation, beta_at
-from zq_plugin.synth.store import method_code_hash, run_key
+from zq_plugin.runs import method_code_hash, run_key
 
 logger = logging.getLogger(__name__)
 

@@ -49,7 +49,6 @@ from torch import nn
 
 from zq_plugin.errors import ConfigError
 from zq_plugin.synth.losses import Sums, stat_dtype
-from zq_plugin.synth.registry import BatchContext, register
 
 ClassLoss = Literal["adaptive", "teacher"]
 StudentLoss = Literal["kd", "entropy"]
@@ -398,43 +397,3 @@ def generate(
     if input_range is not None:
         x = x.clamp(*input_range)
     return x
-
-
-def _play(model: nn.Module, config: AdaDFQConfig, ctx: BatchContext, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch of ``synthesize(method="adadfq"/"gdfq")``, from a freshly played game.
-
-    ``config.steps`` iterations against a W``w_bits``A``a_bits`` student (first/last at 8 bits),
-    then the batch is sampled from the trained generator.
-    """
-    from zq_plugin.finetuning import finetune
-
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-    student = finetune(
-        model,
-        generator=method,
-        config=config,
-        w_bits=config.w_bits,
-        a_bits=config.a_bits,
-        input_shape=ctx.input_shape,
-        input_range=ctx.input_range,
-        batch_size=ctx.batch_size,
-        calibration_samples=max(ctx.batch_size, 64),
-        seed=seed,
-        progress=ctx.progress,
-    )
-    from zq_plugin.synth.stream import GeneratorStream
-
-    stream = cast(GeneratorStream, student.zq_generator)  # finetune with a generator sets it
-    return stream.batch(0)
-
-
-@register("adadfq", AdaDFQConfig, needs_batchnorm=True)
-def make_adadfq(model: nn.Module, config: AdaDFQConfig, ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch ``([n, *input_shape], [n])`` from a generator trained by AdaDFQ's game."""
-    return _play(model, config, ctx, "adadfq")
-
-
-@register("gdfq", GDFQConfig, needs_batchnorm=True)
-def make_gdfq(model: nn.Module, config: GDFQConfig, ctx: BatchContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch ``([n, *input_shape], [n])`` from a generator trained by GDFQ's game."""
-    return _play(model, config, ctx, "gdfq")

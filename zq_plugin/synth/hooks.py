@@ -14,45 +14,11 @@ from typing import cast
 import torch
 from torch import nn
 
-from zq_plugin._utils import eval_mode
-from zq_plugin.errors import ModelError
+from zq_plugin.hooks import _PLAIN_BN, batchnorm_layers, capture_inputs, frozen, require_batchnorm
 from zq_plugin.synth.losses import Sums, stat_dtype, sums, sums_through_bn
 
 # BatchNorm types whose eval forward is exactly ``(x - running_mean) / sqrt(running_var + eps) * w + b``
-_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-
-
-def batchnorm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    """All BatchNorm layers (1d/2d/3d/Sync) of ``model`` that track running statistics, by name."""
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None
-    }
-
-
-def require_batchnorm(
-    model: nn.Module,
-    method: str,
-    *,
-    argument: str = "method",
-    fix: str = (
-        "Use method='retro' (Retro-Synthesis needs no BatchNorm), method='noise' for a baseline, "
-        "or calibrate on real data."
-    ),
-) -> dict[str, nn.modules.batchnorm._BatchNorm]:
-    """Like :func:`batchnorm_layers`, but raise :class:`ModelError` when there is none.
-
-    The message names ``argument={method!r}`` (the caller's argument) and ends with ``fix``.
-    """
-    layers = batchnorm_layers(model)
-    if not layers:
-        raise ModelError(
-            f"{type(model).__name__} has no BatchNorm layer with running statistics (searched "
-            f"BatchNorm1d/2d/3d and SyncBatchNorm), so {argument}={method!r}, which matches BN statistics, "
-            f"has nothing to match. {fix}"
-        )
-    return layers
+__all__ = ["batchnorm_layers", "bn_sums", "bn_targets", "capture_inputs", "frozen", "require_batchnorm"]
 
 
 def bn_targets(layers: dict[str, nn.modules.batchnorm._BatchNorm]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -66,38 +32,6 @@ def bn_targets(layers: dict[str, nn.modules.batchnorm._BatchNorm]) -> dict[str, 
         dtype = stat_dtype(mean.dtype)
         out[name] = (mean.detach().to(dtype, copy=True), torch.sqrt(var.detach().to(dtype) + 1e-6))
     return out
-
-
-@contextlib.contextmanager
-def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the first positional input of each module on every forward; hooks always removed.
-
-    Yields:
-        A dict ``name -> Tensor`` overwritten on each forward pass.
-
-    Example:
-        >>> import torch
-        >>> bn = torch.nn.BatchNorm2d(3)
-        >>> with capture_inputs({"bn": bn}) as feats:
-        ...     _ = bn(torch.zeros(2, 3, 4, 4))
-        ...     shape = feats["bn"].shape
-        >>> shape, len(bn._forward_pre_hooks)
-        (torch.Size([2, 3, 4, 4]), 0)
-    """
-    feats: dict[str, torch.Tensor] = {}
-    handles = []
-    try:
-        for name, module in modules.items():
-
-            def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], _name: str = name) -> None:
-                feats[_name] = args[0]
-
-            handles.append(module.register_forward_pre_hook(hook))
-        yield feats
-    finally:
-        for h in handles:
-            h.remove()
-        feats.clear()
 
 
 def _eval_slope(bn: nn.Module) -> torch.Tensor | None:
@@ -168,22 +102,3 @@ def bn_sums(layers: dict[str, nn.Module]) -> Iterator[dict[str, Sums]]:
         for h in handles:
             h.remove()
         out.clear()
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode with every parameter frozen, and restore both afterwards.
-
-    Restores each module's ``training`` flag and each parameter's ``requires_grad`` exactly,
-    also when the body raises or is interrupted (KeyboardInterrupt). Weights and buffers are
-    not written: eval-mode BatchNorm does not update its running statistics.
-    """
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    with eval_mode(model):
-        try:
-            for p, _ in grads:
-                p.requires_grad_(False)
-            yield model
-        finally:
-            for p, flag in grads:
-                p.requires_grad_(flag)

@@ -19,36 +19,19 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from zq_plugin.data import atomic_torch_save
+from zq_plugin.runs import dist_info, method_code_hash, run_key
+
+__all__ = ["BatchStore", "SynthesisInterrupted", "dist_info", "gather_batches", "method_code_hash", "run_key"]
 
 logger = logging.getLogger(__name__)
 Batch = tuple[torch.Tensor, torch.Tensor | None]  # images [n, ...], labels [n] or None
-
-
-def method_code_hash(fn: Any) -> str:
-    """Hash of the source of the module defining ``fn``: a cache made by other code is not reused."""
-    module = inspect.getmodule(fn)
-    try:
-        source = inspect.getsource(module) if module is not None else repr(fn)
-    except (OSError, TypeError):  # no source (frozen or interactive code): fall back to the name
-        source = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
-    return hashlib.sha256(source.encode()).hexdigest()[:16]
-
-
-def run_key(**parts: Any) -> str:
-    """A short stable hash of the JSON of ``parts`` (sorted keys)."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class SynthesisInterrupted(KeyboardInterrupt):
@@ -104,13 +87,6 @@ class BatchStore:
             logger.warning("ignoring cached batch %s with unexpected content; it will be generated again", path)
             return None
         return images, labels
-
-
-def dist_info() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default ``torch.distributed`` group, ``(0, 1)`` without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def gather_batches(mine: dict[int, Batch]) -> dict[int, Batch]:

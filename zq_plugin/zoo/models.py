@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Fashion-MNIST training-set pixel statistics (pixels scaled to [0, 1]).
-MEAN = 0.2860
-STD = 0.3530
+from zq_plugin.datasets import MEAN, STD  # Fashion-MNIST's training-set pixel statistics (pixels in [0, 1])
+
 INPUT_RANGE = ((0.0 - MEAN) / STD, (1.0 - MEAN) / STD)  # about (-0.810, 2.023)
 
 
