@@ -88,11 +88,9 @@ def main() -> None:
                         carried[backend] = f"{sum(s == 'carried' for s in steps)}/{len(steps)}"
                     gap = max(top1.values()) - min(top1.values())
                     diff = max(float((logits[b] - logits["fx"]).abs().max()) for b in ("pt2e", "brevitas"))
-                    print(
-                        f"| {name} | {request} | {stage} | {top1['fx']:.2f} | {top1['pt2e']:.2f} | "
-                        f"{top1['brevitas']:.2f} | {gap:.2f} | {diff:.2g} | {carried['pt2e']} / {carried['brevitas']} |",
-                        flush=True,
-                    )
+                    cells = [name, request, stage, *(f"{top1[b]:.2f}" for b in ("fx", "pt2e", "brevitas"))]
+                    cells += [f"{gap:.2f}", f"{diff:.2g}", f"{carried['pt2e']} / {carried['brevitas']}"]
+                    print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

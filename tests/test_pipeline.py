@@ -1,4 +1,4 @@
-"""One request, one model: the pipeline gives the same quantized model on FX, PT2E and Brevitas, and describe() says so."""
+"""One request, one model: the same quantized model on FX, PT2E and Brevitas, and describe() says so."""
 
 import dataclasses
 
@@ -72,7 +72,9 @@ def _distinct_inputs(qmodel: nn.Module, x: torch.Tensor, names: list[str]) -> di
 
         if backend == "fx":  # the FakeQuantize in front of the layer
             fq_name = name.replace(".", "_") + "_input_quant"
-            qmodel.get_submodule(fq_name).register_forward_hook(lambda m, a, o, n=name: seen.__setitem__(n, int(torch.unique(o).numel())))
+            qmodel.get_submodule(fq_name).register_forward_hook(
+                lambda m, a, o, n=name: seen.__setitem__(n, int(torch.unique(o).numel()))
+            )
         else:
             handles.append(module.register_forward_hook(hook))
     with torch.no_grad():
