@@ -76,7 +76,7 @@ def test_named_errors():
     with pytest.raises(ConfigError, match="unknown synthesizer"):
         zq_plugin.quantize(net, input_shape=(1, 8, 8), synthesizer="qimera")
     no_bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
-    with pytest.raises(ModelError, match="BatchNorm.*synthesizer='retro'"):
+    with pytest.raises(ModelError, match=r"BatchNorm.*synthesizer='retro'"):
         zq_plugin.quantize(no_bn, input_shape=(1, 8, 8), num_samples=4, progress=False)
 
 
