@@ -3,7 +3,9 @@
 A torch already installed in the environment is kept when pyproject's range admits it (for
 example a CPU build a user installed from the PyTorch project's CPU index, or a CUDA build
 they need); otherwise the pin of ``constraints.txt`` is used. Also prints the matching
-torchvision version (torchvision 0.(minor + 15).patch goes with torch 2.minor.patch).
+torchvision version: torchvision 0.(minor + 15).patch goes with torch 2.minor.patch up to 2.14;
+from torch 2.15 on, PyPI's torchvision is one wheel for every Python built on torch's stable ABI
+(``torch>=2.14``), and its releases no longer follow torch's minor version (``_VISION``).
 
 Usage: ``python scripts/torch_pin.py [INSTALLED_VERSION]`` prints two lines,
 ``torch==X`` and ``torchvision==Y``.
@@ -16,6 +18,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# torch (major, minor) -> torchvision, where the 0.(minor + 15).patch rule does not hold. torch 2.15.0
+# shipped with torchvision 0.29.2 (uploaded to PyPI the same day; py3-none wheel, _C_stable.so,
+# requires torch>=2.14.0); there is no torchvision 0.30.
+_VISION = {(2, 15): "0.29.2"}
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -47,7 +55,7 @@ def choose(installed: str | None) -> tuple[str, str]:
     keep = bool(installed) and lower <= _release(installed or "") < upper
     torch_version = installed if keep and installed else pinned()
     major, minor, patch = (*_release(torch_version), 0, 0, 0)[:3]
-    vision = f"0.{minor + 15}.{patch}" if major == 2 else ""
+    vision = _VISION.get((major, minor)) or (f"0.{minor + 15}.{patch}" if major == 2 else "")
     return torch_version, vision
 
 

@@ -25,7 +25,8 @@ def torch_pin():
         ("2.14.1", "2.14.1", "0.29.1"),  # a newer build in pyproject's range: kept, torchvision matched
         ("2.3.0", "2.3.0", "0.18.0"),  # the oldest supported
         ("2.2.2", "2.13.0", "0.28.0"),  # too old: the pin
-        ("2.15.0.dev20270101", "2.13.0", "0.28.0"),  # outside the range: the pin
+        ("2.15.0", "2.15.0", "0.29.2"),  # the newest supported: torchvision's stable-ABI wheel, no 0.30
+        ("2.16.0.dev20270101", "2.13.0", "0.28.0"),  # outside the range: the pin
         (None, "2.13.0", "0.28.0"),  # nothing installed: the pin
     ],
 )
@@ -34,7 +35,7 @@ def test_installed_torch_in_range_is_kept(torch_pin, installed, torch_version, v
 
 
 def test_range_and_pin_come_from_the_project_files(torch_pin):
-    assert torch_pin.supported_range() == ((2, 3), (2, 15))
+    assert torch_pin.supported_range() == ((2, 3), (2, 16))
     assert torch_pin.pinned() == "2.13.0"
 
 
