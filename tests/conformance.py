@@ -4,7 +4,9 @@ torchvision is a test dependency (``pip install --no-deps torchvision==0.28.*``,
 pinned torch). PyPI's wheel is a CUDA build whose compiled ops do not load beside the CPU torch,
 but its classification models are pure Python: :func:`import_torchvision` defines the two
 operator schemas its import registers fake kernels for (``nms``, ``qnms``), in the test set-up
-only, so ``torchvision.models`` imports. The library itself never imports torchvision.
+only, so ``torchvision.models`` imports. Where the compiled ops do load (PyPI's torch, as in
+``.venv-next``), they are loaded first and nothing is defined: torchvision's stable-ABI library
+aborts the process when its namespace already exists. The library itself never imports torchvision.
 
 Every builder returns a float32 model in eval mode whose BatchNorm running statistics were
 warmed on noise (random weights otherwise), small enough for 2 CPU cores.
@@ -12,8 +14,11 @@ warmed on noise (random weights otherwise), small enough for 2 CPU cores.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,12 +27,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _torchvision_ops() -> bool:
+    """Whether torchvision's operators are registered, after loading its compiled libraries where they load."""
+    spec = importlib.util.find_spec("torchvision")
+    folders = spec.submodule_search_locations if spec is not None else None
+    for lib in sorted(Path(next(iter(folders))).glob("_C*.so")) if folders else ():
+        with contextlib.suppress(OSError):  # a CUDA build beside a CPU torch: undefined symbols
+            torch.ops.load_library(str(lib))
+    try:
+        torch.ops.torchvision.nms  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=1)
 def import_torchvision() -> Any:
     """``torchvision.models``, or skip the test when torchvision is not installed."""
-    try:
-        torch.ops.torchvision.nms  # noqa: B018  (already registered: a working torchvision)
-    except (AttributeError, RuntimeError):
+    if not _torchvision_ops():
         lib = torch.library.Library("torchvision", "DEF")
         lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
