@@ -1,22 +1,26 @@
-"""Every range torch's observers take (issue 29, part 8): 16- and 32-bit grids.
+"""Every range torch's observers take (issue 29, part 8): 16- and 32-bit grids, and all of float32.
 
 torch's MinMaxObserver and HistogramObserver calibrate at ``dtype=torch.qint32`` and on a Hugging
 Face attention mask (``0`` and ``torch.finfo(torch.float32).min``, added to the scores); so must
 these observers. docs/observers.md, "Ranges", lists what they accept and refuse.
 """
 
+import copy
 import math
 
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
-from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
+from torch import nn
+from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver, QConfig, QConfigMapping
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from zq_plugin import _compat
 from zq_plugin.errors import ConfigError
 from zq_plugin.observers import ao, stats
 from zq_plugin.observers.histogram import nonempty_bins, observe
+from zq_plugin.qparams import fake_quantize, quant_range
 
 STATS = ("MSE", "Percentile", "ACIQ", "Entropy")
 FAMILIES = ["ao"]
@@ -24,6 +28,7 @@ if _compat.has_torchao():
     from zq_plugin.observers import pt2e
 
     FAMILIES.append("pt2e")
+F32 = torch.finfo(torch.float32)
 
 # 16- and 32-bit grids as torch's observers take them: (keyword arguments, quant_min, quant_max)
 WIDE = {
@@ -196,3 +201,132 @@ def test_ranges_beyond_int32_are_refused_by_name(family, kwargs):
         ref = MinMaxObserver(dtype=torch.qint32, **kwargs)
         ref(torch.tensor([0.0, 1.0]))
         ref.calculate_qparams()
+
+
+# ---------------------------------------------------------------------------------------------
+# all of float32: attention masks at finfo.min
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("stat", STATS)
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+@pytest.mark.parametrize("sign", [-1.0, 1.0], ids=["min", "max"])
+def test_a_finfo_min_mask_calibrates_like_torch(family, stat, per_channel, sign):
+    """The regression: ``[0, finfo.min]`` raised ConfigError ("magnitude >= 2^100"); torch calibrates it."""
+    x = torch.tensor([0.0, F32.min]) * sign
+    x = x.reshape(1, -1) if per_channel else x
+    options = {"percentile": 100.0} if stat == "Percentile" else {}
+    obs = observer_class(family, stat, per_channel)(**options)
+    obs(x)
+    ref = torch_minmax(per_channel)
+    ref(x)
+    scale, zp = obs.calculate_qparams()
+    assert torch.isfinite(scale).all()
+    if stat == "Percentile":  # percentile=100 is MinMax
+        assert_same_qparams(obs, ref)
+    value = fake_quantize(torch.tensor([F32.min * sign]), scale, zp, 0, 255, 0 if per_channel else None)
+    assert float(value) * sign < -1e38  # a mask value still masks after quantization (MSE clips 0.05% of it)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("stat", STATS)
+@pytest.mark.parametrize("per_channel", [False, True], ids=["tensor", "channel"])
+@settings(max_examples=12)
+@given(
+    x=data(),
+    shift=st.integers(0, 127),
+    bits=st.integers(2, 8),
+    signed=st.booleans(),
+    symmetric=st.booleans(),
+    p=st.sampled_from([2.0, 2.4, 12.0]),
+)
+def test_a_power_of_two_scaling_scales_the_answer_exactly(
+    family, stat, per_channel, x, shift, bits, signed, symmetric, p
+):
+    """Up to float32's largest numbers, ``2^k x`` gets the range ``2^k (lo, hi)``, scale ``2^k s``, the same zero point.
+
+    Powers of two are exact, the histogram's grid follows the data's exponent and every search is
+    scale-free, so this holds bit for bit. It covers the ``histc``/``bincount`` switch near 2^128,
+    the overflowing ``hi - lo`` of data on both sides, and the Lp error's unit scaling (``p=12``:
+    ``(2^127)^13`` overflows float64).
+    """
+    rows = x.abs().amax(1)
+    assume(bool((rows > 0).all()))
+    # each row's max |x| in [1/2, 1): 2^127 x is finite, and no candidate step comes near eps
+    x = x * torch.pow(2.0, -torch.frexp(rows).exponent.to(torch.float32)).unsqueeze(1)
+    x = x if per_channel else x.reshape(-1)
+    qmin, qmax = quant_range(bits, signed)
+    kwargs = {"quant_min": qmin, "quant_max": qmax, "qscheme": scheme(per_channel, symmetric)}
+    kwargs["dtype"] = torch.qint8 if signed else torch.quint8
+    if stat == "MSE":
+        kwargs["p"] = p
+    cls = observer_class(family, stat, per_channel)
+    small, big = cls(**kwargs), cls(**kwargs)
+    small(x)
+    big(x * 2.0**shift)
+    factor = 2.0**shift
+    for a, b in zip(small.calculate_range(), big.calculate_range(), strict=True):
+        assert torch.equal(a * factor, b)
+    (s1, z1), (s2, z2) = small.calculate_qparams(), big.calculate_qparams()
+    assert torch.equal(z1, z2)
+    assert torch.equal(s1 * factor, s2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("stat", STATS)
+def test_a_range_wider_than_float32_gets_a_finite_scale(family, stat):
+    """``[finfo.min, finfo.max]``: torch's MinMaxObserver answers ``scale=inf``; here ``(hi - lo)`` is halved first."""
+    x = torch.tensor([F32.min, 0.0, F32.max])
+    options = {"percentile": 100.0} if stat == "Percentile" else {}
+    obs = observer_class(family, stat, False)(**options)
+    obs(x)
+    scale, zp = obs.calculate_qparams()
+    assert torch.isfinite(scale).all()
+    if stat == "Percentile":  # the full range: 2 max / 255, zero point 128
+        assert float(scale) == pytest.approx(2 * F32.max / 255, rel=1e-6) and int(zp) == 128
+    ref = MinMaxObserver()
+    ref(x)
+    assert math.isinf(float(ref.calculate_qparams()[0]))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_two_level_grid_wider_than_float32_is_refused_by_name(family):
+    obs = observer_class(family, "Percentile", False)(quant_min=0, quant_max=1, percentile=100.0)
+    obs(torch.tensor([F32.min, F32.max]))
+    with pytest.raises(ConfigError, match="float32's largest number"):
+        obs.calculate_qparams()
+
+
+class MaskedAttention(nn.Module):
+    """Scores plus a Hugging Face additive mask (0 to attend, finfo.min to mask), then softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = self.q(x) @ self.k(x).transpose(-1, -2)
+        return torch.softmax(scores + mask, dim=-1)
+
+
+@pytest.mark.parametrize("stat", STATS)
+def test_fx_prepare_calibrate_convert_with_a_finfo_min_mask(stat):
+    """As with torch's MinMaxObserver/HistogramObserver: the masked keys get probability 0 after convert."""
+    torch.manual_seed(0)
+    model = MaskedAttention().eval()
+    x = torch.randn(2, 5, 8)
+    mask = torch.zeros(2, 1, 5)
+    mask[:, :, 3:] = F32.min
+    act = observer_class("ao", stat, False).with_args(dtype=torch.quint8)
+    wt = observer_class("ao", stat, True).with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    mapping = QConfigMapping().set_global(QConfig(activation=act, weight=wt))
+    prepared = prepare_fx(copy.deepcopy(model), mapping, (x, mask))
+    for _ in range(2):
+        prepared(x, mask)
+    for module in prepared.modules():
+        if hasattr(module, "calculate_qparams"):
+            assert torch.isfinite(module.calculate_qparams()[0]).all()
+    out = convert_fx(prepared)(x, mask)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[..., 3:], torch.zeros_like(out[..., 3:]))
+    torch.testing.assert_close(out.sum(-1), torch.ones(2, 5), atol=0.02, rtol=0)

@@ -324,9 +324,37 @@ class RangeObserverMixin:
                 lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
             if not self.per_channel:
                 lo, hi = lo.reshape(()), hi.reshape(())
-            obs._qparams_cache = obs._calculate_qparams(lo, hi)
+            obs._qparams_cache = self._finite_qparams(lo, hi)
         scale, zero_point = obs._qparams_cache
         return scale.clone(), zero_point.clone()
+
+    def _finite_qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base's ``_calculate_qparams(lo, hi)``, finite for every finite range.
+
+        torch computes ``(hi - lo) / (quant_max - quant_min)`` in float32, which overflows when the
+        range is wider than float32's largest number (``[finfo.min, finfo.max]``: torch's
+        MinMaxObserver answers ``scale=inf``). Such a range is computed on ``(lo / 2, hi / 2)`` and its
+        scale doubled: the same numbers, as halving and doubling are exact (the ``eps`` floor does not
+        matter at that size).
+
+        Raises:
+            ConfigError: the range needs a step beyond float32's largest number (only a 2-level grid
+                can, on data wider than ``finfo.max``).
+        """
+        obs: Any = self
+        scale, zero_point = obs._calculate_qparams(lo, hi)
+        wide = ~torch.isfinite(scale) & torch.isfinite(lo) & torch.isfinite(hi)
+        if bool(wide.any()):
+            half_scale, half_zp = obs._calculate_qparams(lo * 0.5, hi * 0.5)
+            scale = torch.where(wide, half_scale * 2.0, scale)
+            zero_point = torch.where(wide, half_zp, zero_point)
+            if not bool(torch.isfinite(scale).all()):
+                raise ConfigError(
+                    f"{type(self).__name__}: the range [{float(lo.min())}, {float(hi.max())}] on "
+                    f"{obs.quant_max - obs.quant_min + 1} levels needs a step beyond float32's largest number; "
+                    "use more levels (quant_max - quant_min >= 2) or keep such values out of the observed tensor."
+                )
+        return scale, zero_point
 
     def reset_min_max_vals(self) -> None:
         """Forget all statistics (torch's name for it)."""

@@ -41,9 +41,8 @@ from zq_plugin.errors import ConfigError
 
 DEFAULT_BINS = 2048
 E_MIN = -100  # values below 2^-100 land in the bins next to 0; keeps 1/w finite in float32
-E_MAX = 128  # float32 values are below 2^128
-E_LIMIT = 100  # larger magnitudes are rejected (histc computes v * B in float32)
-MAX_ABS = 2.0**E_LIMIT
+E_MAX = 128  # float32 values are below 2^128: every finite float32 is accepted
+_HISTC_LIMIT = 120  # histc computes v * B in float32: it counts when e + log2(B) stays below this (2^128 overflows)
 _HISTC_CHUNK = 1 << 24
 
 
@@ -171,11 +170,12 @@ def _count(x: torch.Tensor, axis: int | None, lo: torch.Tensor, exponent: torch.
     (per-tensor) uses ``torch.histc(v, B, 0, 2^e)``, which computes the same floor; otherwise the
     floors, offset by ``2B c`` for channel ``c``, go through one ``bincount`` in ``x``'s own layout.
     A tiny negative value whose scaled copy underflows to -0.0 is sent to bin ``B - 1``, where it
-    belongs.
+    belongs. Magnitudes near float32's largest (``finfo.min`` in an attention mask) take the
+    ``bincount`` route too: ``histc`` would overflow computing ``v B``.
     """
     channels = exponent.shape[0]
     shift = half.bit_length() - 1  # log2(B)
-    if axis is None and float(lo[0]) >= 0:
+    if axis is None and float(lo[0]) >= 0 and int(exponent[0]) + shift <= _HISTC_LIMIT:
         top = float(2.0 ** int(exponent[0]))
         out = torch.zeros(1, 2 * half, dtype=torch.int64, device=x.device)
         for chunk in x.reshape(-1).split(_HISTC_CHUNK):  # float32 counts are exact below 2^24
@@ -206,12 +206,14 @@ def observe(hist: Histogram | None, x: torch.Tensor, ch_axis: int | None = None,
         ch_axis: channel axis of ``x``, or None for one channel.
         bins: number of bins when ``hist`` is None.
 
+    Every finite float32 is counted, up to ``torch.finfo(torch.float32).max`` (Hugging Face
+    attention masks add ``finfo.min``; torch's MinMaxObserver and HistogramObserver take it).
     ``+inf`` and ``-inf`` values are left out with a warning (torch's HistogramObserver ignores
-    them too: a quantizer clamps them anyway, and attention masks hold ``-inf``), so a channel
+    them too: a quantizer clamps them anyway, and attention masks may hold ``-inf``), so a channel
     that holds only infinities stays empty.
 
     Raises:
-        ConfigError: NaN in ``x``, magnitudes ``>= 2^100``, or a channel count different from ``hist``'s.
+        ConfigError: NaN in ``x``, or a channel count different from ``hist``'s.
     """
     axis = channel_axis(x, ch_axis)
     x = x.detach().to(torch.float32)
@@ -250,11 +252,6 @@ def observe(hist: Histogram | None, x: torch.Tensor, ch_axis: int | None = None,
             lo = torch.where(finite, x, float("inf")).amin(dim=dims) if dims else torch.where(finite, x, float("inf"))
             hi = torch.where(finite, x, float("-inf")).amax(dim=dims) if dims else torch.where(finite, x, float("-inf"))
             x = torch.where(finite, x, 0.0)  # counted in the bin at 0, then taken out again below
-    if bool((torch.maximum(-lo, hi) >= MAX_ABS).any()):
-        raise ConfigError(
-            f"the observed tensor holds values of magnitude >= 2^{E_LIMIT} (about 1e30), which no 8-bit grid can "
-            "represent usefully; check the model and the calibration data."
-        )
     min_val = torch.minimum(hist.min_val, lo)
     max_val = torch.maximum(hist.max_val, hi)
     exponent = torch.where(hist.empty, E_MIN, hist.exponent)

@@ -156,6 +156,32 @@ def _combine(parts: list[tuple[torch.Tensor, Objective]], channels: int) -> Obje
     return objective
 
 
+def _candidate_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, quant_min: int, quant_max: int, symmetric: bool, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`compute_qparams` of float32 ``(lo, hi)`` with a float64 scale that stays finite for every float32 range.
+
+    A range wider than float32's largest number (``hi - lo`` overflows, e.g. ``[finfo.min, finfo.max]``)
+    is computed on ``(lo / 2, hi / 2)`` with ``eps / 2`` and its scale doubled in float64: halving
+    and doubling are exact, so this is the same arithmetic, without the overflow.
+
+    Example:
+        >>> import torch
+        >>> big = torch.finfo(torch.float32).max
+        >>> scale, zp = _candidate_qparams(torch.tensor([-big]), torch.tensor([big]), 0, 255, False, 1e-7)
+        >>> bool(torch.isfinite(scale).all()), int(zp)
+        (True, 128)
+    """
+    scale, zp = compute_qparams(lo, hi, quant_min, quant_max, symmetric, eps)
+    scale = scale.to(torch.float64)
+    wide = ~torch.isfinite(scale)
+    if bool(wide.any()):
+        half_scale, half_zp = compute_qparams(lo * 0.5, hi * 0.5, quant_min, quant_max, symmetric, eps * 0.5)
+        scale = torch.where(wide, 2.0 * half_scale.to(torch.float64), scale)
+        zp = torch.where(wide, half_zp, zp)
+    return scale, zp
+
+
 def _search(
     hist: Histogram,
     quant_min: int,
@@ -181,8 +207,8 @@ def _search(
 
     def evaluate(alpha: torch.Tensor) -> torch.Tensor:  # alpha [G, C] -> loss [G, C]
         lo, hi = (mn.expand_as(alpha) if keep_min else alpha * mn), alpha * mx
-        scale, zp = compute_qparams(lo.to(torch.float32), hi.to(torch.float32), quant_min, quant_max, symmetric, eps)
-        return objective(scale.to(torch.float64), zp.to(torch.float64))
+        scale, zp = _candidate_qparams(lo.to(torch.float32), hi.to(torch.float32), quant_min, quant_max, symmetric, eps)
+        return objective(scale, zp.to(torch.float64))
 
     channels = mn.shape[0]
     alpha1 = torch.arange(coarse, 0, -1, dtype=torch.float64).div(coarse).unsqueeze(1).expand(coarse, channels)
@@ -451,6 +477,25 @@ def lp_error_moments(
     return inner.T + lp_error(moments.edges, s.T, z.T, quant_min, quant_max, float(p))
 
 
+def _unit_scaled(hist: Histogram) -> tuple[Histogram, torch.Tensor]:
+    """``hist`` with every value divided by ``2^e_c``, so that ``|v| < 1``, and those units ``2^e_c`` (``[C]`` float64).
+
+    Dividing by a power of two is exact, and the Lp error of data and grid scaled together by
+    ``c`` is ``c^p`` times the original, so every candidate keeps its rank; the powers ``|v - Q(v)|^p``
+    then stay finite for any ``p`` and any float32 magnitude (``finfo.max^3`` is finite in float64,
+    ``finfo.max^9`` is not).
+    """
+    exponent = torch.where(hist.empty, 0, hist.exponent)
+    unit = torch.pow(2.0, exponent.to(torch.float64))
+    scaled = Histogram(
+        counts=hist.counts,
+        exponent=torch.zeros_like(exponent),
+        min_val=hist.min_val.to(torch.float64) / unit,
+        max_val=hist.max_val.to(torch.float64) / unit,
+    )
+    return scaled, unit
+
+
 def _lp_objective(hist: Histogram, quant_min: int, quant_max: int, p: float, fast: bool) -> Objective:
     """The Lp error of every channel of ``hist``: by prefix sums where :func:`lp_error_moments` applies.
 
@@ -458,7 +503,10 @@ def _lp_objective(hist: Histogram, quant_min: int, quant_max: int, p: float, fas
     int64 sums cannot overflow, and it has at least as many non-empty bins as the grid has
     pieces (otherwise the direct sum over its bins is cheaper); the choice depends on the
     channel's own data only, so a per-channel search and a per-tensor search of the slice agree.
+    The error is computed in units of ``2^e_c`` (:func:`_unit_scaled`), which ranks the candidates
+    as the error in the data's units does.
     """
+    hist, unit = _unit_scaled(hist)
     whole_p = _integer_p(p) if fast else None
     channels, size = hist.counts.shape
     use = torch.zeros(channels, dtype=torch.bool)
@@ -482,7 +530,12 @@ def _lp_objective(hist: Histogram, quant_min: int, quant_max: int, p: float, fas
     if slow_idx.numel():
         bins = nonempty_bins(_subset(hist, slow_idx))
         parts.append((slow_idx, _bins_objective(bins, lambda b, s, z: lp_error(b, s, z, quant_min, quant_max, p))))
-    return _combine(parts, channels)
+    combined = _combine(parts, channels)
+
+    def objective(scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+        return combined(scale / unit, zp)
+
+    return objective
 
 
 def lp_range(
