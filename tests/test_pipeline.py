@@ -158,3 +158,14 @@ def test_report_json_and_table():
     assert data["layers_by_bits"] == {"w_bits": {"8": 2, "4": 2}, "a_bits": {"8": 2, "4": 2}}
     assert data["build"]["data"]["source"] == "given" and len(data["build"]["data"]["fingerprint"]) == 16
     assert "conv1" in report.table() and report.to_json().startswith("{")
+
+
+@pytest.mark.parametrize("backend", ["pt2e"])  # a Brevitas model of a Sequential keeps plain attributes
+def test_the_old_attributes_still_read_with_a_deprecation_warning(backend):
+    _skip_missing(backend)
+    q = run(_net(), _data(), Request(backend=backend, reconstruction_config=QUICK), progress=False)
+    with pytest.warns(DeprecationWarning, match="describe"):
+        carried = q.zq_carried
+    assert carried["weight_steps"] == carried["act_steps"] == 4
+    with pytest.warns(DeprecationWarning, match="zq_build"):
+        assert [r["unit"] for r in q.zq_reconstruction] == [r["unit"] for r in q.zq_build.stage_report]

@@ -48,8 +48,14 @@ def test_brevitas_backend_gives_a_calibrated_brevitas_model():
     pytest.importorskip("brevitas")
     x = torch.randn(16, 1, 8, 8)
     q = zq_plugin.quantize(_net(), data=x, config=QUICK, backend="brevitas", progress=False)
-    assert q.zq_carried["weight_steps"] == q.zq_carried["layers"] == 3 and q.zq_carried["act_steps"] >= 1
-    sim = zq_plugin.quantize(_net(), data=x, config=QUICK, progress=False)
+    assert q.zq_carried["weight_steps"] == q.zq_carried["layers"] == 3 and q.zq_carried["act_steps"] == 3
+    # the same simulation carried: one run of the stage, then the carrier (two runs of a reconstruction
+    # may differ in the last float bit under multithreaded convolutions)
+    from zq_plugin.pipeline import Request, carry, simulate
+
+    request = Request(reconstruction_config=QUICK, backend="brevitas")
+    sim, _ = simulate(_net(), x, request, progress=False)
+    q, _ = carry(_net(), sim, x, request)
     with torch.no_grad():
         assert torch.equal(
             q.get_submodule("3").quant_weight().value,

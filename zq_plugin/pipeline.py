@@ -36,6 +36,7 @@ import copy
 import dataclasses
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -256,6 +257,46 @@ def _generated_images(sim: nn.Module, count: int = 256) -> Any:
     return torch.cat(images)[:count]
 
 
+def _carried_counts(build: Any, backend: str) -> dict[str, int]:
+    steps = build.steps.values()
+    counts = {
+        "weight_steps": sum(s.get("weight") == "carried" for s in steps),
+        "act_steps": sum(s.get("input") == "carried" for s in steps),
+    }
+    if backend == "brevitas":
+        counts["layers"] = len(build.steps)
+    return counts
+
+
+def _deprecated_views(qmodel: nn.Module, backend: str) -> None:
+    """``qmodel.zq_carried`` / ``.zq_reconstruction`` read from ``zq_build``, with a DeprecationWarning (one release).
+
+    A ``GraphModule`` has a class of its own per instance (torch.fx), so the properties touch no other model.
+    """
+    views = {
+        "zq_carried": lambda build: _carried_counts(build, backend),
+        "zq_reconstruction": lambda build: build.stage_report,
+    }
+    if backend == "fx" or not isinstance(qmodel, fx.GraphModule):
+        if backend != "fx" and qmodel.zq_build.stage == "reconstruct":  # type: ignore[union-attr]
+            qmodel.zq_reconstruction = qmodel.zq_build.stage_report  # type: ignore[union-attr]
+        return
+    cls = type(qmodel)
+    for name, view in views.items():
+        qmodel.__dict__.pop(name, None)
+
+        def read(self: nn.Module, _name: str = name, _view: Any = view) -> Any:
+            warnings.warn(
+                f"qmodel.{_name} is deprecated: read zq_plugin.describe(qmodel) (each layer's step sources) "
+                "or qmodel.zq_build (the stage's report).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return _view(self.zq_build)
+
+        setattr(cls, name, property(read))
+
+
 def run(
     model: nn.Module,
     data: Any,
@@ -303,5 +344,6 @@ def run(
         data=provenance(data), steps=steps, stage_report=stage_report,
     )  # fmt: skip
     qmodel.zq_build = build  # type: ignore[assignment]
+    _deprecated_views(qmodel, request.backend)
     logger.info("built %s/%s: %s", request.stage, request.backend, dataclasses.asdict(build)["request"])
     return qmodel

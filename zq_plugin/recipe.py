@@ -173,9 +173,7 @@ def _reconstruct_on(
         w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits, plan=plan, stage="reconstruct",
         backend=backend, observer=observer, reconstruction=method, reconstruction_config=config, seed=seed,
     )  # fmt: skip
-    qmodel = run(model, data, request, cache_dir=cache_dir, progress=progress)
-    qmodel.zq_reconstruction = qmodel.zq_build.stage_report  # type: ignore[union-attr]
-    return qmodel
+    return run(model, data, request, cache_dir=cache_dir, progress=progress)
 
 
 def reconstruct_pt2e(

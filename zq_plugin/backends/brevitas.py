@@ -626,9 +626,27 @@ def gptq(model: nn.Module, data: CalibrationData, *, batch_size: int = 64) -> nn
 
 
 @torch.no_grad()
-def _rescale(value: torch.Tensor, current: torch.Tensor, target: torch.Tensor) -> None:
-    """Multiply a Brevitas scale parameter so that the quantizer's scale ``current`` becomes ``target``."""
+def _rescale(value: torch.Tensor, current: torch.Tensor, target: torch.Tensor, read: Any = None) -> None:
+    """Set a Brevitas scale parameter so that the quantizer's scale ``current`` becomes ``target`` exactly.
+
+    The parameter is multiplied by ``target / current``; Brevitas derives the scale from it by a
+    division, so the result can miss ``target`` by an ulp. With ``read`` (a function giving the
+    quantizer's scale now) the parameter is then nudged one ulp at a time, per element, until the
+    scale equals ``target`` bit for bit (a few steps at most), so a carried weight's
+    ``q * scale`` equals the simulation's.
+    """
     value.mul_((target.reshape(current.shape) / current).reshape(value.shape).to(value.dtype))
+    if read is None:
+        return
+    goal = target.reshape(-1).to(value.dtype)
+    for _ in range(8):
+        now = read().detach().reshape(-1).to(value.dtype)
+        if torch.equal(now, goal):
+            return
+        toward = torch.where(now < goal, torch.full_like(now, float("inf")), torch.full_like(now, float("-inf")))
+        flat = value.detach().reshape(-1)
+        moved = torch.where(now == goal, flat, torch.nextafter(flat, toward.expand_as(flat)))
+        value.detach().copy_(moved.reshape(value.shape))
 
 
 def from_sim(
@@ -695,7 +713,8 @@ def from_sim(
                 bits = int(w_quant.bit_width())
                 if (grid.quant_min, grid.quant_max) == quant_range(bits, signed=True, narrow=True):
                     scaler = w_quant.tensor_quant.scaling_impl
-                    _rescale(scaler.value, layer.quant_weight().scale, grid.scale.to(layer.weight.device))
+                    target = grid.scale.to(layer.weight.device)
+                    _rescale(scaler.value, layer.quant_weight().scale, target, lambda q=layer: q.quant_weight().scale)
                     how["weight"] = "carried"
             grid, i_quant = source.input_grid, layer.input_quant
             if grid is None or not i_quant.is_quant_enabled:
@@ -708,7 +727,7 @@ def from_sim(
             if zero_point is None and int(grid.zero_point[0]) != 0:
                 continue
             target = grid.scale.to(layer.weight.device)
-            _rescale(scaler.value, i_quant.scale(), target)
+            _rescale(scaler.value, i_quant.scale(), target, i_quant.scale)
             if zero_point is not None:
                 zero_point.value.detach().fill_(float(grid.zero_point[0]) * float(target[0]))
             how["input"] = "carried"
