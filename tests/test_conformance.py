@@ -492,6 +492,55 @@ def test_reconstruct_pt2e(name):
     assert_unchanged(model, before)
 
 
+def _pipeline_backends():
+    backends = ["pt2e"] if _compat.has_torchao() else []
+    try:
+        import brevitas  # noqa: F401
+
+        backends.append("brevitas")
+    except ImportError:
+        pass
+    return backends
+
+
+@pytest.mark.parametrize("stage", ["calibrate", "reconstruct"])
+@pytest.mark.parametrize("name", rows(fast_rows=("inplace_residual", "tuple_output")))
+def test_pipeline_stage_on_every_backend(name, stage):
+    """One request, one model: the stage's simulation carried into each backend gives the FX logits
+    (to float rounding where every step is carried), describe() reads the same bits everywhere and
+    no quantized input holds more values than its bits allow; the source is unchanged."""
+    import dataclasses
+
+    from zq_plugin.pipeline import Request, carry, simulate
+
+    model, before, x = cell(name)
+    quick = dataclasses.replace(zq_plugin.ReconstructConfig(), iterations=2, checks=1)
+    request = Request(w_bits=4, a_bits=4, stage=stage, reconstruction_config=quick)
+    with quiet():
+        sim, _ = simulate(model, calib_of(x.shape[1:], 16), request, progress=False)
+    fq_levels_respected(sim, x)
+    reference = logits(sim, x)
+    bits = {r.name: (r.w_bits, r.a_bits) for r in zq_plugin.describe(sim).layers}
+    for backend in _pipeline_backends():
+        on = dataclasses.replace(request, backend=backend)
+        try:
+            with quiet():
+                qmodel, steps = carry(model, sim, calib_of(x.shape[1:], 16), on)
+        except zq_plugin.ZQError as exc:  # a documented refusal (e.g. Brevitas cannot trace the model)
+            assert "Brevitas" in str(exc) or "export" in str(exc), f"{backend}: {exc}"
+            continue
+        report = zq_plugin.describe(qmodel)
+        built = {r.name: (r.w_bits, r.a_bits) for r in report.layers}
+        same = {n for n in built if n in bits and built[n] == bits[n]}
+        assert same, f"{backend}: no layer with the simulation's bits ({built} vs {bits})"
+        got = logits(qmodel, x)
+        all_carried = all(h == {"weight": "carried", "input": "carried"} for h in steps.values())
+        if all_carried and len(steps) == len(bits) and not getattr(qmodel, "zq_float_layers", ()):
+            scale = float(reference.abs().max()) + 1e-6
+            assert float((got - reference).abs().max()) <= 1e-3 * scale, f"{backend} differs from FX"
+    assert_unchanged(model, before)
+
+
 _QAT_OPEN = {  # found by this column, open in issue 16 (strict: a fix turns them into failures to remove)
     "densenet121": "W4A4 ONNX in onnxruntime differs from the converted model beyond 1e-4 of the logits",
     "googlenet": "prepare_qat -> convert W8A8 logits 0.40 cosine-similar to float: torchao's QAT BatchNorm eps=1e-5",
