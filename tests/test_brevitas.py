@@ -466,3 +466,23 @@ def test_reconstruction_is_carried_into_brevitas_and_survives_onnx(tiny_bn_net, 
         ref = q(x)
     out = zq_plugin.backends.brevitas.run_onnx(path, x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_run_onnx_gives_each_weight_its_own_zero_point(tiny_bn_net, tmp_path):
+    """onnxruntime's x86 precision mode (its U8U8 kernels) refuses a weight zero point that two layers share."""
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    x = _data(32)
+    q = zb.to_brevitas(tiny_bn_net, w_bits=8, a_bits=8)
+    zb.calibrate(q, x)
+    path = zb.export_onnx(q, x[:1], tmp_path / "m.onnx")
+
+    def weight_zero_points(graph) -> list[str]:
+        clips = {n.output[0] for n in graph.node if n.op_type == "Clip"}
+        return [n.input[2] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in clips]
+
+    shared = weight_zero_points(onnx.load(str(path)).graph)
+    assert len(set(shared)) < len(shared) == 5  # the exporter's deduplication: conv2, short and dw share one
+    own = weight_zero_points(onnx.load_from_string(zb._own_weight_zero_points(path)).graph)
+    assert len(set(own)) == len(own) == 5
+    assert _sqnr(q(x), zb.run_onnx(path, x)) > 40

@@ -825,6 +825,56 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     return path
 
 
+def _own_weight_zero_points(path: str | os.PathLike[str]) -> str | bytes:
+    """``path``, or the model's bytes with each weight ``DequantizeLinear`` given its own zero point.
+
+    The exporters deduplicate equal constants, so layers share one weight zero point; onnxruntime's
+    x86 precision mode (``session.x64quantprecision``) rewrites each int8 weight and its zero point
+    to uint8 and refuses the second rewrite of a shared one ("Attempt to replace the existing tensor").
+    """
+    try:
+        onnx = importlib.import_module("onnx")
+    except ImportError:
+        return str(path)
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    constants = {t.name: t for t in graph.initializer}
+    constant_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    clips = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Clip"}  # QCDQ: weight -> Clip -> DQ
+    known = constants.keys() | constant_nodes.keys()
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    nodes, changed = [], False
+    for index, node in enumerate(graph.node):
+        node = copy.deepcopy(node)
+        if (
+            node.op_type == "DequantizeLinear"
+            and len(node.input) > 2
+            and uses[node.input[2]] > 1
+            and clips.get(node.input[0], node.input[0]) in known
+            and node.input[2] in known
+        ):
+            zero_point, own = node.input[2], f"{node.input[2]}.{node.name or index}"
+            if zero_point in constant_nodes:
+                twin = copy.deepcopy(constant_nodes[zero_point])
+                twin.name, twin.output[0] = own, own
+                nodes.append(twin)
+            else:
+                graph.initializer.append(copy.deepcopy(constants[zero_point]))
+                graph.initializer[-1].name = own
+            node.input[2] = own
+            changed = True
+        nodes.append(node)
+    if not changed:
+        return str(path)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.load_external_data_for_model(model, str(Path(path).parent))
+    return model.SerializeToString()
+
+
 @typing.overload
 def run_onnx(
     path: str | os.PathLike[str],
@@ -882,7 +932,7 @@ def run_onnx(
     options.add_session_config_entry("session.x64quantprecision", "1")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(_own_weight_zero_points(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     shape = session.get_inputs()[0].shape
     fixed = isinstance(shape[0], int)  # a traced batch size: run one sample at a time
