@@ -53,9 +53,10 @@ def brevitas_cells(model, data, w_bits, a_bits, config, cache, x_test, y_test) -
     """The reconstruction carried into Brevitas (resumed from ``cache``), and its ONNX file in onnxruntime."""
     import tempfile
 
+    import zq_plugin
     from zq_plugin.backends import brevitas as zb
 
-    qmodel = zb.reconstruct_brevitas(
+    qmodel = zq_plugin.reconstruct_brevitas(
         model, data, w_bits=w_bits, a_bits=a_bits, config=config, cache_dir=cache, progress=False
     )
     with torch.no_grad():

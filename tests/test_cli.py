@@ -122,10 +122,15 @@ def test_dataset_for_other_model_is_refused(data_file, capsys):
 
 def test_quantize_with_search_observers(data_file, capsys):
     argv = ["quantize", "--model", "resnet_s", "--data", str(data_file), "--w-bits", "4", "--a-bits", "4"]
-    rc = cli.main([*argv, "--act-observer", "mse", "--weight-observer", "aciq"])
+    rc = cli.main([*argv, "--observer", "mse", "--weight-observer", "aciq"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
-    assert (report["act_observer"], report["weight_observer"]) == ("mse", "aciq")
+    assert (report["observer"], report["weight_observer"]) == ("mse", "aciq")
+    assert {row["a_bits"] for row in report["model"]["layers"]} == {8, 4}  # read from the built model
+    assert cli.main([*argv, "--act-observer", "mse"]) == 0  # the old spelling still works
+    assert json.loads(capsys.readouterr().out)["observer"] == "mse"
+    assert cli.main([*argv, "--act-stats", "zq-mse"]) == 2  # replaced by --observer, refused by name
+    assert "--observer" in capsys.readouterr().err
 
 
 def test_observer_names_resolve():
@@ -186,7 +191,7 @@ def test_quantize_with_plan_on_both_backends(data_file, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["plan"].endswith("plan.json") and report["average_w_bits"] < 4.0
     onnx = tmp_path / "m.onnx"
-    argv = [*base, "--backend", "brevitas", "--bias-correction", "--act-stats", "zq-mse", "--onnx-out", str(onnx)]
+    argv = [*base, "--backend", "brevitas", "--bias-correction", "--observer", "mse", "--onnx-out", str(onnx)]
     assert cli.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["backend"] == "brevitas" and report["bias_correction"] and onnx.is_file()
@@ -492,13 +497,20 @@ def _quantize_out(backend, out, capsys):
     return model, data
 
 
+def _library(model, data, backend):
+    """What ``zq quantize --w-bits 4 --a-bits 4 --backend B`` is in Python: the pipeline's calibrate stage."""
+    return zq_plugin.quantize(
+        model, data=data, w_bits=4, a_bits=4, backend=backend, stage="calibrate", observer="minmax", progress=False
+    )
+
+
 def test_quantize_out_saves_the_fx_simulation(tmp_path, capsys):
     """Issue 14: zq quantize below 8 bits wrote nothing; --out saves the calibrated simulation (torch.export)."""
     out = tmp_path / "out" / "sim.pt2"
     model, data = _quantize_out("fx", out, capsys)
     x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        sim = zq_plugin.quantize_fx(model, data, w_bits=4, a_bits=4)
+        sim = _library(model, data, "fx")
         assert torch.equal(torch.export.load(out).module()(x), sim(x))  # any batch size, the same logits
     assert cli.main(["quantize", "--model", "plain_cnn", "--data", "noise", "--out", str(tmp_path / "m.pt")]) == 2
     assert "ends in .pt2" in capsys.readouterr().err
@@ -522,8 +534,6 @@ def _in_fresh_process(folder, script):
 
 def test_quantize_backend_pt2e_saves_a_program_that_loads_in_a_fresh_process(tmp_path, capsys):
     """Issue 16: ``--backend pt2e --out`` writes the converted program; a process without zq_plugin loads it."""
-    from zq_plugin.backends.pt2e import quantize_pt2e
-
     model, data = _quantize_out("pt2e", tmp_path / "q.pt2", capsys)
     x = _in_fresh_process(
         tmp_path,
@@ -533,12 +543,13 @@ def test_quantize_backend_pt2e_saves_a_program_that_loads_in_a_fresh_process(tmp
         "torch.save(y.detach(), 'y.pt')\n",
     )
     with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "y.pt"), quantize_pt2e(model, data, w_bits=4, a_bits=4)(x))
+        assert torch.equal(torch.load(tmp_path / "y.pt"), _library(model, data, "pt2e")(x))
     argv = ["quantize", "--model", "plain_cnn", "--data", "noise", "--num-samples", "8", "--backend", "pt2e"]
     assert cli.main([*argv, "--reconstruct", "genie-m", "--iterations", "2"]) == 0  # carried into PT2E
     report = json.loads(capsys.readouterr().out)
-    assert (report["reconstruction"], report["act_observer"]) == ("genie-m", "mse")
-    assert report["carried"] == {"weight_steps": 6, "act_steps": 6}
+    assert (report["reconstruction"], report["observer"]) == ("genie-m", "mse")
+    steps = [(row["weight_step"], row["input_step"]) for row in report["model"]["layers"]]
+    assert steps == [("carried", "carried")] * 6
     assert cli.main([*argv, "--onnx-out", str(tmp_path / "m.onnx")]) == 2
     assert "belong to --backend brevitas" in capsys.readouterr().err
 
@@ -558,13 +569,10 @@ def test_quantize_out_loads_without_zq_plugin_on_both_backends(tmp_path, capsys)
     )
     x = _in_fresh_process(tmp_path, script)
     got = torch.load(tmp_path / "y.pt")
-    from zq_plugin.backends import brevitas as zb
-
     with torch.no_grad():
-        assert torch.equal(got["fx"], zq_plugin.quantize_fx(model, data, w_bits=4, a_bits=4)(x))
-        qmodel = zb.to_brevitas(model, w_bits=4, a_bits=4)
-        zb.calibrate(qmodel, data)
-        assert torch.allclose(got["brevitas"], qmodel(x), atol=1e-5)
+        assert torch.equal(got["fx"], _library(model, data, "fx")(x))
+        assert torch.allclose(got["brevitas"], _library(model, data, "brevitas")(x), atol=1e-5)
+        assert torch.allclose(got["brevitas"], got["fx"], atol=1e-4)  # one request, one model
 
 
 def _umask():
@@ -610,7 +618,7 @@ def test_quantize_best_recipe_reconstructs(tmp_path, capsys):
     rc = cli.main([*argv, "--a-bits", "4", "--recipe", "best", "--iterations", "3", "--cache-dir", str(tmp_path)])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
-    assert (report["reconstruction"], report["iterations"], report["act_observer"]) == ("genie-m", 3, "mse")
+    assert (report["reconstruction"], report["iterations"], report["observer"]) == ("genie-m", 3, "mse")
     assert [p.name for p in tmp_path.glob("reconstruct-*/unit-*.pt")] == ["unit-00005.pt"]  # 5 units, resumable
 
 
@@ -622,7 +630,7 @@ def test_quantize_best_recipe_on_brevitas_exports_onnx(tmp_path, capsys):
     argv += ["--a-bits", "4", "--recipe", "best", "--iterations", "3", "--backend", "brevitas", "--onnx-out", str(onnx)]
     assert cli.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    assert (report["backend"], report["reconstruction"], report["act_stats"]) == ("brevitas", "genie-m", "zq-mse")
+    assert (report["backend"], report["reconstruction"], report["observer"]) == ("brevitas", "genie-m", "mse")
     assert onnx.is_file()
 
 
