@@ -21,8 +21,7 @@ import tempfile
 
 import torch
 
-from zq_plugin import datasets, zoo
-from zq_plugin import reconstruct_pt2e
+from zq_plugin import datasets, reconstruct_pt2e, zoo
 from zq_plugin.backends.pt2e import quantize_pt2e
 from zq_plugin.mixed_precision import BitPlan
 from zq_plugin.observers import pt2e as zp
