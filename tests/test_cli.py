@@ -672,3 +672,16 @@ def test_finetune_bad_options_are_refused_before_the_model_is_loaded(extra, matc
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("model loaded before the options were checked"))
     assert cli.main(["finetune", "--model", "resnet_s", *extra]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_quantize_option_reaches_synthesis_and_reconstruction(capsys):
+    """Issue 29: --option reaches the synthesizer and the reconstruction from zq quantize; bad names refused first."""
+    argv = ["quantize", "--model", "plain_cnn", "--data", "noise", "--num-samples", "8", "--w-bits", "4"]
+    argv += ["--a-bits", "4"]
+    assert cli.main([*argv, "--reconstruct", "adaround", "--option", "std=0.5", "--option", "iterations=2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["options"] == {"std": 0.5, "iterations": 2} and report["iterations"] == 2
+    assert cli.main([*argv, "--option", "nope=1"]) == 2
+    assert "not an option of --data noise" in capsys.readouterr().err
+    assert cli.main([*argv, "--option", "iterations=2"]) == 2  # no reconstruction asked for
+    assert "iterations" in capsys.readouterr().err

@@ -230,6 +230,50 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
+def split_options(items: list[str], data: str, reconstruction: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``--option NAME=VALUE`` of ``zq quantize`` / ``zq plan``: ``(synthesis options, reconstruction options)``.
+
+    A name belongs to the synthesizer's config (when ``--data`` is a method) or to the
+    reconstruction's (:class:`~zq_plugin.reconstruct.ReconstructConfig`); ``synth.NAME`` /
+    ``reconstruct.NAME`` say which when both have it. Checked before the model loads.
+
+    Raises:
+        ConfigError: a name neither has, a name both have without a prefix, a value of the wrong kind.
+    """
+    import dataclasses
+
+    from zq_plugin.reconstruct import METHODS as RECONSTRUCTIONS
+    from zq_plugin.synth import METHODS as SYNTHESIZERS
+
+    synth_fields = (
+        {f.name for f in dataclasses.fields(SYNTHESIZERS[data].config_cls)} if data in SYNTHESIZERS else set()
+    )
+    recon_fields = {f.name for f in dataclasses.fields(RECONSTRUCTIONS["genie-m"])} if reconstruction else set()
+    synth: dict[str, Any] = {}
+    recon: dict[str, Any] = {}
+    for key, value in parse_options(items).items():
+        where, _, name = key.rpartition(".")
+        if where not in ("", "synth", "reconstruct"):
+            raise ConfigError(f"--option {key}: the prefix is synth. or reconstruct.")
+        in_synth, in_recon = name in synth_fields and where != "reconstruct", name in recon_fields and where != "synth"
+        if in_synth and in_recon:
+            raise ConfigError(f"--option {key}: both the synthesizer and the reconstruction take {name!r}; "
+                              f"write synth.{name}= or reconstruct.{name}=.")  # fmt: skip
+        if not (in_synth or in_recon):
+            known = sorted(synth_fields | recon_fields)
+            raise ConfigError(
+                f"--option {key}: not an option of --data {data}"
+                + (f" or of --reconstruct {reconstruction}" if reconstruction else "")
+                + (f"; known: {', '.join(known)}." if known else " (it synthesizes nothing and reconstructs nothing).")
+            )
+        (synth if in_synth else recon)[name] = value
+    if synth:
+        SYNTHESIZERS[data].config(dict(synth))  # bad values named now, before the model loads
+    if recon:
+        dataclasses.replace(RECONSTRUCTIONS[reconstruction or "genie-m"], **recon)
+    return synth, recon
+
+
 def parse_normalization(text: str) -> tuple[list[float], list[float]]:
     """``--normalization``: ``"MEAN/STD"`` with per-channel comma lists, or ``"MEAN,STD"`` for one channel.
 
@@ -440,11 +484,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             check_bits(bits, flag)
     if args.first_last_bits is not None:
         check_bits(args.first_last_bits, "--first-last-bits")
+    method = args.reconstruct or ("genie-m" if args.recipe == "best" else None)
+    synth_options, args.reconstruct_options = split_options(args.option, args.data, method)  # before the model
     model = load_model(args.model, args.arch, args.checkpoint)
     if args.evaluate:  # before the data and the calibration, which take a while
         require_fashion_mnist(model, args, "--evaluate")
-    data = load_data(model, args)
+    data = load_data(model, args, synth_options)
     report: dict[str, Any] = {"data": args.data}
+    if args.option:
+        report["options"] = {**synth_options, **args.reconstruct_options}
     if not args.plan:
         report.update(w_bits=args.w_bits, a_bits=args.a_bits)
     plan = None
@@ -458,7 +506,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         plan = BitPlan.load(args.plan).with_params(model)
         report["plan"] = str(args.plan)  # its figures, not the unused uniform --w-bits/--a-bits
         report["average_w_bits"] = round(plan.average_w_bits(), 3)
-    method = args.reconstruct or ("genie-m" if args.recipe == "best" else None)
     sim = _quantize(model, data, plan, method, args, report)
     built = describe(sim).to_dict()  # what the model applies, read from it (not from the request)
     report.update(
@@ -497,7 +544,7 @@ def _reconstruct_config(method: str, args: argparse.Namespace, report: dict[str,
 
     if args.iterations is not None and args.iterations < 1:
         raise ConfigError(f"--iterations {args.iterations}: give the reconstruction steps per unit, >= 1.")
-    config = METHODS[method]
+    config = dataclasses.replace(METHODS[method], **getattr(args, "reconstruct_options", {}))
     if args.iterations is not None:
         config = dataclasses.replace(config, iterations=args.iterations)
     report.update(reconstruction=method, iterations=config.iterations)
@@ -636,8 +683,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_data(model: nn.Module, args: argparse.Namespace) -> Any:
-    """``--data``: a file from ``zq synthesize``, ``real`` (training images), ``noise``, or a method to run now."""
+def load_data(model: nn.Module, args: argparse.Namespace, options: dict[str, Any] | None = None) -> Any:
+    """``--data``: a file from ``zq synthesize``, ``real`` (training images), ``noise``, or a method to run now.
+
+    ``options``: the synthesizer's options (``--option``), for a method run now.
+    """
     from zq_plugin.synth import METHODS
 
     if args.data == "real":
@@ -655,6 +705,7 @@ def load_data(model: nn.Module, args: argparse.Namespace) -> Any:
             input_shape=shape,
             seed=args.seed,
             input_range=input_range,  # type: ignore[arg-type]
+            **(options or {}),
         )
     return synthesize(
         model,
@@ -664,6 +715,7 @@ def load_data(model: nn.Module, args: argparse.Namespace) -> Any:
         seed=args.seed,
         cache_dir=getattr(args, "cache_dir", None),
         input_range=input_range,  # type: ignore[arg-type]
+        **(options or {}),
     )
 
 
@@ -697,10 +749,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     budget = Budget.parse(args.budget)  # before the data and the measurement, which take a while
     check_writable(args.out, "--out", folder=True)
+    synth_options, _ = split_options(args.option, args.data, None)  # a plan reconstructs nothing
     model = load_model(args.model, args.arch, args.checkpoint)
     if args.evaluate:  # an explicit --evaluate K on a model that is not a Fashion-MNIST classifier
         require_fashion_mnist(model, args, "--evaluate")
-    data = load_data(model, args)
+    data = load_data(model, args, synth_options)
     result = pareto_plan(model, data, budget=budget, bits=args.bits, a_bits=args.a_bits, grid=args.grid, progress=True)
     plan = result.plan
     if args.hybrid_threshold is not None:
@@ -892,6 +945,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir", type=Path, help="keep synthesized batches and reconstruction checkpoints here (resume)"
     )
     qua.add_argument("--act-stats", help=argparse.SUPPRESS)  # replaced by --observer: refused by name
+    qua.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an option of the synthesizer (--data METHOD, e.g. steps=200) or of the reconstruction (e.g. "
+        "drop_prob=0.5); synth.NAME= / reconstruct.NAME= when both have it; repeatable",
+    )
     qua.add_argument("--bias-correction", action="store_true", help="Brevitas bias correction after calibration")
     qua.add_argument("--gptq", action="store_true", help="Brevitas GPTQ after calibration")
     qua.add_argument("--onnx-out", type=Path, help="write the Brevitas model as QCDQ ONNX")
@@ -964,6 +1025,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", default="zeroq", help="zeroq/dsg/retro/... (synthesized now), a 'zq synthesize' file, real, noise"
     )
     pla.add_argument("--cache-dir", type=Path, help="cache of synthesized batches")
+    pla.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an option of the synthesizer (--data METHOD, e.g. steps=200); repeatable",
+    )
     pla.add_argument("--allow-mismatch", action="store_true", help="use a dataset file made for other weights")
     pla.add_argument(
         "--bits",
