@@ -566,10 +566,10 @@ def _quantize(
             f"--act-stats {args.act_stats}: the statistic is chosen by --observer on every backend "
             "(e.g. --observer mse; docs/observers.md)."
         )
-    if args.backend != "brevitas" and (args.onnx_out or args.bias_correction or args.gptq):
+    if args.backend != "brevitas" and (args.bias_correction or args.gptq):
         raise ConfigError(
-            "--onnx-out, --bias-correction and --gptq belong to --backend brevitas "
-            f"(--backend {args.backend} exports with --out FILE.pt2)."
+            f"--bias-correction and --gptq are Brevitas's own tools: they belong to --backend brevitas "
+            f"(not --backend {args.backend})."
         )
     if method is not None and args.gptq:
         raise ConfigError("--gptq would overwrite the reconstructed rounding: use one of --gptq, --reconstruct.")
@@ -596,9 +596,12 @@ def _quantize(
         if args.bias_correction:
             zb.bias_correct(qmodel, data)
         report.update(gptq=args.gptq, bias_correction=args.bias_correction)
-        if args.onnx_out:
-            example = next(iter(iter_batches(data, 1)))[:1]
-            report["onnx_out"] = str(zb.export_onnx(qmodel, example, args.onnx_out))
+    if args.onnx_out:  # one ONNX export per backend; each loads in onnxruntime alone
+        example = next(iter(iter_batches(data, 2)))[:2]
+        from zq_plugin.backends import brevitas, fx_export, pt2e
+
+        export = {"brevitas": brevitas.export_onnx, "pt2e": pt2e.export_onnx, "fx": fx_export.export_onnx}
+        report["onnx_out"] = str(export[args.backend](qmodel, example, args.onnx_out))  # type: ignore[arg-type]
     return qmodel
 
 
@@ -955,7 +958,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qua.add_argument("--bias-correction", action="store_true", help="Brevitas bias correction after calibration")
     qua.add_argument("--gptq", action="store_true", help="Brevitas GPTQ after calibration")
-    qua.add_argument("--onnx-out", type=Path, help="write the Brevitas model as QCDQ ONNX")
+    qua.add_argument(
+        "--onnx-out",
+        type=Path,
+        help="also write ONNX: Brevitas and PT2E as QCDQ (integer ranges kept), FX as the simulation's float ops; "
+        "run with onnxruntime alone",
+    )
     qua.set_defaults(func=cmd_quantize)
 
     fin = sub.add_parser(
