@@ -60,6 +60,7 @@ from zq_plugin._utils import (
     report_float_layers,
     select_output,
 )
+from zq_plugin.backends import moved_names
 from zq_plugin.data import CalibrationData, collect_batches
 from zq_plugin.errors import ConfigError, MissingDependencyError, ModelError, NotCalibratedError, ZQError
 from zq_plugin.plan import BitPlan
@@ -961,19 +962,5 @@ def describe_layers(qmodel: nn.Module) -> dict[str, tuple[int | None, int | None
     return rows
 
 
-_MOVED = {"reconstruct_brevitas": "zq_plugin.recipe"}  # stage x backend compositions live above the backends now
-
-
-def __getattr__(name: str) -> Any:
-    """``reconstruct_brevitas`` moved to :mod:`zq_plugin.recipe` (the pipeline); this name works for one release."""
-    if name in _MOVED:
-        import importlib
-
-        warnings.warn(
-            f"zq_plugin.backends.brevitas.{name} moved: use zq_plugin.{name} or "
-            "zq_plugin.quantize(..., backend='brevitas', stage='reconstruct').",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: A stage x backend composition that lives above the backends now (one release with a warning).
+__getattr__ = moved_names(__name__, {"reconstruct_brevitas": "zq_plugin.recipe"}, backend="brevitas")

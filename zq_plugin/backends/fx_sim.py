@@ -61,11 +61,6 @@ PASS_THROUGH_CALLS = frozenset(
 )  # fmt: skip
 PASS_THROUGH_METHODS = frozenset({"flatten", "view", "reshape", "contiguous", "squeeze", "unsqueeze"})
 
-#: Activations whose outputs have a small negative lobe the network uses (minimum about -0.375
-#: Hardswish, -0.278 SiLU, -0.170 GELU, -0.309 Mish): the input quantizers they feed keep the minimum.
-NEGATIVE_LOBE_MODULES: tuple[type[nn.Module], ...] = (nn.Hardswish, nn.SiLU, nn.GELU, nn.Mish)
-_NEGATIVE_LOBE_NAMES = frozenset({"hardswish", "silu", "gelu", "mish"})
-
 INPUT_SUFFIX = "_input_quant"  # the module name of a layer's input FakeQuantize: <layer with _ for .>_input_quant
 
 
@@ -211,17 +206,6 @@ def is_pass_through(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
-def _is_negative_lobe(node: Any, modules: dict[str, nn.Module]) -> bool:
-    if not isinstance(node, torch.fx.Node):
-        return False
-    if node.op == "call_module":
-        return isinstance(modules.get(str(node.target)), NEGATIVE_LOBE_MODULES)
-    if node.op in ("call_function", "call_method"):
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        return str(name).rstrip("_") in _NEGATIVE_LOBE_NAMES
-    return False
-
-
 def _producer(node: Any, modules: dict[str, nn.Module]) -> Any:
     """The node that computes the values ``node`` carries, walking back through pass-through ops."""
     for _ in range(1000):
@@ -249,7 +233,7 @@ def layer_input_quantizers(
     Returns:
         ``layer -> name of its input FakeQuantize module``.
     """
-    from zq_plugin.backends.fx import qconfig
+    from zq_plugin.backends.fx import _is_negative_lobe, qconfig
 
     graph = prepared.graph
     removed: set[str] = set()
@@ -310,6 +294,20 @@ def _set_weight_bits(prepared: torch.fx.GraphModule, bits_of: BitsOf, weight_obs
             ).weight()
         device = next((t.device for t in old.buffers()), None)
         prepared.add_submodule(str(fq_node.target), new.to(device) if device is not None else new)
+
+
+def input_fake_quant(node: torch.fx.Node, sim: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> Any:
+    """The FakeQuantize in front of a weight layer's call, directly or behind pass-through ops; else ``None``."""
+    arg = node.args[0] if node.args else node.kwargs.get("input")
+    for _ in range(1000):
+        if not isinstance(arg, torch.fx.Node):
+            return None
+        if _is_fake_quant_node(arg, sim):
+            return sim.get_submodule(str(arg.target))
+        if not is_pass_through(arg, modules) or not arg.args:
+            return None
+        arg = arg.args[0]
+    return None
 
 
 def bits_lookup(plan: BitPlan | None, *, default: LayerBits, first_last_bits: int | None, count: int) -> BitsOf:
@@ -446,17 +444,7 @@ def read_sim(sim: torch.fx.GraphModule) -> dict[str, SimLayer]:
             weight = sim.get_parameter(str(source.target)).detach()  # type: ignore[union-attr]
             raw = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             bias = sim.get_parameter(str(raw.target)).detach() if isinstance(raw, torch.fx.Node) else None
-        arg = node.args[0] if node.args else node.kwargs.get("input")
-        input_fq = None
-        for _ in range(1000):
-            if not isinstance(arg, torch.fx.Node):
-                break
-            if _is_fake_quant_node(arg, sim):
-                input_fq = sim.get_submodule(str(arg.target))
-                break
-            if not is_pass_through(arg, modules) or not arg.args:
-                break
-            arg = arg.args[0]
+        input_fq = input_fake_quant(node, sim, modules)
         found[name] = SimLayer(
             name=name, weight=weight, bias=bias, weight_grid=grid_of(weight_fq), input_grid=grid_of(input_fq)
         )
@@ -498,17 +486,7 @@ def describe_sim(sim: torch.fx.GraphModule) -> dict[str, tuple[int | None, int |
             w_bits, granularity = module.zq_weight_bits, module.zq_weight_granularity
         else:
             continue
-        arg = node.args[0] if node.args else node.kwargs.get("input")
-        a_bits = None
-        for _ in range(1000):
-            if not isinstance(arg, torch.fx.Node):
-                break
-            if _is_fake_quant_node(arg, sim):
-                grid = grid_of(sim.get_submodule(str(arg.target)))
-                a_bits = None if grid is None else grid.bits
-                break
-            if not is_pass_through(arg, modules) or not arg.args:
-                break
-            arg = arg.args[0]
+        grid = grid_of(input_fake_quant(node, sim, modules))
+        a_bits = None if grid is None else grid.bits
         rows.setdefault(name, (w_bits, a_bits, granularity))
     return rows

@@ -41,6 +41,7 @@ from torch import nn
 
 from zq_plugin import _compat
 from zq_plugin._utils import call_model, report_float_layers, weight_layer_names
+from zq_plugin.backends import moved_names
 from zq_plugin.backends.fx import InputFn, _example_inputs, _to_model, calibrate
 from zq_plugin.data import CalibrationData
 from zq_plugin.errors import ConfigError, ModelError, NotCalibratedError
@@ -793,19 +794,5 @@ def describe_converted(converted: torch.fx.GraphModule) -> dict[str, tuple[int |
     return rows
 
 
-_MOVED = {"reconstruct_pt2e": "zq_plugin.recipe"}  # stage x backend compositions live above the backends now
-
-
-def __getattr__(name: str) -> Any:
-    """``reconstruct_pt2e`` moved to :mod:`zq_plugin.recipe` (the pipeline); this name keeps working for one release."""
-    if name in _MOVED:
-        import importlib
-
-        warnings.warn(
-            f"zq_plugin.backends.pt2e.{name} moved: use zq_plugin.{name} or "
-            "zq_plugin.quantize(..., backend='pt2e', stage='reconstruct').",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: A stage x backend composition that lives above the backends now (one release with a warning).
+__getattr__ = moved_names(__name__, {"reconstruct_pt2e": "zq_plugin.recipe"}, backend="pt2e")
