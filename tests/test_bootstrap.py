@@ -53,3 +53,13 @@ def test_bootstrap_uses_the_chosen_pin():
     text = (ROOT / "scripts" / "bootstrap.sh").read_text()
     assert "scripts/torch_pin.py" in text and "ZQ_TORCH_INDEX" in text
     assert "-c constraints.txt" not in text  # the fixed pin would replace a compatible installed torch
+
+
+def test_next_environment_bypasses_the_machines_pip_config_and_ci_runs_its_tier():
+    script = (ROOT / "scripts" / "bootstrap_next.sh").read_text()
+    assert "PIP_CONFIG_FILE=/dev/null" in script and "scripts/torch_pin.py" in script
+    ci = (ROOT / ".ci" / "run").read_text()
+    # after the README test command, before the conformance matrix
+    assert ci.index('bash -c "$test_cmd"') < ci.index("bash scripts/bootstrap_next.sh") < ci.index("-m conformance")
+    assert ".venv-next/bin/python -m pytest" in ci and "tests/test_parity*.py" in ci
+    assert ".venv-next/" in (ROOT / ".gitignore").read_text().splitlines()
