@@ -199,7 +199,6 @@ def test_quantize_with_plan_on_both_backends(data_file, tmp_path, capsys):
     assert "--int8-out" in capsys.readouterr().err
     assert cli.main([*base, "--onnx-out", str(tmp_path / "fx.onnx")]) == 0  # FX: the simulation's ops in ONNX
     assert json.loads(capsys.readouterr().out)["onnx_out"].endswith("fx.onnx")
-    assert "--backend brevitas" in capsys.readouterr().err
 
 
 def test_synthesize_input_range_for_a_user_model(tmp_path):
