@@ -125,13 +125,17 @@ def _quiet_import(*loggers: str) -> Iterator[None]:
     """Raise the named loggers to ERROR while importing, restored afterwards.
 
     torchao warns on import about its CUDA-only kernels, which a CPU torch cannot load and the PT2E
-    flow does not use.
+    flow does not use. torch 2.13's ``torch.utils.mkldnn``, imported by torchao's x86 quantizer,
+    uses the deprecated ``torch.jit.script_method`` at import (torch's own code; 2.15 defers it): that
+    DeprecationWarning is ignored too, so that ``-W error::DeprecationWarning`` can import the plugin.
     """
     saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
     for log, _ in saved:
         log.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method", category=DeprecationWarning)
+            yield
     finally:
         for log, level in saved:
             log.setLevel(level)

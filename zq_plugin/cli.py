@@ -389,8 +389,8 @@ def save_quantized(qmodel: nn.Module, example: torch.Tensor, path: Path, backend
             f"--out: the exported model differs from the calibrated one by {float((got - expected).abs().max()):.3g}; "
             "nothing was written. Use the model from Python instead."
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.save's
+    with warnings.catch_warnings():  # torch.jit.save's note: DeprecationWarning in torch 2.13, FutureWarning in 2.15
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.save")
         if backend == "brevitas":
             atomic_write(path, lambda f: torch.jit.save(saved, f))
         else:
