@@ -88,7 +88,7 @@ def how(command: str) -> str:
         words = _strip_env(part)
         if not words:
             continue
-        if words[:2] == ["bash", "scripts/bootstrap.sh"] or "pytest" in words:
+        if words[:2] in (["bash", "scripts/bootstrap.sh"], ["bash", "scripts/bootstrap_next.sh"]) or "pytest" in words:
             kinds.add("suite")
         elif words[0] in ("torchrun",) or words[:2] == [".venv/bin/zq", "demo"]:
             kinds.add("slow")
