@@ -9,11 +9,13 @@ test images on each backend, the largest top-1 gap between backends, the largest
 difference from the FX simulation over the test set, and how many steps each carrier carried
 out of how many it has (``zq_plugin.describe``).
 
-Calibration: the demo's ZeroQ images (256, 200 steps, seed 0; cached under ``zq_out/cache``) for a
-model with BN, Retro's for ``plain_cnn`` (no BN).
+Calibration (the same images on every backend): 256 Fashion-MNIST training images (``--data real``,
+the default: parity does not depend on where the images come from, and it saves the synthesis), or
+the demo's ZeroQ images (``--data zeroq``: 200 steps, seed 0, cached under ``zq_out/cache``; Retro's
+for ``plain_cnn``, which has no BN).
 
 Run: ``.venv/bin/python benchmarks/backend_parity.py [--models ...] [--stages ...]``
-(about 25 minutes on 2 cores for everything).
+(about 25 minutes on 2 cores for everything with real images).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet_s", "mobilenetv2_s", "plain_cnn"])
     parser.add_argument("--requests", nargs="+", default=["W4A4", "W3A3", "mixed"])
     parser.add_argument("--stages", nargs="+", default=["calibrate", "reconstruct"])
+    parser.add_argument("--data", choices=["real", "zeroq"], default="real")
     parser.add_argument("--cache", type=Path, default=Path("zq_out/cache"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -58,16 +61,19 @@ def main() -> None:
 
     import zq_plugin
     from zq_plugin import datasets, zoo
-    from zq_plugin.demo import DEMO_STEPS, cached_synthesize
+    from zq_plugin.demo import DEMO_STEPS, cached_synthesize, real_subset
 
     x_test, y_test = datasets.load_fashion_mnist("test")
     print("| model | request | stage | FX | PT2E | Brevitas | top-1 gap | max logit diff | carried PT2E / Brevitas |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         model = zoo.load(name)
-        method = "zeroq" if zoo.has_batchnorm(name) else "retro"
-        options = {"steps": DEMO_STEPS} if method == "zeroq" else {}
-        data = cached_synthesize(model, method, args.cache, num_samples=256, seed=0, progress=False, **options)
+        if args.data == "real":
+            data = real_subset(256)
+        else:
+            method = "zeroq" if zoo.has_batchnorm(name) else "retro"
+            options = {"steps": DEMO_STEPS} if method == "zeroq" else {}
+            data = cached_synthesize(model, method, args.cache, num_samples=256, seed=0, progress=False, **options)
         with tempfile.TemporaryDirectory() as recon_cache:
             for request in args.requests:
                 bits = {"plan": _mixed_plan(model)} if request == "mixed" else {}
