@@ -847,7 +847,7 @@ def _own_weight_zero_points(path: str | os.PathLike[str]) -> str | bytes:
     for node in graph.node:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
-    nodes, changed = [], False
+    nodes, copied = [], set()
     for index, node in enumerate(graph.node):
         node = copy.deepcopy(node)
         if (
@@ -866,12 +866,16 @@ def _own_weight_zero_points(path: str | os.PathLike[str]) -> str | bytes:
                 graph.initializer.append(copy.deepcopy(constants[zero_point]))
                 graph.initializer[-1].name = own
             node.input[2] = own
-            changed = True
+            copied.add(zero_point)
         nodes.append(node)
-    if not changed:
+    if not copied:
         return str(path)
+    orphans = copied - {name for node in nodes for name in node.input}  # copied for every reader
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(n for n in nodes if n.op_type != "Constant" or n.output[0] not in orphans)
+    kept = [copy.deepcopy(t) for t in graph.initializer if t.name not in orphans]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     onnx.load_external_data_for_model(model, str(Path(path).parent))
     return model.SerializeToString()
 
