@@ -937,7 +937,15 @@ def run_onnx(
     options.add_session_config_entry("session.x64quantprecision", "1")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(_own_weight_zero_points(path), options, providers=["CPUExecutionProvider"])
+    # onnxruntime's WeightBiasQuantization pass rounds a float bias beside Q/DQ weights to int32 with
+    # its own scale; the plugin's models keep biases float (as the simulation computes them), so the
+    # pass is turned off: the outputs are then PyTorch's (docs/api.md, "exports")
+    session = ort.InferenceSession(
+        _own_weight_zero_points(path),
+        options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=["WeightBiasQuantization"],
+    )
     name = session.get_inputs()[0].name
     shape = session.get_inputs()[0].shape
     fixed = isinstance(shape[0], int)  # a traced batch size: run one sample at a time
