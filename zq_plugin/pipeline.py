@@ -33,7 +33,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import os
 import warnings
@@ -345,5 +344,5 @@ def run(
     )  # fmt: skip
     qmodel.zq_build = build  # type: ignore[assignment]
     _deprecated_views(qmodel, request.backend)
-    logger.info("built %s/%s: %s", request.stage, request.backend, dataclasses.asdict(build)["request"])
+    logger.info("built %s/%s: %s", request.stage, request.backend, build.request)
     return qmodel

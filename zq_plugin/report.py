@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -126,7 +127,7 @@ class Report:
             "layers": [dataclasses.asdict(row) for row in self.layers],
             "float_layers": list(self.float_layers),
             "layers_by_bits": self.layers_by_bits(),
-            "build": None if self.build is None else _jsonable(dataclasses.asdict(self.build)),
+            "build": None if self.build is None else _jsonable(self.build),
         }
 
     def to_json(self) -> str:
@@ -154,7 +155,10 @@ def _bits(bits: int | None) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
+    """A JSON-ready copy (no deep copy of what it cannot read: a stage's report may hold read-only mappings)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
