@@ -412,7 +412,7 @@ def test_reconstruct_brevitas_export_run_onnx(name, tmp_path):
     model, before, x = cell(name)
     quick = dataclasses.replace(zq_plugin.ReconstructConfig(), iterations=2, checks=1)
     with quiet():
-        qmodel = zb.reconstruct_brevitas(model, calib_of(x.shape[1:], 16), config=quick, progress=False)
+        qmodel = zq_plugin.reconstruct_brevitas(model, calib_of(x.shape[1:], 16), config=quick, progress=False)
         path = zb.export_onnx(qmodel, x[:1], tmp_path / "r.onnx")
     carried = qmodel.zq_carried
     assert carried["weight_steps"] <= carried["layers"] and carried["layers"] > 0
@@ -476,7 +476,7 @@ def test_reconstruct_pt2e(name):
     carried, 4-bit inputs on the quantize nodes, finite logits, source unchanged."""
     import dataclasses
 
-    from zq_plugin.backends.pt2e import reconstruct_pt2e
+    from zq_plugin import reconstruct_pt2e
 
     model, before, x = cell(name)
     quick = dataclasses.replace(zq_plugin.ReconstructConfig(), iterations=2, checks=1)
