@@ -309,3 +309,59 @@ def pt2e_prepare(model: nn.Module, calib: torch.Tensor, act: Any, wt: Any, a_bit
         copy.deepcopy(model), (calib[:2],), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},)
     ).module()
     return ns.prepare_pt2e(exported, ConvLinearInputs()), ns
+
+
+def input_value_counts(qmodel: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """``layer -> number of distinct values in the input it computes with``, seen while the model runs.
+
+    What :func:`zq_plugin.describe` says is checked against this: on FX and PT2E the value a weight
+    call reads (its argument 0, run by a ``torch.fx.Interpreter``), on Brevitas the output of the
+    layer's input quantizer (a forward hook). The most distinct values over the layer's calls.
+    """
+    import zq_plugin
+
+    backend = zq_plugin.describe(qmodel).backend
+    seen: dict[str, int] = {}
+
+    def note(name: str, value: Any) -> None:
+        value = getattr(value, "value", value)  # a Brevitas QuantTensor
+        if isinstance(value, torch.Tensor):
+            seen[name] = max(seen.get(name, 0), int(torch.unique(value.detach()).numel()))
+
+    if backend in ("fx", "pt2e"):
+        if backend == "fx":
+            from zq_plugin.backends.fx_sim import weight_nodes
+
+            layer_of = {node: name for name, node in weight_nodes(qmodel)}
+        else:
+            from zq_plugin.backends.pt2e import TARGETS, _weight_owner
+
+            layer_of = {
+                n: n.meta.get("zq_layer") or _weight_owner(n)
+                for n in qmodel.graph.nodes
+                if n.op == "call_function" and n.target in TARGETS and len(n.args) >= 2
+            }
+
+        class Recorder(torch.fx.Interpreter):
+            def run_node(self, n: torch.fx.Node) -> Any:
+                if n in layer_of and isinstance(n.args[0], torch.fx.Node):
+                    note(layer_of[n], self.env[n.args[0]])
+                return super().run_node(n)
+
+        with torch.no_grad():
+            Recorder(qmodel).run(x)
+        return seen
+    from zq_plugin.backends.brevitas import _quant_layers
+
+    handles = [
+        layer.register_forward_pre_hook(lambda m, args, n=name: note(n, m.input_quant(args[0])))
+        for name, layer in _quant_layers(qmodel)
+        if layer.input_quant.is_quant_enabled
+    ]
+    try:
+        with torch.no_grad():
+            qmodel(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen

@@ -16,7 +16,16 @@ import warnings
 
 import pytest
 import torch
-from conformance import FAST_TORCHVISION, PATTERNS, TORCHVISION, assert_unchanged, build, pt2e_prepare, snapshot
+from conformance import (
+    FAST_TORCHVISION,
+    PATTERNS,
+    TORCHVISION,
+    assert_unchanged,
+    build,
+    input_value_counts,
+    pt2e_prepare,
+    snapshot,
+)
 from torch import nn
 
 import zq_plugin
@@ -482,8 +491,12 @@ def test_reconstruct_pt2e(name):
     quick = dataclasses.replace(zq_plugin.ReconstructConfig(), iterations=2, checks=1)
     with quiet():
         converted = reconstruct_pt2e(model, calib_of(x.shape[1:], 16), config=quick, progress=False)
-    carried = converted.zq_carried
-    assert carried["weight_steps"] == len(weight_layer_names(model)) - len(getattr(converted, "zq_float_layers", ()))
+    report = zq_plugin.describe(converted)
+    quantized = [row for row in report.layers if row.w_bits is not None]
+    # every weight layer the model quantizes (functional ones such as F.linear(x, fc.weight) too)
+    assert len(quantized) >= len(weight_layer_names(model)) - len(report.float_layers)
+    assert {row.weight_step for row in quantized} == {"carried"}, report.table()
+    assert report.build is not None and report.build.stage_report is not None
     ranges = {tuple(n.args[3:5]) for n in converted.graph.nodes if "quantize_per_tensor" in str(n.target)}
     if len(weight_layer_names(model)) > 2:  # first and last layers keep 8 bits
         assert (0, 15) in ranges or (-8, 7) in ranges, f"no 4-bit input among {ranges}"
@@ -531,6 +544,10 @@ def test_pipeline_stage_on_every_backend(name, stage):
     fq_levels_respected(sim, x)
     reference = logits(sim, x)
     bits = {r.name: (r.w_bits, r.a_bits) for r in zq_plugin.describe(sim).layers}
+    counts = input_value_counts(sim, x)
+    for layer, (_, a_bits) in bits.items():
+        if a_bits is not None:
+            assert counts.get(layer, 0) <= 2**a_bits, f"simulation {layer}: {counts.get(layer)} values"
     for backend in _pipeline_backends():
         on = dataclasses.replace(request, backend=backend)
         try:
@@ -541,8 +558,14 @@ def test_pipeline_stage_on_every_backend(name, stage):
             continue
         report = zq_plugin.describe(qmodel)
         built = {r.name: (r.w_bits, r.a_bits) for r in report.layers}
-        same = {n for n in built if n in bits and built[n] == bits[n]}
-        assert same, f"{backend}: no layer with the simulation's bits ({built} vs {bits})"
+        differ = {n: (built[n], bits.get(n)) for n in built if built[n] != bits.get(n)}
+        assert not differ, f"{backend} builds other bits than the simulation: {differ}"
+        assert set(bits) - set(built) <= set(report.float_layers), f"{backend}: layers missing from describe()"
+        counts = input_value_counts(qmodel, x)
+        for row in report.layers:
+            if row.a_bits is not None:
+                assert row.name in counts, f"{backend}: no input seen for {row.name}"
+                assert counts[row.name] <= 2**row.a_bits, f"{backend} {row.name}: {counts[row.name]} values"
         got = logits(qmodel, x)
         all_carried = all(h == {"weight": "carried", "input": "carried"} for h in steps.values())
         if all_carried and len(steps) == len(bits) and not getattr(qmodel, "zq_float_layers", ()):

@@ -132,6 +132,36 @@ def test_uniform_a_bits_mean_a_layer_input_in_quantize_fx():
     assert {r.name: (r.w_bits, r.a_bits) for r in describe(folded).layers} == rows
 
 
+class _FunctionalLast(nn.Module):
+    """The last layer computed as ``F.linear(x, self.fc.weight, self.fc.bias)``: the smallest input of the fault."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.nn.functional.linear(x.mean((2, 3)), self.fc.weight, self.fc.bias)
+
+
+@pytest.mark.parametrize("stage", ["calibrate", "reconstruct"])
+def test_a_functional_last_layer_is_the_last_layer_on_fx_and_pt2e(stage):
+    """First/last bits go to the layers the graph runs first and last, functional calls included,
+    and PT2E names (and carries) the functional layer as the simulation does."""
+    pytest.importorskip("torchao")
+    net, x = _FunctionalLast().eval(), torch.randn(16, 1, 6, 6)
+    rows = {}
+    for backend in ("fx", "pt2e"):
+        request = Request(w_bits=4, a_bits=4, stage=stage, backend=backend, reconstruction_config=QUICK)
+        report = describe(run(net, x, request))
+        rows[backend] = {r.name: (r.w_bits, r.a_bits) for r in report.layers}
+        if backend == "pt2e":
+            assert {r.weight_step for r in report.layers} == {"carried"}, report.table()
+    assert rows["fx"] == rows["pt2e"] == {"conv1": (8, 8), "conv2": (4, 4), "fc": (8, 8)}
+
+
 def test_request_names_its_mistakes():
     with pytest.raises(ConfigError, match="backend='onnx' is unknown"):
         Request(backend="onnx")

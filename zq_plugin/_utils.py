@@ -100,14 +100,44 @@ def opaque_weight_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def weight_layer_names(model: nn.Module) -> list[str]:
-    """Names of the :func:`weight_layers` in execution order (FX trace; module order if tracing fails)."""
+    """Names of the :func:`weight_layers` in execution order (FX trace; module order if tracing fails).
+
+    A layer counts where it runs: called as a module, or its weight read by a functional
+    conv/linear (``F.linear(x, self.fc.weight)`` runs ``fc``), so the first and last layers are
+    the ones the graph computes first and last.
+    """
     layers = weight_layers(model)
     try:
         graph = torch.fx.symbolic_trace(model).graph
-        names = [str(n.target) for n in graph.nodes if n.op == "call_module" and str(n.target) in layers]
     except Exception:
-        names = []
+        return list(layers)
+    names = []
+    for node in graph.nodes:
+        if node.op == "call_module" and str(node.target) in layers:
+            names.append(str(node.target))
+        elif node.op == "call_function" and node.target in _FUNCTIONAL_WEIGHT_OPS and len(node.args) > 1:
+            weight = node.args[1]
+            if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+                owner = str(weight.target).rpartition(".")[0]
+                if owner in layers or _owns_parameter(model, str(weight.target)):
+                    names.append(owner)  # a traced copy keeps a layer as a plain Module holding its weight
     return list(dict.fromkeys(names)) or list(layers)
+
+
+def _owns_parameter(model: nn.Module, target: str) -> bool:
+    owner, _, leaf = target.rpartition(".")
+    try:
+        module = model.get_submodule(owner) if owner else model
+    except AttributeError:
+        return False
+    return bool(owner) and isinstance(module._parameters.get(leaf), nn.Parameter)
+
+
+_FUNCTIONAL_WEIGHT_OPS = (
+    torch.nn.functional.linear, torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+    torch.nn.functional.conv3d, torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
+    torch.nn.functional.conv_transpose3d,
+)  # fmt: skip
 
 
 @contextlib.contextmanager

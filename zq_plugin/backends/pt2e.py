@@ -164,7 +164,7 @@ def plan_quantizer(
             edges = {layers[0], layers[-1]} if layers and first_last_bits is not None else set()
 
             def bits_of(node: torch.fx.Node) -> LayerBits:
-                name = layer_name(node)
+                name = _weight_owner(node)
                 if name in named:
                     return named[name]
                 if node in edges:
@@ -185,7 +185,8 @@ def plan_quantizer(
                     bits = bits_of(node)
                     act, weight = spec(bits.w_bits, bits.a_bits)
                     inputs = {node.args[0]: act, node.args[1]: weight}
-                    self.annotated.add(layer_name(node))
+                    node.meta["zq_layer"] = _weight_owner(node)  # kept by prepare/convert: describe reads it
+                    self.annotated.add(node.meta["zq_layer"])
                 else:
                     continue
                 node.meta["quantization_annotation"] = ao.QuantizationAnnotation(
@@ -790,7 +791,7 @@ def describe_converted(converted: torch.fx.GraphModule) -> dict[str, tuple[int |
             continue
         w_bits, granularity = _grid_bits(node.args[1], 3)
         a_bits, _ = _grid_bits(node.args[0], 3)
-        rows.setdefault(layer_name(node), (w_bits, a_bits, granularity))
+        rows.setdefault(node.meta.get("zq_layer") or _weight_owner(node), (w_bits, a_bits, granularity))
     return rows
 
 
