@@ -377,3 +377,26 @@ def test_a_fine_tuned_student_is_carried_into_brevitas(tiny_bn_net):
             with torch.no_grad():
                 want = student.weight_fake_quant(student.weight)
                 torch.testing.assert_close(layer.quant_weight().value, want, rtol=0, atol=1e-6)
+
+
+def test_synthesize_adadfq_trains_one_generator_per_call(monkeypatch):
+    """Three batches, one game (before: a whole quantized student was trained for every batch);
+    batch b does not depend on which batch played the game."""
+    import zq_plugin
+    from zq_plugin import finetuning
+
+    games = []
+    real = finetuning.finetune
+
+    def counted(*args, **kwargs):
+        games.append(kwargs["seed"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetuning, "finetune", counted)
+    net = pool_bn_net()
+    options = {"steps": 6, "warmup": 2, "latent_dim": 8, "width": 8}
+    data = zq_plugin.synthesize(net, method="adadfq", num_samples=10, batch_size=4, input_shape=(1, 8, 8), **options)
+    assert len(games) == 1 and tuple(data.images.shape) == (10, 1, 8, 8) and data.labels.shape == (10,)
+    again = zq_plugin.synthesize(net, method="adadfq", num_samples=10, batch_size=4, input_shape=(1, 8, 8), **options)
+    assert len(games) == 2 and torch.equal(again.images, data.images)  # seeded: the same call, the same data
+    assert not torch.equal(data.images[:4], data.images[4:8])  # each batch draws its own latents

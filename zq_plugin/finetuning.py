@@ -618,29 +618,39 @@ def finetune(
 # The game's synthesizers live with the game: synthesize(method="adadfq"/"gdfq") plays it here and
 # samples the batch from the trained generator (registered when zq_plugin is imported).
 def _play(model: nn.Module, config: AdaDFQConfig, ctx: BatchContext, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch of ``synthesize(method="adadfq"/"gdfq")``, from a freshly played game.
+    """One batch of ``synthesize(method="adadfq"/"gdfq")`` from the call's one trained generator.
 
-    ``config.steps`` iterations against a W``w_bits``A``a_bits`` student (first/last at 8 bits),
-    then the batch is sampled from the trained generator.
+    The first batch of a call plays the game (``config.steps`` iterations against a
+    W``w_bits``A``a_bits`` student, first/last at 8 bits, seeded by the call's seed) and keeps the
+    generator in ``ctx.shared``; every batch, the first included, is then sampled from it with
+    the batch's own seeded latents and labels, so a call trains one generator however many
+    batches it makes, and batch ``b`` is the same whichever batch came first.
     """
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-    student = finetune(
-        model,
-        generator=method,
-        config=config,
-        w_bits=config.w_bits,
-        a_bits=config.a_bits,
-        input_shape=ctx.input_shape,
-        input_range=ctx.input_range,
-        batch_size=ctx.batch_size,
-        calibration_samples=max(ctx.batch_size, 64),
-        seed=seed,
-        progress=ctx.progress,
-    )
+    from zq_plugin.synth.adadfq import generate
     from zq_plugin.synth.stream import GeneratorStream
 
-    stream = cast(GeneratorStream, student.zq_generator)  # finetune with a generator sets it
-    return stream.batch(0)
+    stream = ctx.shared.get("generator")
+    if stream is None:
+        student = finetune(
+            model,
+            generator=method,
+            config=config,
+            w_bits=config.w_bits,
+            a_bits=config.a_bits,
+            input_shape=ctx.input_shape,
+            input_range=ctx.input_range,
+            batch_size=ctx.batch_size,
+            calibration_samples=max(ctx.batch_size, 64),
+            seed=ctx.seed,
+            progress=ctx.progress,
+        )
+        stream = ctx.shared["generator"] = cast(GeneratorStream, student.zq_generator)  # set with a generator
+    net = stream.generator
+    z = torch.randn(ctx.batch_size, net.latent_dim, generator=ctx.generator)
+    labels = torch.randint(0, net.num_classes, (ctx.batch_size,), generator=ctx.generator)
+    with torch.no_grad():
+        images = generate(net, z, labels, input_range=stream.input_range, lowpass=stream.lowpass)
+    return images, labels
 
 
 @register("adadfq", AdaDFQConfig, needs_batchnorm=True)

@@ -248,6 +248,7 @@ def synthesize(
         store = BatchStore(cache_dir, key)
     rank, world = dist_info()
     mine: dict[int, Batch] = {}
+    shared: dict[str, Any] = {}  # the call's state for methods that train once per call
     with frozen(model), _report_interrupt(store, num_batches):
         _check_model_output(model, shape, device, dtype)
         for b in range(rank, num_batches, world):
@@ -267,6 +268,8 @@ def synthesize(
                 offset=b * batch_size,
                 device=device,
                 dtype=dtype,
+                seed=seed,
+                shared=shared,
             )
             out = spec.make_batch(model, config, ctx)
             images, labels = out if isinstance(out, tuple) else (out, None)

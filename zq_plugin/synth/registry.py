@@ -39,6 +39,10 @@ class BatchContext:
     offset: int = 0  # index of the batch's first sample in the whole set (class-balanced methods)
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))  # the model's
     dtype: torch.dtype = torch.float32  # the model's floating dtype
+    seed: int = 0  # the whole call's seed (batch seeds are drawn into ``generator``)
+    # one dict per synthesize() call, the same object in every batch's context: a method that
+    # trains something once per call (AdaDFQ's generator) keeps it here
+    shared: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def work_dtype(self) -> torch.dtype:
