@@ -664,7 +664,8 @@ def test_finetune_writes_the_model_and_the_generator_as_the_library_would(tmp_pa
         (["--generator", "none", "--data", "noise", "--generator-out", "g.pt"], "--generator-out saves"),
         (["--out", "m.pt"], "ends in .pt2"),
         (["--option", "margin=[0.9,0.1]"], "lambda_l < lambda_u"),
-        (["--option", "nosuch=1"], "has no option"),
+        (["--option", "nosuch=1"], "not an option of --generator adadfq"),
+        (["--option", "reconstruct.iterations=2"], "the prefix is one of game."),  # no --init reconstruct
         (["--w-bits", "1"], "--w-bits=1 is not supported"),
     ],
 )
@@ -672,6 +673,24 @@ def test_finetune_bad_options_are_refused_before_the_model_is_loaded(extra, matc
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("model loaded before the options were checked"))
     assert cli.main(["finetune", "--model", "resnet_s", *extra]) == 2
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["pt2e", "brevitas"])
+def test_finetune_deploys_on_each_backend_with_the_reconstruction_options(backend, tmp_path, capsys):
+    """Issue 29: zq finetune goes through the pipeline: --backend carries the fine-tuned simulation,
+    --option reaches the reconstruction of --init reconstruct, the JSON holds describe()'s report."""
+    pytest.importorskip("torchao" if backend == "pt2e" else "brevitas")
+    onnx = tmp_path / "m.onnx"
+    argv = ["finetune", "--model", "plain_cnn", "--generator", "none", "--data", "noise", "--num-samples", "16"]
+    argv += ["--steps", "2", "--batch-size", "8", "--init", "reconstruct", "--option", "iterations=2"]
+    argv += ["--option", "lr_student=1e-4", "--backend", backend, "--onnx-out", str(onnx)]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["options"] == {"game": {"lr_student": 1e-4}, "reconstruct": {"iterations": 2}}
+    assert report["model"]["backend"] == backend and report["model"]["build"]["stage"] == "finetune"
+    quantized = [row for row in report["model"]["layers"] if row["w_bits"] is not None]
+    assert quantized and {row["weight_step"] for row in quantized} == {"carried"}
+    assert onnx.is_file()
 
 
 def test_quantize_option_reaches_synthesis_and_reconstruction(capsys):

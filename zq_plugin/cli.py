@@ -230,6 +230,41 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
+def route_options(items: list[str], groups: dict[str, tuple[str, set[str]]]) -> dict[str, dict[str, Any]]:
+    """``--option NAME=VALUE`` routed to the configs that take ``NAME``: ``{group: options}``.
+
+    ``groups`` maps a prefix (``"synth"``, ``"reconstruct"``, ``"game"``) to ``(what it is for, its
+    field names)``; ``PREFIX.NAME=`` says which group when several take ``NAME``.
+
+    Raises:
+        ConfigError: a name no group has, a name several have without a prefix, an unknown prefix.
+    """
+    routed: dict[str, dict[str, Any]] = {group: {} for group in groups}
+    for key, value in parse_options(items).items():
+        where, _, name = key.rpartition(".")
+        if where and where not in groups:
+            raise ConfigError(f"--option {key}: the prefix is one of {', '.join(g + '.' for g in groups)}")
+        takers = [g for g, (_, fields) in groups.items() if name in fields and where in ("", g)]
+        if len(takers) > 1:
+            spelled = " or ".join(f"{g}.{name}=" for g in takers)
+            raise ConfigError(f"--option {key}: {' and '.join(takers)} all take {name!r}; write {spelled}.")
+        if not takers:
+            known = sorted(set().union(*(fields for _, fields in groups.values())))
+            raise ConfigError(
+                f"--option {key}: not an option of "
+                + (", ".join(what for what, _ in groups.values()) or "anything this command runs")
+                + (f"; known: {', '.join(known)}." if known else ".")
+            )
+        routed[takers[0]][name] = value
+    return routed
+
+
+def _fields(config_cls: Any) -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(config_cls)}
+
+
 def split_options(items: list[str], data: str, reconstruction: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``--option NAME=VALUE`` of ``zq quantize`` / ``zq plan``: ``(synthesis options, reconstruction options)``.
 
@@ -245,28 +280,15 @@ def split_options(items: list[str], data: str, reconstruction: str | None) -> tu
     from zq_plugin.reconstruct import METHODS as RECONSTRUCTIONS
     from zq_plugin.synth import METHODS as SYNTHESIZERS
 
-    synth_fields = (
-        {f.name for f in dataclasses.fields(SYNTHESIZERS[data].config_cls)} if data in SYNTHESIZERS else set()
-    )
-    recon_fields = {f.name for f in dataclasses.fields(RECONSTRUCTIONS["genie-m"])} if reconstruction else set()
-    synth: dict[str, Any] = {}
-    recon: dict[str, Any] = {}
-    for key, value in parse_options(items).items():
-        where, _, name = key.rpartition(".")
-        if where not in ("", "synth", "reconstruct"):
-            raise ConfigError(f"--option {key}: the prefix is synth. or reconstruct.")
-        in_synth, in_recon = name in synth_fields and where != "reconstruct", name in recon_fields and where != "synth"
-        if in_synth and in_recon:
-            raise ConfigError(f"--option {key}: both the synthesizer and the reconstruction take {name!r}; "
-                              f"write synth.{name}= or reconstruct.{name}=.")  # fmt: skip
-        if not (in_synth or in_recon):
-            known = sorted(synth_fields | recon_fields)
-            raise ConfigError(
-                f"--option {key}: not an option of --data {data}"
-                + (f" or of --reconstruct {reconstruction}" if reconstruction else "")
-                + (f"; known: {', '.join(known)}." if known else " (it synthesizes nothing and reconstructs nothing).")
-            )
-        (synth if in_synth else recon)[name] = value
+    groups: dict[str, tuple[str, set[str]]] = {}
+    if data in SYNTHESIZERS:
+        groups["synth"] = (f"--data {data}", _fields(SYNTHESIZERS[data].config_cls))
+    if reconstruction:
+        groups["reconstruct"] = (f"--reconstruct {reconstruction}", _fields(RECONSTRUCTIONS["genie-m"]))
+    if not groups:
+        groups["synth"] = (f"--data {data} (it synthesizes nothing and reconstructs nothing)", set())
+    routed = route_options(items, groups)
+    synth, recon = routed.get("synth", {}), routed.get("reconstruct", {})
     if synth:
         SYNTHESIZERS[data].config(dict(synth))  # bad values named now, before the model loads
     if recon:
@@ -598,22 +620,26 @@ def _quantize(
         report.update(gptq=args.gptq, bias_correction=args.bias_correction)
     if args.onnx_out:  # one ONNX export per backend; each loads in onnxruntime alone
         example = next(iter(iter_batches(data, 2)))[:2]
-        from zq_plugin.backends import brevitas, fx_export, pt2e
-
-        export = {"brevitas": brevitas.export_onnx, "pt2e": pt2e.export_onnx, "fx": fx_export.export_onnx}
-        report["onnx_out"] = str(export[args.backend](qmodel, example, args.onnx_out))  # type: ignore[arg-type]
+        report["onnx_out"] = write_onnx(qmodel, example, args.onnx_out, args.backend)
     return qmodel
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    """``zq finetune``: :func:`zq_plugin.finetune` on a generator's stream or on ``--data``."""
-    from zq_plugin.finetuning import finetune
+    """``zq finetune``: the pipeline's fine-tuning stage on a generator's stream or on ``--data``, on ``--backend``."""
+    import dataclasses
+
+    from zq_plugin.pipeline import Request, run
+    from zq_plugin.reconstruct import METHODS as RECONSTRUCTIONS
+    from zq_plugin.synth import METHODS as SYNTHESIZERS
     from zq_plugin.synth import get_method
 
-    if args.out is not None and args.out.suffix != ".pt2":
-        raise ConfigError(f"--out {args.out}: the fine-tuned model is a torch.export program, whose name ends in .pt2.")
-    check_writable(args.out, "--out")
-    check_writable(args.generator_out, "--generator-out")
+    if args.out is not None and args.backend in ("fx", "pt2e") and args.out.suffix != ".pt2":
+        raise ConfigError(
+            f"--out {args.out}: the fine-tuned {args.backend.upper()} model is a torch.export program, "
+            "whose name ends in .pt2."
+        )
+    for path, flag in ((args.out, "--out"), (args.generator_out, "--generator-out"), (args.onnx_out, "--onnx-out")):
+        check_writable(path, flag)
     generator = None if args.generator == "none" else args.generator
     if generator is None and args.data is None:
         raise ConfigError("--generator none needs --data (a 'zq synthesize' file, real, noise or a method).")
@@ -624,13 +650,25 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     first_last = None if args.all_layers else args.first_last_bits
     if first_last is not None:
         check_bits(first_last, "--first-last-bits")
-    config = get_method(generator or "adadfq").config(parse_options(args.option))  # before the model is loaded
+    game = get_method(generator or "adadfq")
+    groups = {"game": (f"--generator {args.generator} (docs/finetune.md)", _fields(game.config_cls))}
+    if args.data in SYNTHESIZERS:
+        groups["synth"] = (f"--data {args.data}", _fields(SYNTHESIZERS[args.data].config_cls))
+    if args.init == "reconstruct":
+        groups["reconstruct"] = ("--init reconstruct (Genie-M)", _fields(RECONSTRUCTIONS["genie-m"]))
+    routed = route_options(args.option, groups)  # every option checked before the model is loaded
+    config = game.config(routed["game"])
+    if routed.get("synth"):
+        SYNTHESIZERS[args.data].config(dict(routed["synth"]))
+    options: dict[str, Any] = {}
+    if args.init == "reconstruct":
+        options["reconstruct_config"] = dataclasses.replace(RECONSTRUCTIONS["genie-m"], **routed["reconstruct"])
     model = load_model(args.model, args.arch, args.checkpoint)
     if args.evaluate:  # before the data and the training, which take a while
         require_fashion_mnist(model, args, "--evaluate")
     shape, _ = checked_input(model, args)
     input_range = input_range_arg(args, shape[0])
-    data = load_data(model, args) if args.data is not None else None
+    data = load_data(model, args, routed.get("synth")) if args.data is not None else None
     # without --cache-dir, checkpoints go to OUT.cache (removed once OUT is written): Ctrl-C, rerun, resume
     cache_dir = args.cache_dir
     if cache_dir is None and args.out is not None:
@@ -638,52 +676,62 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "data": args.data,
         "generator": generator,
+        "backend": args.backend,
         "w_bits": args.w_bits,
         "a_bits": args.a_bits,
         "first_last_bits": first_last,
         "init": args.init,
     }
+    if args.option:
+        report["options"] = {group: values for group, values in routed.items() if values}
+    request = Request(
+        w_bits=args.w_bits, a_bits=args.a_bits, first_last_bits=first_last, stage="finetune", backend=args.backend,
+        seed=args.seed, finetune_options={
+            "generator": generator, "steps": args.steps, "config": config, "init": args.init, "input_shape": shape,
+            "input_range": input_range, "batch_size": args.batch_size, "calibration_samples": args.num_samples,
+            **options,
+        },
+    )  # fmt: skip
     with torchrun_group() as rank:
-        sim = finetune(
-            model,
-            data,
-            w_bits=args.w_bits,
-            a_bits=args.a_bits,
-            first_last_bits=first_last,
-            generator=generator,
-            steps=args.steps,
-            config=config,
-            init=args.init,
-            input_shape=shape,
-            input_range=input_range,  # type: ignore[arg-type]
-            batch_size=args.batch_size,
-            calibration_samples=args.num_samples,
-            seed=args.seed,
-            cache_dir=cache_dir,
-            progress=sys.stderr.isatty(),
-        )
+        qmodel = run(model, data, request, cache_dir=cache_dir, progress=sys.stderr.isatty())
         if rank != 0:
             return 0
-        info = cast(dict[str, Any], sim.zq_finetune)
+        info = cast(dict[str, Any], qmodel.zq_build.stage_report)  # type: ignore[union-attr]
         report.update(steps=info["config"]["steps"], seconds=round(info["seconds"], 1), last_losses=info["last_losses"])
+        built = describe(qmodel).to_dict()
+        report.update(
+            layers_by_w_bits=built["layers_by_bits"]["w_bits"], layers_by_a_bits=built["layers_by_bits"]["a_bits"]
+        )
+        report["model"] = built
         if args.evaluate:
             x_test, y_test = datasets.load_fashion_mnist("test")
             report["fp32_top1"] = accuracy(model, x_test, y_test)
-            report["quantized_top1"] = accuracy(sim, x_test, y_test)
+            report["quantized_top1"] = accuracy(qmodel, x_test, y_test)
         if args.generator_out is not None:
-            cast(Any, sim.zq_generator).save(args.generator_out)
+            cast(Any, qmodel.zq_generator).save(args.generator_out)
             report["generator_out"] = str(args.generator_out)
-        if args.out is not None:
+        if args.out is not None or args.onnx_out is not None:
             if data is not None:
                 example = next(iter(iter_batches(data, 2)))[:2]
             else:
-                example = next(iter(cast(Any, sim.zq_generator)))[0][:2]
-            report["out_format"] = save_quantized(sim, example, args.out, "fx")
-            report["out"] = str(args.out)
-            if args.cache_dir is None and cache_dir is not None:
-                shutil.rmtree(cache_dir, ignore_errors=True)
+                example = next(iter(cast(Any, qmodel.zq_generator)))[0][:2]
+            if args.onnx_out is not None:
+                report["onnx_out"] = write_onnx(qmodel, example, args.onnx_out, args.backend)
+            if args.out is not None:
+                report["out_format"] = save_quantized(qmodel, example, args.out, args.backend)
+                report["out"] = str(args.out)
+        if args.cache_dir is None and cache_dir is not None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
         print(json.dumps(report, indent=2))
     return 0
+
+
+def write_onnx(qmodel: nn.Module, example: torch.Tensor, path: Path, backend: str) -> str:
+    """``--onnx-out``: the backend's one ONNX export (each loads in onnxruntime alone); returns the path."""
+    from zq_plugin.backends import brevitas, fx_export, pt2e
+
+    export = {"brevitas": brevitas.export_onnx, "pt2e": pt2e.export_onnx, "fx": fx_export.export_onnx}
+    return str(export[backend](qmodel, example, path))  # type: ignore[arg-type]
 
 
 def load_data(model: nn.Module, args: argparse.Namespace, options: dict[str, Any] | None = None) -> Any:
@@ -1004,8 +1052,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a game or student option, e.g. warmup=50, lr_student=3e-4, margin=[0.1,0.8] (repeatable; "
-        "docs/finetune.md lists them; with --generator none the student's options are AdaDFQ's config fields)",
+        help="a game or student option, e.g. warmup=50, lr_student=3e-4, margin=[0.1,0.8] (docs/finetune.md lists "
+        "them; with --generator none the student's options are AdaDFQ's config fields), of the synthesizer "
+        "(--data METHOD) or of the reconstruction (--init reconstruct, e.g. iterations=200); game.NAME= / "
+        "synth.NAME= / reconstruct.NAME= when several take NAME; repeatable",
     )
     fin.add_argument(
         "--evaluate", action="store_true", help="report top-1 on the Fashion-MNIST test set (Fashion-MNIST models)"
@@ -1013,11 +1063,20 @@ def build_parser() -> argparse.ArgumentParser:
     fin.add_argument(
         "--out",
         type=Path,
-        help="save the fine-tuned simulation as a torch.export program FILE.pt2 (torch.export.load(FILE).module())",
+        help="save the fine-tuned model, loadable without zq_plugin: FX and PT2E a torch.export program FILE.pt2 "
+        "(torch.export.load(FILE).module(); PT2E after import torchao.quantization.pt2e), Brevitas TorchScript",
     )
     fin.add_argument(
         "--generator-out", type=Path, help="save the trained generator (zq_plugin.GeneratorStream.load streams it)"
     )
+    fin.add_argument(
+        "--backend",
+        choices=["fx", "pt2e", "brevitas"],
+        default="fx",
+        help="deploy the fine-tuned simulation as: the FX simulation, a converted PT2E model or Brevitas layers "
+        "(every weight and step carried)",
+    )
+    fin.add_argument("--onnx-out", type=Path, help="also write the backend's QDQ/QCDQ ONNX, run with onnxruntime alone")
     fin.add_argument(
         "--cache-dir",
         type=Path,

@@ -84,12 +84,13 @@ def fx_student(
     plan: BitPlan | None = None,
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
+    reconstruct_config: Any = None,
 ) -> fx.GraphModule:
     """The student: a clamping FX simulation of ``model`` whose weights train (eval mode, steps fixed).
 
     ``init="calibrate"``: :func:`zq_plugin.quantize_fx` of the BN-folded model with the MSE
-    observers on ``images``; ``"reconstruct"``: :func:`zq_plugin.reconstruct_fx` (Genie-M) on
-    them, its checkpoints under ``cache_dir``. ``plan``: per-layer bits instead of the uniform
+    observers on ``images``; ``"reconstruct"``: :func:`zq_plugin.reconstruct_fx` (Genie-M, or
+    ``reconstruct_config``) on them, its checkpoints under ``cache_dir``. ``plan``: per-layer bits instead of the uniform
     ones (each layer's input quantized at its ``a_bits``, as PT2E and Brevitas read a plan).
     """
     from torch.fx.experimental.optimization import fuse
@@ -103,7 +104,7 @@ def fx_student(
     if init == "reconstruct":
         sim = reconstruct_fx(
             model, images, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits, plan=plan, seed=seed,
-            cache_dir=cache_dir, progress=False,
+            cache_dir=cache_dir, progress=False, config=reconstruct_config,
         )  # fmt: skip
     else:
         folded = fuse(copy.deepcopy(model).eval(), inplace=True)
@@ -367,6 +368,7 @@ def _checked_config(
     batch_size: int,
     calibration_samples: int,
     checkpoint_every: int,
+    reconstruct_config: Any = None,
 ) -> AdaDFQConfig:
     """:func:`finetune`'s arguments checked (named :class:`ConfigError` s); the config the run uses."""
     from zq_plugin.qparams import check_bits
@@ -389,6 +391,8 @@ def _checked_config(
             raise ConfigError(f"{name}={value!r} must be a positive int.")
     if init not in ("calibrate", "reconstruct"):
         raise ConfigError(f"init={init!r} is not 'calibrate' or 'reconstruct'.")
+    if reconstruct_config is not None and init != "reconstruct":
+        raise ConfigError("reconstruct_config applies to init='reconstruct' (the student starts calibrated otherwise).")
     world = dist_info()[1]
     if batch_size % world:
         raise ConfigError(
@@ -437,6 +441,7 @@ def finetune(
     steps: int | None = None,
     config: AdaDFQConfig | None = None,
     init: Init = "calibrate",
+    reconstruct_config: Any = None,
     plan: BitPlan | None = None,
     input_shape: tuple[int, ...] | None = None,
     input_range: tuple[float, float] | Literal["auto"] | None = "auto",
@@ -470,6 +475,8 @@ def finetune(
             no warm-up.
         init: the student before fine-tuning: ``"calibrate"`` (MSE observers) or ``"reconstruct"``
             (:func:`zq_plugin.reconstruct_fx` with Genie-M on the calibration images).
+        reconstruct_config: with ``init="reconstruct"``, the reconstruction's
+            :class:`~zq_plugin.reconstruct.ReconstructConfig` (default: Genie-M's).
         plan: per-layer bits (:class:`~zq_plugin.mixed_precision.BitPlan`) instead of ``w_bits``,
             ``a_bits`` and ``first_last_bits``; each layer's input is quantized at its ``a_bits``
             (as PT2E reads a plan: :func:`zq_plugin.backends.pt2e.from_sim` then carries every
@@ -514,6 +521,7 @@ def finetune(
     config = _checked_config(
         config, generator, w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits, init=init, steps=steps,
         batch_size=batch_size, calibration_samples=calibration_samples, checkpoint_every=checkpoint_every,
+        reconstruct_config=reconstruct_config,
     )  # fmt: skip
     device, dtype = model_device_dtype(model)
     started = time.perf_counter()
@@ -554,6 +562,7 @@ def finetune(
             plan=plan,
             seed=seed,
             cache_dir=cache_dir,
+            reconstruct_config=reconstruct_config,
         )
         if config.learn_steps:
             _swap_steps(student, learn=True)
@@ -579,6 +588,7 @@ def finetune(
                 first_last_bits=first_last_bits,
                 plan=None if plan is None else plan.to_json(),
                 init=init,
+                reconstruct=None if reconstruct_config is None else dataclasses.asdict(reconstruct_config),
                 batch_size=batch_size,
                 calibration_samples=calibration_samples,
                 input_range=box,

@@ -212,6 +212,10 @@ def simulate(
     for taken in ("backend", "plan", "w_bits", "a_bits", "first_last_bits", "seed", "cache_dir", "progress"):
         if taken in options:
             raise ConfigError(f"finetune_options={{{taken!r}: ...}}: set {taken} on the request itself.")
+    if options.get("init") == "reconstruct" and "reconstruct_config" not in options:
+        from zq_plugin.reconstruct import METHODS
+
+        options["reconstruct_config"] = request.reconstruction_config or METHODS[request.reconstruction]
     sim = finetune(
         model, data, w_bits=request.w_bits, a_bits=request.a_bits, first_last_bits=request.first_last_bits,
         plan=request.plan, seed=request.seed, cache_dir=cache_dir, progress=progress, **options,
@@ -317,7 +321,8 @@ def run(
         The quantized model of ``request.backend``: the FX simulation (a ``prepare_qat_fx``
         GraphModule in eval mode), a converted PT2E model or a calibrated Brevitas model;
         ``qmodel.zq_build`` is its :class:`~zq_plugin.report.Build` record
-        (:func:`zq_plugin.describe` reads it).
+        (:func:`zq_plugin.describe` reads it); fine-tuned on a generator, ``qmodel.zq_generator``
+        is the trained generator's :class:`~zq_plugin.synth.stream.GeneratorStream`.
 
     Raises:
         ConfigError: bad bits, a functional-only model on a carrier backend, options in the wrong place.
@@ -343,6 +348,8 @@ def run(
         data=provenance(data), steps=steps, stage_report=stage_report,
     )  # fmt: skip
     qmodel.zq_build = build  # type: ignore[assignment]
+    if request.backend != "fx" and getattr(sim, "zq_generator", None) is not None:
+        qmodel.zq_generator = sim.zq_generator  # the fine-tuning game's generator, on every backend
     _deprecated_views(qmodel, request.backend)
     logger.info("built %s/%s: %s", request.stage, request.backend, build.request)
     return qmodel
