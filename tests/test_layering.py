@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "zq_plugin"
 NEUTRAL = {
     "zq_plugin.errors", "zq_plugin.qparams", "zq_plugin._compat", "zq_plugin._utils", "zq_plugin.data",
     "zq_plugin.runs", "zq_plugin.hooks", "zq_plugin.fake_quant", "zq_plugin.nonuniform", "zq_plugin.plan",
-    "zq_plugin.evaluation", "zq_plugin.datasets",
+    "zq_plugin.evaluation", "zq_plugin.datasets", "zq_plugin.calibration",
 }  # fmt: skip
 #: package -> the packages it must never import.
 FORBIDDEN = {
