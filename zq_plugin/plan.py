@@ -4,7 +4,7 @@ A plan maps each Conv/Linear layer name to a :class:`LayerBits`: weight bits, th
 layer's **input** activation, the weight granularity (per-channel or per-tensor) and the
 weight grid (uniform or Retro-Synthesis's clustered non-uniform grid). It imports no backend
 and no feature (it sits below them; :mod:`zq_plugin.mixed_precision` re-exports it): the FX
-simulation puts a quantizer at each layer's input (:mod:`zq_plugin.backends.fx_sim`),
+simulation puts a quantizer at each layer's input (:mod:`zq_plugin.backends.fx.sim`),
 :func:`zq_plugin.backends.pt2e.plan_quantizer` annotates each layer's input for PT2E, and
 :func:`zq_plugin.backends.brevitas.to_brevitas` sets each quant layer's input quantizer.
 

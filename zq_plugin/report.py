@@ -233,7 +233,7 @@ def describe(qmodel: nn.Module) -> Report:
     build = build if isinstance(build, Build) else None
     steps = build.steps if build is not None else {}
     if backend == "fx":
-        from zq_plugin.backends.fx_sim import describe_sim
+        from zq_plugin.backends.fx.sim import describe_sim
 
         rows = describe_sim(cast(torch.fx.GraphModule, qmodel))
         default = _stage_source(build)
