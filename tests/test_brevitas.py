@@ -1,5 +1,6 @@
 import builtins
 import copy
+import importlib
 import io
 
 import pytest
@@ -156,11 +157,12 @@ def test_missing_extra_is_named(tiny_bn_net, monkeypatch):
             raise ImportError(f"No module named {name!r}")
         return real_import(name, *args, **kwargs)
 
+    layers = importlib.import_module("zq_plugin.backends.brevitas.layers")  # where to_brevitas reads _brevitas
     monkeypatch.setattr(builtins, "__import__", fake_import)
     zb._brevitas.cache_clear()  # imported by earlier tests
-    monkeypatch.setattr(zb, "_brevitas", zb._brevitas.__wrapped__)
+    monkeypatch.setattr(layers, "_brevitas", layers._brevitas.__wrapped__)
     monkeypatch.setattr(
-        zb.importlib, "import_module", lambda name: fake_import(name) if name.startswith("brevitas") else None
+        layers.importlib, "import_module", lambda name: fake_import(name) if name.startswith("brevitas") else None
     )
     with pytest.raises(MissingDependencyError, match=r"zq-plugin\[brevitas\]"):
         zb.to_brevitas(copy.deepcopy(tiny_bn_net))

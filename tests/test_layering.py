@@ -3,8 +3,6 @@
 import ast
 import pathlib
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "zq_plugin"
 
 #: Packages below every feature (a plan, hooks, run keys, the math, the quantizers).
@@ -111,7 +109,6 @@ def test_only_the_pipeline_composes_stages_with_backends():
     assert users - {"zq_plugin.pipeline"} <= PIPELINE_USERS, users
 
 
-@pytest.mark.xfail(strict=True, reason="issue 29 item 5: backends/fx.py, pt2e.py, brevitas.py are not split yet")
 def test_no_backend_module_over_about_500_lines():
     long = {p.name: n for p in (ROOT / "backends").rglob("*.py") if (n := len(p.read_text().splitlines())) > 550}
     assert not long, long
