@@ -365,3 +365,14 @@ def input_value_counts(qmodel: nn.Module, x: torch.Tensor) -> dict[str, int]:
         for h in handles:
             h.remove()
     return seen
+
+
+def module_layer_names(model: nn.Module) -> list[str]:
+    """The weight layers ``model`` calls as modules, in execution order (reconstruction's units hold
+    these; a layer computed by ``F.linear(x, self.fc.weight)`` keeps its calibrated rounding)."""
+    from zq_plugin._utils import weight_layers
+
+    layers = weight_layers(model)
+    graph = torch.fx.symbolic_trace(model).graph
+    names = [str(n.target) for n in graph.nodes if n.op == "call_module" and str(n.target) in layers]
+    return list(dict.fromkeys(names))

@@ -121,7 +121,10 @@ def _game(steps, warmup=0, **options):
 
 
 def test_generator_and_student_both_learn_on_a_tiny_model(tiny_bn_net, monkeypatch):
-    """Over 60 iterations the generator's BN term and the student's distillation loss fall."""
+    """Over 60 iterations the generator's BN term falls; on a fixed set the student's distillation
+    loss falls. (On the game's ever-new images the student's loss is no measure: the generator
+    keeps seeking disagreement, the loss stays flat within a few percent, and whether its last
+    iterations are lower depends on the thread count.)"""
     from zq_plugin import finetuning as ft
 
     log = []
@@ -135,8 +138,12 @@ def test_generator_and_student_both_learn_on_a_tiny_model(tiny_bn_net, monkeypat
     monkeypatch.setattr(ft._Run, "advance", record)
     finetune(tiny_bn_net, config=_game(60, warmup=5), **QUICK)
     first, last = log[5:15], log[-10:]
-    for key in ("g_bns", "student"):
-        assert sum(r[key] for r in last) < sum(r[key] for r in first), key
+    assert sum(r["g_bns"] for r in last) < sum(r["g_bns"] for r in first)
+    log.clear()
+    images = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    finetune(tiny_bn_net, images, config=_game(60), w_bits=3, a_bits=3, first_last_bits=None, **QUICK)
+    first, last = log[:10], log[-10:]
+    assert sum(r["student"] for r in last) < sum(r["student"] for r in first)
 
 
 def test_same_seed_same_model_and_the_source_is_unchanged(tiny_bn_net):

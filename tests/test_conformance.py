@@ -23,6 +23,7 @@ from conformance import (
     assert_unchanged,
     build,
     input_value_counts,
+    module_layer_names,
     pt2e_prepare,
     snapshot,
 )
@@ -299,7 +300,7 @@ def test_units_cover_every_layer_and_chain_to_the_model(name):
     gm = torch.fx.symbolic_trace(model)
     blocks = find_blocks(gm)
     layers = [layer for b in blocks for layer in b.layers]
-    assert layers == weight_layer_names(model)  # every weight layer once, in execution order
+    assert layers == module_layer_names(model)  # every weight layer called as a module once, in execution order
     first = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
     h = x
     for block in blocks:  # the units chained reproduce the value the model has at the last unit's output
@@ -318,7 +319,7 @@ def test_reconstruct_fx(name):
     with quiet():
         sim = zq_plugin.reconstruct_fx(model, calib_of(x.shape[1:], 16), config=quick, seed=0, progress=False)
     report = sim.zq_reconstruction
-    assert [layer for r in report for layer in r["layers"]] == weight_layer_names(model)
+    assert [layer for r in report for layer in r["layers"]] == module_layer_names(model)
     assert all(r["held_after"] <= r["held_before"] for r in report)
     fq_levels_respected(sim, x)
     assert_unchanged(model, before)

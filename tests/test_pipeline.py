@@ -199,3 +199,11 @@ def test_the_old_attributes_still_read_with_a_deprecation_warning(backend):
     assert carried["weight_steps"] == carried["act_steps"] == 4
     with pytest.warns(DeprecationWarning, match="zq_build"):
         assert [r["unit"] for r in q.zq_reconstruction] == [r["unit"] for r in q.zq_build.stage_report]
+
+
+def test_describe_says_a_functional_layer_keeps_its_calibrated_rounding():
+    """Reconstruction learns the weights of module layers; F.linear(x, self.fc.weight) is reported as calibrated."""
+    net, x = _FunctionalLast().eval(), torch.randn(16, 1, 6, 6)
+    sim = run(net, x, Request(w_bits=4, a_bits=4, stage="reconstruct", reconstruction_config=QUICK))
+    steps = {r.name: r.weight_step for r in describe(sim).layers}
+    assert steps == {"conv1": "reconstructed", "conv2": "reconstructed", "fc": "calibrated"}

@@ -728,9 +728,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def write_onnx(qmodel: nn.Module, example: torch.Tensor, path: Path, backend: str) -> str:
     """``--onnx-out``: the backend's one ONNX export (each loads in onnxruntime alone); returns the path."""
-    from zq_plugin.backends import brevitas, fx_export, pt2e
+    from zq_plugin.backends import brevitas, fx, pt2e
 
-    export = {"brevitas": brevitas.export_onnx, "pt2e": pt2e.export_onnx, "fx": fx_export.export_onnx}
+    export = {"brevitas": brevitas.export_onnx, "pt2e": pt2e.export_onnx, "fx": fx.export_onnx}
     return str(export[backend](qmodel, example, path))  # type: ignore[arg-type]
 
 

@@ -90,8 +90,9 @@ def fx_student(
 
     ``init="calibrate"``: :func:`zq_plugin.quantize_fx` of the BN-folded model with the MSE
     observers on ``images``; ``"reconstruct"``: :func:`zq_plugin.reconstruct_fx` (Genie-M, or
-    ``reconstruct_config``) on them, its checkpoints under ``cache_dir``. ``plan``: per-layer bits instead of the uniform
-    ones (each layer's input quantized at its ``a_bits``, as PT2E and Brevitas read a plan).
+    ``reconstruct_config``) on them, its checkpoints under ``cache_dir``. ``plan``: per-layer bits
+    instead of the uniform ones (each layer's input quantized at its ``a_bits``, as every backend
+    reads a plan).
     """
     from torch.fx.experimental.optimization import fuse
 

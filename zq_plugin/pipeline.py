@@ -7,13 +7,13 @@ Every entry point that quantizes (:func:`zq_plugin.quantize`, :func:`zq_plugin.f
 1. **data**: the calibration images (given, or made by a synthesizer before this module);
 2. **plan**: a :class:`~zq_plugin.mixed_precision.BitPlan` (uniform bits become
    ``BitPlan.uniform``): per weight layer, its weight bits and its **input** bits;
-3. **stage**: one simulation of that plan (:mod:`zq_plugin.backends.fx_sim`: every weight layer's
+3. **stage**: one simulation of that plan (:mod:`zq_plugin.backends.fx.sim`: every weight layer's
    weight and input quantized, nothing else), calibrated with the ``observer`` statistic
    (``"calibrate"``), then reconstructed (``"reconstruct"``: Genie-M, BRECQ, QDrop, AdaRound) or
    fine-tuned (``"finetune"``);
 4. **backend**: the simulation itself (``"fx"``), or carried into a converted torchao PT2E model
    (``"pt2e"``) or into Brevitas quant layers (``"brevitas"``) through the one seam
-   (:func:`~zq_plugin.backends.fx_sim.read_sim`): weights, weight steps and input steps are
+   (:func:`~zq_plugin.backends.fx.sim.read_sim`): weights, weight steps and input steps are
    carried wherever the grids match; a step the simulation has none for is calibrated by the
    backend and says so.
 

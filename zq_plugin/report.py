@@ -252,13 +252,18 @@ def describe(qmodel: nn.Module) -> Report:
             f"{type(qmodel).__name__} holds no quantizer zq_plugin knows: describe() reads a model built by "
             "zq_plugin.quantize, quantize_fx, reconstruct_fx, finetune, or the PT2E / Brevitas backends."
         )
+    # reconstruction learns the weights of the layers its units name; a layer computed by a
+    # functional call (F.linear(x, self.fc.weight)) keeps its calibrated rounding
+    units = build.stage_report if build is not None and build.stage == "reconstruct" else None
+    learned = {layer for r in units for layer in r.get("layers", ())} if isinstance(units, list | tuple) else None
     layers = []
     for name, (w_bits, a_bits, granularity) in rows.items():
         how = steps.get(name, {})
+        weight_default = "calibrated" if backend == "fx" and learned is not None and name not in learned else default
         layers.append(
             LayerReport(
                 name=name, w_bits=w_bits, a_bits=a_bits, granularity=granularity,
-                weight_step="float" if w_bits is None else _source(how.get("weight"), default),
+                weight_step="float" if w_bits is None else _source(how.get("weight"), weight_default),
                 input_step="float" if a_bits is None else _source(how.get("input"), default),
             )
         )  # fmt: skip

@@ -19,13 +19,14 @@ Two ways in:
    ``convert_fx`` does not clamp (integration-notes §1.2) and must not be used to measure
    accuracy below 8 bits; :func:`convert_int8_fx` gives the real int8 model at 8 bits.
 
-Conventions of the uniform mapping: weights per-channel symmetric on a *narrow* range
-(``[-(2^(b-1)-1), 2^(b-1)-1]``, a grid symmetric around 0); activations per-tensor affine
-``[0, 2^b - 1]``. Affine activations represent the signed image input exactly (the zero
-point shifts the grid, so negative pixels are not clipped). The first and last Conv/Linear
-(in execution order) keep ``first_last_bits`` for their weights and their outputs; FX
-attaches activation bits to a layer's *output* (integration-notes §1.3), so the first layer's
-setting also quantizes the image, and the last layer's input keeps the bits of its producer.
+Conventions: weights per-channel symmetric on a *narrow* range (``[-(2^(b-1)-1), 2^(b-1)-1]``,
+a grid symmetric around 0); activations per-tensor affine ``[0, 2^b - 1]``, which represents the
+signed image input exactly (the zero point shifts the grid). Uniform bits are
+``BitPlan.uniform``: each weight layer's weight and its **input** at the layer's bits, the first
+and last Conv/Linear (in execution order, functional calls included) at ``first_last_bits``, so
+the image is read at ``first_last_bits`` and the last layer's input at ``a_bits`` -- the meaning
+of the bits on every backend (docs/api.md). torch.ao's own activation placement (a layer's
+*output*, integration-notes §1.3) applies only to a ``mapping=`` you pass.
 
 Example:
     >>> import torch
