@@ -358,7 +358,7 @@ def test_a_fine_tuned_plan_student_is_carried_into_pt2e():
     config = AdaDFQConfig(lr_student=0.1)
     ft = finetune(net, x, plan=plan, steps=20, batch_size=16, config=config, input_range=None, progress=False)
     q = from_sim(net, ft, x, plan=plan)
-    assert q.zq_carried == {"weight_steps": 3, "act_steps": 3}
+    assert q.zq_carried == {"weight_steps": 3, "act_steps": 3, "layers": 3}
     start = fx_student(net, x, w_bits=4, a_bits=4, plan=plan)
     t = torch.randn(32, 1, 8, 8)
     with torch.no_grad():

@@ -298,7 +298,7 @@ def test_reconstruct_pt2e_carries_the_rounded_weights_and_learned_steps():
     before = snapshot(net)
     q = reconstruct_pt2e(net, x, **kwargs)
     assert_unchanged(net, before)
-    assert q.zq_carried == {"weight_steps": 3, "act_steps": 3}
+    assert q.zq_carried == {"weight_steps": 3, "act_steps": 3, "layers": 3}
     assert [r["unit"] for r in q.zq_reconstruction] == ["0", "4", "7"]
     plan = BitPlan.uniform(net, w_bits=4, a_bits=4, first_last_bits=None)  # what reconstruct_pt2e gives FX
     sim = reconstruct_fx(net, x, plan=plan, config=quick, progress=False)  # the same seed: the same reconstruction

@@ -66,7 +66,7 @@ def test_brevitas_backend_gives_a_calibrated_brevitas_model():
 def test_pt2e_backend_gives_a_converted_pt2e_model_holding_the_reconstruction():
     x = torch.randn(16, 1, 8, 8)
     q = zq_plugin.quantize(_net(), data=x, config=QUICK, backend="pt2e", progress=False)
-    assert q.zq_carried == {"weight_steps": 3, "act_steps": 3} and q.zq_calibration is x
+    assert q.zq_carried == {"weight_steps": 3, "act_steps": 3, "layers": 3} and q.zq_calibration is x
     assert any("quantize_per_tensor" in str(n.target) for n in q.graph.nodes)
     assert q(torch.randn(5, 1, 8, 8)).shape[0] == 5
 

@@ -43,6 +43,7 @@ from typing import Any, cast
 from torch import fx, nn
 
 from zq_plugin._utils import weight_layers
+from zq_plugin.backends import carried_counts
 from zq_plugin.errors import ConfigError
 from zq_plugin.plan import BitPlan
 from zq_plugin.qparams import check_bits
@@ -260,24 +261,13 @@ def _generated_images(sim: nn.Module, count: int = 256) -> Any:
     return torch.cat(images)[:count]
 
 
-def _carried_counts(build: Any, backend: str) -> dict[str, int]:
-    steps = build.steps.values()
-    counts = {
-        "weight_steps": sum(s.get("weight") == "carried" for s in steps),
-        "act_steps": sum(s.get("input") == "carried" for s in steps),
-    }
-    if backend == "brevitas":
-        counts["layers"] = len(build.steps)
-    return counts
-
-
 def _deprecated_views(qmodel: nn.Module, backend: str) -> None:
     """``qmodel.zq_carried`` / ``.zq_reconstruction`` read from ``zq_build``, with a DeprecationWarning (one release).
 
     A ``GraphModule`` has a class of its own per instance (torch.fx), so the properties touch no other model.
     """
     views = {
-        "zq_carried": lambda build: _carried_counts(build, backend),
+        "zq_carried": lambda build: carried_counts(build.steps),
         "zq_reconstruction": lambda build: build.stage_report,
     }
     if backend == "fx" or not isinstance(qmodel, fx.GraphModule):

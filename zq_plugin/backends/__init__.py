@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -31,3 +31,24 @@ def moved_names(module: str, moved: dict[str, str], *, backend: str) -> Callable
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+def carried_counts(steps: Mapping[str, Mapping[str, str]]) -> dict[str, int]:
+    """How many steps a carrier took from the simulation: the one count every result reports.
+
+    Args:
+        steps: ``layer -> {"weight": how, "input": how}`` as a ``from_sim`` records it
+            (``how``: ``"carried"`` or ``"calibrated"``).
+
+    Returns:
+        ``{"weight_steps": carried weight steps, "act_steps": carried input steps, "layers": layers}``.
+
+    Example:
+        >>> carried_counts({"conv": {"weight": "carried", "input": "calibrated"}})
+        {'weight_steps': 1, 'act_steps': 0, 'layers': 1}
+    """
+    return {
+        "weight_steps": sum(how.get("weight") == "carried" for how in steps.values()),
+        "act_steps": sum(how.get("input") == "carried" for how in steps.values()),
+        "layers": len(steps),
+    }

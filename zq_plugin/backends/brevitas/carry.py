@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zq_plugin.backends import carried_counts
 from zq_plugin.backends.brevitas.calibrate import calibrate
 from zq_plugin.backends.brevitas.layers import _brevitas, _quant_layers, to_brevitas
 from zq_plugin.data import CalibrationData
@@ -121,10 +122,6 @@ def from_sim(
             if zero_point is not None:
                 zero_point.value.detach().fill_(float(grid.zero_point[0]) * float(target[0]))
             how["input"] = "carried"
-    qmodel.zq_carried = {  # type: ignore[assignment]
-        "weight_steps": sum(h["weight"] == "carried" for h in steps.values()),
-        "act_steps": sum(h["input"] == "carried" for h in steps.values()),
-        "layers": len(steps),
-    }
+    qmodel.zq_carried = carried_counts(steps)  # type: ignore[assignment]
     qmodel.zq_steps = steps  # type: ignore[assignment]
     return qmodel

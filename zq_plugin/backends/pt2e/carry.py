@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from zq_plugin import _compat
+from zq_plugin.backends import carried_counts
 from zq_plugin.backends.pt2e.quantize import _prepared, convert
 from zq_plugin.backends.pt2e.quantizer import TARGETS, _weight_owner
 from zq_plugin.data import CalibrationData
@@ -146,7 +147,7 @@ def from_sim(
         >>> plan = BitPlan.uniform(net, w_bits=4, a_bits=4, first_last_bits=None)
         >>> q = from_sim(net, zq_plugin.quantize_fx(net, x, plan=plan, fold=False), x, plan=plan)
         >>> q(torch.randn(3, 1, 8, 8)).shape, q.zq_carried
-        (torch.Size([3, 10]), {'weight_steps': 2, 'act_steps': 2})
+        (torch.Size([3, 10]), {'weight_steps': 2, 'act_steps': 2, 'layers': 2})
     """
     from torch.fx.experimental.optimization import fuse
 
@@ -170,10 +171,7 @@ def from_sim(
     prepared = _prepared(folded, data, bits, chosen, batch_size, None, qat=False)
     carried = carry_steps(prepared, sim)
     converted = convert(prepared)
-    converted.zq_carried = {  # type: ignore[assignment]
-        "weight_steps": sum(h["weight"] == "carried" for h in carried.values()),
-        "act_steps": sum(h["input"] == "carried" for h in carried.values()),
-    }
+    converted.zq_carried = carried_counts(carried)  # type: ignore[assignment]
     converted.zq_steps = carried  # type: ignore[assignment]
     return converted
 
