@@ -207,3 +207,34 @@ def test_describe_says_a_functional_layer_keeps_its_calibrated_rounding():
     sim = run(net, x, Request(w_bits=4, a_bits=4, stage="reconstruct", reconstruction_config=QUICK))
     steps = {r.name: r.weight_step for r in describe(sim).layers}
     assert steps == {"conv1": "reconstructed", "conv2": "reconstructed", "fc": "calibrated"}
+
+
+class _FunctionalMiddle(nn.Module):
+    """A 1x1 layer in the middle computed as ``F.conv2d(x, self.mix.weight, self.mix.bias)`` (outside check)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.mix, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.c1(x)))
+        x = torch.relu(torch.nn.functional.conv2d(x, self.mix.weight, self.mix.bias))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_plan_reaches_a_functional_layer_on_every_backend(backend):
+    """The plan's bits of a functionally computed layer are applied (FX, PT2E: carried), not the
+    keyword defaults or 8 bits; Brevitas, which cannot swap a functional call, lists it as float."""
+    _skip_missing(backend)
+    net, x = _FunctionalMiddle().eval(), torch.randn(32, 1, 8, 8)
+    plan = BitPlan.uniform(net, w_bits=3, a_bits=3)
+    report = describe(run(net, x, Request(plan=plan, stage="calibrate", backend=backend)))
+    rows = {r.name: (r.w_bits, r.a_bits) for r in report.layers}
+    if backend == "brevitas":
+        assert report.float_layers == ("mix",) and rows == {"c1": (8, 8), "fc": (8, 8)}
+    else:
+        assert rows == {"c1": (8, 8), "mix": (3, 3), "fc": (8, 8)}
+    if backend == "pt2e":
+        assert {r.weight_step for r in report.layers} == {"carried"}

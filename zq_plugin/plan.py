@@ -139,16 +139,20 @@ class BitPlan:
         return BitPlan(layers, self.meta)
 
     def traced(self, traced: nn.Module) -> BitPlan:
-        """The plan without the layers that a traced copy of its model holds as plain attributes.
+        """The plan for a traced copy of its model: the same layers, checked against the trace.
 
-        ``torch.fx`` turns a Linear whose weight the model reads functionally
-        (``F.linear(x, self.fc.weight)``) into a bare module holding the weight: it is a plan layer
-        of the model (:meth:`check` passes) but not of the trace, and FX quantizes that call with
-        its default qconfig, as :func:`zq_plugin.quantize_fx` does on the model itself. Call
-        :meth:`check` on the model first.
+        ``torch.fx`` turns a layer whose weight the model reads functionally
+        (``F.linear(x, self.fc.weight)``) into a bare module holding the weight; the plan keeps its
+        bits under the same name, and every backend gives them to the functional call (the
+        simulation by the call's weight owner, PT2E by the weight's owner). A plan layer that the
+        trace does not hold at all is dropped. Call :meth:`check` on the model first.
         """
         layers = weight_layers(traced)
-        kept = {name: bits for name, bits in self.layers.items() if name in layers}
+        kept = {
+            name: bits
+            for name, bits in self.layers.items()
+            if name in layers or _holds_weight(traced, name)
+        }  # fmt: skip
         return self if len(kept) == len(self.layers) else BitPlan(kept, self.meta)
 
     def with_params(self, model: nn.Module) -> BitPlan:
@@ -166,7 +170,7 @@ class BitPlan:
         layers = weight_layers(model)
         modules = dict(model.named_modules())
         for name in self.layers:
-            if name in layers:
+            if name in layers or _holds_weight(model, name):
                 continue
             if name in modules and isinstance(modules[name], WEIGHT_LAYERS):
                 raise ConfigError(
@@ -277,3 +281,16 @@ def _some(names: Mapping[str, Any], limit: int = 12) -> str:
     keys = list(names)
     shown = ", ".join(repr(k) for k in keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def _holds_weight(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is a bare module of a traced copy holding a layer's ``weight`` parameter.
+
+    ``torch.fx`` keeps a layer that the model computes functionally (``F.conv2d(x, self.mix.weight)``)
+    as a plain ``nn.Module`` with just the attributes the graph reads.
+    """
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return False
+    return type(module) is nn.Module and isinstance(module._parameters.get("weight"), nn.Parameter)
