@@ -8,7 +8,7 @@ from conftest import assert_unchanged, snapshot
 from torch import nn
 
 import zq_plugin
-from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.errors import ConfigError, DataMismatchError, ModelError
 from zq_plugin.reconstruct import METHODS
 
 QUICK = dataclasses.replace(METHODS["genie-m"], iterations=10, batch_size=8)
@@ -124,3 +124,36 @@ def test_finetune_deploys_on_every_backend(backend):
     t = torch.randn(8, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(q(t), fx(t), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"wbits": 3}, ConfigError, "did you mean w_bits="),
+        ({"bias_correction": True}, ConfigError, "a Brevitas tool"),
+        ({"act_observer": "mse"}, ConfigError, "observer="),
+        ({"config": {"iterations": 2}}, ConfigError, "pass a ReconstructConfig"),
+        ({"stage": "calibrate", "config": "CONFIG"}, ConfigError, "applies to stage='reconstruct'"),
+        ({"w_bits": 3, "plan": "PLAN"}, ConfigError, "plan= sets every layer"),
+        ({"reconstruction": "adaround", "config": "CONFIG"}, ConfigError, "replaces reconstruction='adaround'"),
+        ({"data": "OTHER"}, DataMismatchError, "synthesized from another model"),
+    ],
+)
+def test_quantize_names_what_a_user_gets_wrong(kwargs, error, match):
+    """Found from outside (issue 29): typos, keywords of other calls and ignored keywords are named."""
+    from zq_plugin.mixed_precision import BitPlan
+
+    net = _net()
+    before = snapshot(net)
+    other = _net()
+    other[0].weight.data.mul_(2)  # another model's weights
+    values = {
+        "CONFIG": dataclasses.replace(METHODS["genie-m"], iterations=2),
+        "PLAN": BitPlan.uniform(net, w_bits=4, a_bits=4),
+        "OTHER": zq_plugin.synthesize(other, "noise", num_samples=8, input_shape=(1, 8, 8)),
+    }
+    kwargs = {k: values.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    kwargs.setdefault("data", torch.randn(16, 1, 8, 8))
+    with pytest.raises(error, match=match):
+        zq_plugin.quantize(net, progress=False, **kwargs)
+    assert_unchanged(net, before)

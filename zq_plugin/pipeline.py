@@ -105,7 +105,7 @@ class Request:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        from zq_plugin.reconstruct.engine import METHODS
+        from zq_plugin.reconstruct.engine import METHODS, ReconstructConfig
 
         for value, allowed, what in (
             (self.stage, STAGES, "stage"),
@@ -118,6 +118,11 @@ class Request:
             raise ConfigError(f"weight_observer={self.weight_observer!r} is unknown; choose one of {list(OBSERVERS)}.")
         if self.weight_observer == "histogram":
             raise ConfigError("weight_observer='histogram' exists only per tensor; weights are per channel: use 'mse'.")
+        if self.reconstruction_config is not None and not isinstance(self.reconstruction_config, ReconstructConfig):
+            raise ConfigError(
+                f"reconstruction_config (config=) is a {type(self.reconstruction_config).__name__}: pass a "
+                "ReconstructConfig, e.g. dataclasses.replace(zq_plugin.reconstruct.METHODS['genie-m'], iterations=100)."
+            )
         if self.stage == "reconstruct" and self.reconstruction_config is None and self.reconstruction not in METHODS:
             raise ConfigError(
                 f"unknown reconstruction method {self.reconstruction!r}; choose one of {sorted(METHODS)}."
@@ -150,10 +155,35 @@ class Request:
         return BitPlan.uniform(model, w_bits=self.w_bits, a_bits=self.a_bits, first_last_bits=self.first_last_bits)
 
     def summary(self) -> dict[str, Any]:
-        """The bits asked for, as a JSON-ready dict."""
-        if self.plan is not None:
-            return {"plan": self.plan.to_json()}
-        return {"w_bits": self.w_bits, "a_bits": self.a_bits, "first_last_bits": self.first_last_bits}
+        """The bits asked for and the stage's settings, as a JSON-ready dict.
+
+        ``reconstruction`` and ``reconstruction_config`` (every field of the configuration that ran)
+        with the ``reconstruct`` stage; ``weight_observer`` always.
+        """
+        import dataclasses
+
+        from zq_plugin.reconstruct.engine import METHODS
+
+        out: dict[str, Any] = (
+            {"plan": self.plan.to_json()}
+            if self.plan is not None
+            else {"w_bits": self.w_bits, "a_bits": self.a_bits, "first_last_bits": self.first_last_bits}
+        )
+        out["weight_observer"] = self.weight_statistic
+        if self.stage == "reconstruct":
+            config = self.reconstruction_config or METHODS[self.reconstruction]
+            out["reconstruction"] = self.reconstruction if self.reconstruction_config is None else "config"
+            out["reconstruction_config"] = {k: _plain(v) for k, v in dataclasses.asdict(config).items()}
+        return out
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready copy of a config value (tuples as lists, anything else unusual as its repr)."""
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return repr(value)
 
 
 def _observers(request: Request) -> dict[str, Any]:

@@ -10,13 +10,14 @@ the one measured best in docs/reconstruction.md and docs/results.md; change one 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Literal
 
 from torch import nn
 
-from zq_plugin.data import CalibrationData
-from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.data import CalibrationData, SyntheticDataset, model_fingerprint
+from zq_plugin.errors import ConfigError, DataMismatchError, ModelError
 from zq_plugin.plan import BitPlan
 from zq_plugin.reconstruct.engine import ReconstructConfig
 
@@ -117,6 +118,29 @@ def quantize(
             f"quantize(method={synth_options['method']!r}): name the synthesizer with synthesizer=... (e.g. "
             "synthesizer='retro') and the reconstruction with reconstruction=... (e.g. 'genie-m')."
         )
+    _check_keywords(synth_options, synthesizer if data is None else None)
+    if plan is not None and (w_bits, a_bits, first_last_bits) != (4, 4, 8):
+        raise ConfigError(
+            "plan= sets every layer's weight and input bits: drop w_bits/a_bits/first_last_bits, or drop plan= "
+            "(plan.replace_layer(name, w_bits=..., a_bits=...) changes one layer)."
+        )
+    if config is not None and reconstruction != BEST_RECONSTRUCTION:
+        raise ConfigError(
+            f"config= is the whole reconstruction configuration and replaces reconstruction={reconstruction!r}'s: "
+            f"pass dataclasses.replace(zq_plugin.reconstruct.METHODS[{reconstruction!r}], iterations=...) as config=."
+        )
+    if (config is not None and stage != "reconstruct") or (finetune_options and stage != "finetune"):
+        given = "config=" if config is not None and stage != "reconstruct" else "finetune_options="
+        wants = "'reconstruct'" if given == "config=" else "'finetune'"
+        raise ConfigError(f"{given} applies to stage={wants}, and stage={stage!r} was asked for: drop it.")
+    if isinstance(data, SyntheticDataset) and data.model_fingerprint:
+        own = model_fingerprint(model)
+        if data.model_fingerprint != own:
+            raise DataMismatchError(
+                f"data= was synthesized from another model (fingerprint {data.model_fingerprint[:12]}, this model's "
+                f"{own[:12]}): its images match that model's statistics. Synthesize for this model, or pass "
+                "data=data.images to use them anyway."
+            )
     request = Request(
         w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits, plan=plan, stage=stage, backend=backend,
         observer=observer, reconstruction=reconstruction, reconstruction_config=config,
@@ -338,3 +362,44 @@ def finetune(
         finetune_options=options, seed=seed,
     )  # fmt: skip
     return run(model, data, request, cache_dir=cache_dir, progress=progress)
+
+
+#: keywords of other calls that users bring to ``quantize``, and where they belong
+_ELSEWHERE = {
+    "act_observer": "observer= (one name on every backend, e.g. observer='mse')",
+    "act_stats": "observer= (one name on every backend, e.g. observer='mse')",
+    "weight_observer": "Request(weight_observer=...) with zq_plugin.pipeline.run, or observer= for both",
+    "bias_correction": (
+        "a Brevitas tool: q = quantize(..., backend='brevitas'), then zq_plugin.backends.brevitas.bias_correct(q, data)"
+    ),
+    "gptq": "a Brevitas tool: q = quantize(..., backend='brevitas'), then zq_plugin.backends.brevitas.gptq(q, data)",
+    "generator": "finetune_options={'generator': ...} with stage='finetune', or zq_plugin.finetune",
+}
+
+
+def _check_keywords(options: dict[str, Any], synthesizer: str | None) -> None:
+    """``quantize``'s ``**synth_options`` that no synthesizer takes, named with where they belong.
+
+    ``synthesizer``: the one that runs (``None`` when ``data=`` is given: nothing takes options).
+    """
+    import difflib
+    import inspect
+
+    from zq_plugin.synth import METHODS as SYNTHESIZERS
+
+    spec = SYNTHESIZERS.get(synthesizer) if synthesizer else None
+    known = {f.name for f in dataclasses.fields(spec.config_cls)} if spec is not None else set()
+    own = [p for p in inspect.signature(quantize).parameters if p not in ("model", "synth_options")]
+    for name in options:
+        if name in known:
+            continue
+        if name in _ELSEWHERE:
+            raise ConfigError(f"quantize({name}=...): {_ELSEWHERE[name]}.")
+        close = difflib.get_close_matches(name, [*own, *known], n=1, cutoff=0.75)
+        if close:
+            raise ConfigError(f"quantize({name}=...): no such keyword; did you mean {close[0]}=?")
+        if synthesizer is None:
+            raise ConfigError(
+                f"options {sorted(options)} are the synthesizer's, and data= was given (nothing is synthesized); "
+                "drop them, or drop data=."
+            )

@@ -9,6 +9,7 @@ import inspect
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -59,13 +60,16 @@ def resolve_input_range(
     if input_range == "auto":
         found = getattr(model, "input_range", None)
         if found is None:
-            # a warning, not info: measured from outside, an unclamped box cost 8 points at W4A4
-            logger.warning(
-                "%s has no input_range attribute: synthetic images are not clamped to valid inputs, which "
-                "inflates activation ranges (docs/synthesis.md). Pass input_range=(lo, hi), the image of "
-                "valid pixels under the model's normalization (zq: --input-range=lo,hi), or None to silence this.",
-                type(model).__name__,
+            # a warning, not info: measured from outside, an unclamped box cost 8 points at W4A4; a
+            # Python warning, so that warnings filters control it, and a log line for log readers
+            message = (
+                f"{type(model).__name__} has no input_range attribute: synthetic images are not clamped to valid "
+                "inputs, which inflates activation ranges (docs/synthesis.md). Pass input_range=(lo, hi), the "
+                "image of valid pixels under the model's normalization (zq: --input-range=lo,hi), or None to "
+                "silence this."
             )
+            logger.warning(message)
+            warnings.warn(message, UserWarning, stacklevel=3)
             return None
         input_range = found
     if input_range is None:
