@@ -225,16 +225,13 @@ class _FunctionalMiddle(nn.Module):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_plan_reaches_a_functional_layer_on_every_backend(backend):
-    """The plan's bits of a functionally computed layer are applied (FX, PT2E: carried), not the
-    keyword defaults or 8 bits; Brevitas, which cannot swap a functional call, lists it as float."""
+    """The plan's bits of a functionally computed layer are applied on every backend (carried on
+    PT2E and Brevitas), not the keyword defaults or 8 bits, and not left float."""
     _skip_missing(backend)
     net, x = _FunctionalMiddle().eval(), torch.randn(32, 1, 8, 8)
     plan = BitPlan.uniform(net, w_bits=3, a_bits=3)
     report = describe(run(net, x, Request(plan=plan, stage="calibrate", backend=backend)))
     rows = {r.name: (r.w_bits, r.a_bits) for r in report.layers}
-    if backend == "brevitas":
-        assert report.float_layers == ("mix",) and rows == {"c1": (8, 8), "fc": (8, 8)}
-    else:
-        assert rows == {"c1": (8, 8), "mix": (3, 3), "fc": (8, 8)}
-    if backend == "pt2e":
+    assert rows == {"c1": (8, 8), "mix": (3, 3), "fc": (8, 8)} and report.float_layers == ()
+    if backend != "fx":
         assert {r.weight_step for r in report.layers} == {"carried"}

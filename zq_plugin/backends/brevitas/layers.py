@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from zq_plugin._utils import WEIGHT_LAYERS, input_placement, report_float_layers
+from zq_plugin.backends.brevitas.functional import functional_layers_as_modules
 from zq_plugin.errors import ConfigError, MissingDependencyError, ModelError, NotCalibratedError
 from zq_plugin.plan import BitPlan
 from zq_plugin.qparams import quant_range
@@ -289,6 +290,7 @@ def to_brevitas(
                 f"Brevitas could not trace {type(model).__name__} ({type(exc).__name__}: {exc}). Its graph "
                 "quantization needs a model without data-dependent Python control flow in forward."
             ) from exc
+        functional_layers_as_modules(graph, model)  # F.conv2d(x, self.mix.weight): quantized as mix
         kwargs = _layer_kwargs(plan, unsigned, act_stats, b, input_grid)
         layer_map = {float_cls: (getattr(b["qnn"], name), kwargs) for float_cls, name in _QUANT_LAYERS.items()}
         qmodel = b["layerwise_quantize"](graph, compute_layer_map=layer_map)
