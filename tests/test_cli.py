@@ -683,14 +683,16 @@ def test_finetune_deploys_on_each_backend_with_the_reconstruction_options(backen
     onnx = tmp_path / "m.onnx"
     argv = ["finetune", "--model", "plain_cnn", "--generator", "none", "--data", "noise", "--num-samples", "16"]
     argv += ["--steps", "2", "--batch-size", "8", "--init", "reconstruct", "--option", "iterations=2"]
-    argv += ["--option", "lr_student=1e-4", "--backend", backend, "--onnx-out", str(onnx)]
+    argv += ["--option", "lr_student=1e-4", "--backend", backend]
+    if backend == "brevitas":  # PT2E's ONNX export (dynamo) costs 10 s: tested in test_pt2e_backend
+        argv += ["--onnx-out", str(onnx)]
     assert cli.main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["options"] == {"game": {"lr_student": 1e-4}, "reconstruct": {"iterations": 2}}
     assert report["model"]["backend"] == backend and report["model"]["build"]["stage"] == "finetune"
     quantized = [row for row in report["model"]["layers"] if row["w_bits"] is not None]
     assert quantized and {row["weight_step"] for row in quantized} == {"carried"}
-    assert onnx.is_file()
+    assert onnx.is_file() == (backend == "brevitas")
 
 
 def test_quantize_option_reaches_synthesis_and_reconstruction(capsys):
