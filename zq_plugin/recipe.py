@@ -124,7 +124,7 @@ def quantize(
             "plan= sets every layer's weight and input bits: drop w_bits/a_bits/first_last_bits, or drop plan= "
             "(plan.replace_layer(name, w_bits=..., a_bits=...) changes one layer)."
         )
-    if config is not None and reconstruction != BEST_RECONSTRUCTION:
+    if config is not None and reconstruction != BEST_RECONSTRUCTION and not _is_method(config, reconstruction):
         raise ConfigError(
             f"config= is the whole reconstruction configuration and replaces reconstruction={reconstruction!r}'s: "
             f"pass dataclasses.replace(zq_plugin.reconstruct.METHODS[{reconstruction!r}], iterations=...) as config=."
@@ -403,3 +403,15 @@ def _check_keywords(options: dict[str, Any], synthesizer: str | None) -> None:
                 f"options {sorted(options)} are the synthesizer's, and data= was given (nothing is synthesized); "
                 "drop them, or drop data=."
             )
+
+
+def _is_method(config: Any, name: str) -> bool:
+    """Whether ``config`` is reconstruction method ``name``'s configuration with only its iterations changed."""
+    from zq_plugin.reconstruct import METHODS
+
+    preset = METHODS.get(name)
+    return (
+        preset is not None
+        and isinstance(config, ReconstructConfig)
+        and dataclasses.replace(config, iterations=preset.iterations) == preset
+    )
