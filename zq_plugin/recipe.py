@@ -165,11 +165,7 @@ def quantize(
             input_shape=None if input_shape is None else tuple(input_shape), seed=seed, progress=progress,
             cache_dir=cache_dir, **synth_options,
         )  # fmt: skip
-    elif synth_options:
-        raise ConfigError(
-            f"options {sorted(synth_options)} are the synthesizer's, and data= was given (nothing is synthesized); "
-            "drop them, or drop data=."
-        )
+    # with data=, _check_keywords has refused every synthesizer option already
     qmodel = run(model, data, request, cache_dir=cache_dir, progress=progress)
     qmodel.zq_calibration = data  # type: ignore[assignment]
     return qmodel

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zq_plugin import _compat
+from zq_plugin._utils import _FUNCTIONAL_WEIGHT_OPS
 from zq_plugin.backends.fx.passes import _is_negative_lobe, relu6_as_relu_then_clamp
 from zq_plugin.backends.fx.qconfig import qconfig
 from zq_plugin.backends.fx.quantize import _swap_conv_transpose, fold_weights, freeze
@@ -50,9 +51,7 @@ from zq_plugin.errors import ConfigError
 from zq_plugin.plan import BitPlan, LayerBits
 
 #: Functional calls that compute a weight layer (their weight is argument 1).
-FUNCTIONAL_WEIGHT_OPS = frozenset(
-    {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, F.linear}
-)
+FUNCTIONAL_WEIGHT_OPS = frozenset(_FUNCTIONAL_WEIGHT_OPS)
 #: Modules and calls through which a tensor keeps its quantization grid (``q(op(x)) == op(q(x))``
 #: or a pure reshape): a step found behind them belongs to the layer reading their output.
 PASS_THROUGH_MODULES: tuple[type[nn.Module], ...] = (
