@@ -319,3 +319,65 @@ def test_a_missing_torchao_names_the_extra_before_any_work(monkeypatch):
     for entry in (quantize_pt2e, prepare_qat, reconstruct_pt2e):
         with pytest.raises(MissingDependencyError, match=r"zq-plugin\[pt2e\]"):
             entry(_net(), torch.randn(8, 1, 8, 8))
+
+
+def test_torchao_pattern_cache_gives_the_graphs_torchao_builds_and_leaves_torchao_as_it_was():
+    """Mode switches with the cached rewrite patterns equal torchao's own; the patch ends with the block.
+
+    (Its QAT ``convert_pt2e`` equals torchao's in test_prepare_qat_trains_through_...: a plain
+    torchao convert exports 96 patterns, 40 s, too slow to repeat here.)
+    """
+    import copy
+
+    import torchao.quantization.pt2e as ao_pt2e
+    import torchao.quantization.pt2e.qat_utils as qat_utils
+    import torchao.quantization.pt2e.utils as ao_utils
+
+    from zq_plugin import _compat
+    from zq_plugin.backends.pt2e import prepare_qat
+
+    ao = _compat.torchao_pt2e()
+    original = ao_utils._get_aten_graph_module_for_pattern
+    x = torch.randn(16, 1, 8, 8)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(), nn.Linear(144, 3))
+    qat = prepare_qat(net.eval(), x, w_bits=8, a_bits=8)
+    _compat._PATTERNS.clear()
+    models = []
+    for switch in (ao.move_exported_model_to_eval, ao.move_exported_model_to_eval, ao_pt2e.move_exported_model_to_eval):
+        model = copy.deepcopy(qat)  # cached, again from the cache (deep copies), torchao alone
+        ao.move_exported_model_to_train(model)
+        switch(model)
+        models.append(model)
+    assert _compat._PATTERNS, "no pattern was cached"
+    cached, again, plain = models
+    assert str(cached.graph) == str(plain.graph) == str(again.graph)
+    assert torch.equal(cached(x), plain(x)) and torch.equal(again(x), plain(x))
+    assert ao_utils._get_aten_graph_module_for_pattern is original
+    assert qat_utils._get_aten_graph_module_for_pattern is original
+
+
+def test_pattern_key_counts_shapes_not_values_and_refuses_what_it_cannot_freeze():
+    from zq_plugin._compat import _pattern_key
+
+    def pattern(x, scale):
+        return x * scale
+
+    a = _pattern_key(pattern, (torch.randn(1, 3),), False, {"scale": torch.randn(1)})
+    assert a == _pattern_key(pattern, (torch.zeros(1, 3),), False, {"scale": torch.ones(1)})
+    assert a != _pattern_key(pattern, (torch.randn(2, 3),), False, {"scale": torch.randn(1)})
+    assert a != _pattern_key(pattern, (torch.randn(1, 3),), True, {"scale": torch.randn(1)})
+    held = torch.randn(3)
+
+    def over_a_tensor(x):
+        return x * held
+
+    assert _pattern_key(over_a_tensor, (torch.randn(1, 3),), False, {}) is None  # a constant of the graph
+    table = {"a": [1]}
+
+    def over_a_list_in_a_dict(x):
+        return x * len(table)
+
+    key = _pattern_key(over_a_list_in_a_dict, (torch.randn(1, 3),), False, {})
+    table["a"].append(2)
+    assert key is not None and key != _pattern_key(over_a_list_in_a_dict, (torch.randn(1, 3),), False, {})
+    assert _pattern_key(nn.ReLU(), (torch.randn(1, 3),), False, {}) is None  # a module: not cached

@@ -9,6 +9,8 @@ flow and not our internal calls, do not flood the output of our helpers.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import logging
 import warnings
 from collections.abc import Iterator
@@ -185,12 +187,12 @@ def torchao_pt2e() -> Any:
             get_observer_state_dict=ao_observer.get_observer_state_dict,
             load_observer_state_dict=ao_observer.load_observer_state_dict,
             PartialWrapper=ao_observer.PartialWrapper,
-            prepare_pt2e=prepare_pt2e,
-            prepare_qat_pt2e=prepare_qat_pt2e,
+            prepare_pt2e=_with_pattern_cache(prepare_pt2e),
+            prepare_qat_pt2e=_with_pattern_cache(prepare_qat_pt2e),
             FakeQuantize=AOFakeQuantize,
-            convert_pt2e=convert_pt2e,
-            move_exported_model_to_eval=getattr(pt2e, "move_exported_model_to_eval", None),
-            move_exported_model_to_train=getattr(pt2e, "move_exported_model_to_train", None),
+            convert_pt2e=_with_pattern_cache(convert_pt2e),
+            move_exported_model_to_eval=_with_pattern_cache(getattr(pt2e, "move_exported_model_to_eval", None)),
+            move_exported_model_to_train=_with_pattern_cache(getattr(pt2e, "move_exported_model_to_train", None)),
             QuantizationSpec=QuantizationSpec,
             QuantizationConfig=QuantizationConfig,
             QuantizationAnnotation=QuantizationAnnotation,
@@ -198,6 +200,113 @@ def torchao_pt2e() -> Any:
             X86InductorQuantizer=X86InductorQuantizer,
         )
     return _TORCHAO
+
+
+_PATTERNS: dict[Any, torch.fx.GraphModule] = {}
+_PATTERN_MODULES = (
+    "torchao.quantization.pt2e.utils",
+    "torchao.quantization.pt2e.qat_utils",
+    "torchao.quantization.pt2e.reference_representation_rewrite",
+)
+
+
+def _frozen(value: Any, *, tensors: bool = True) -> Any:
+    """A hashable stand-in for one argument of a pattern export; ``TypeError`` when there is none.
+
+    An input tensor counts by what ``torch.export`` traces (shape, dtype, device,
+    ``requires_grad``): the pattern graph does not depend on its values. A tensor the pattern
+    closes over is a constant of the graph: ``tensors=False`` refuses it (``TypeError``).
+    """
+    if isinstance(value, torch.Tensor):
+        if not tensors:
+            raise TypeError("a tensor constant")
+        return ("tensor", tuple(value.shape), value.dtype, value.device.type, value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_frozen(v, tensors=tensors) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _frozen(v, tensors=tensors)) for k, v in value.items())))
+    hash(value)
+    return value
+
+
+def _pattern_key(pattern: Any, example_inputs: Any, is_cuda: bool, kwargs: dict[str, Any]) -> Any:
+    """The key of one pattern graph: the function's code, its closure and defaults, the inputs' shapes.
+
+    ``None`` (not cached) for anything else: a module with state, a closure over a tensor or over
+    something unhashable.
+    """
+    fn = getattr(pattern, "fn", pattern) if type(pattern).__name__ == "WrapperModule" else pattern
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    try:
+        cells = tuple(_frozen(cell.cell_contents, tensors=False) for cell in (fn.__closure__ or ()))
+        defaults = _frozen(fn.__defaults__ or (), tensors=False)
+        return (code, cells, defaults, _frozen(example_inputs), is_cuda, _frozen(kwargs))
+    except (TypeError, ValueError):  # an unhashable cell, an empty cell
+        return None
+
+
+@contextlib.contextmanager
+def torchao_pattern_cache() -> Iterator[None]:
+    """Within the block, torchao exports each of its rewrite patterns once per process.
+
+    torchao's BatchNorm folding (``convert_pt2e`` after QAT, ``prepare_qat_pt2e``) and its
+    train/eval rewrites (``move_exported_model_to_eval``) turn small pattern functions into aten
+    graphs with ``torch.export`` on every call: 96 exports, about 40 s on 2 cores, for one QAT
+    ``convert_pt2e``. The graphs depend only on the pattern's code, its closure and the example
+    inputs' shapes, so they are kept here (keyed on exactly those) and each caller gets a deep copy
+    (3 ms). The patch of torchao's private ``_get_aten_graph_module_for_pattern`` lives only inside
+    the block; a torchao without it runs unchanged.
+    """
+    import importlib
+
+    modules = []
+    for name in _PATTERN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if callable(getattr(module, "_get_aten_graph_module_for_pattern", None)):
+            modules.append(module)
+    if not modules:
+        yield
+        return
+    original = modules[0].__dict__["_get_aten_graph_module_for_pattern"]
+    if getattr(original, "zq_cached", False):  # nested: the outer block already patched it
+        yield
+        return
+
+    def cached(pattern: Any, example_inputs: Any, is_cuda: bool = False, **kwargs: Any) -> Any:
+        key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
+        if key is None:
+            return original(pattern, example_inputs, is_cuda, **kwargs)
+        if key not in _PATTERNS:
+            _PATTERNS[key] = original(pattern, example_inputs, is_cuda, **kwargs)
+        return copy.deepcopy(_PATTERNS[key])
+
+    cached.zq_cached = True  # type: ignore[attr-defined]
+    saved = [(module, module.__dict__["_get_aten_graph_module_for_pattern"]) for module in modules]
+    for module, _ in saved:
+        module._get_aten_graph_module_for_pattern = cached  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for module, fn in saved:
+            module._get_aten_graph_module_for_pattern = fn  # type: ignore[attr-defined]
+
+
+def _with_pattern_cache(fn: Any) -> Any:
+    """``fn`` run inside :func:`torchao_pattern_cache`; ``None`` stays ``None``."""
+    if fn is None:
+        return None
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torchao_pattern_cache():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def has_torchao() -> bool:
