@@ -8,9 +8,11 @@ from torch import nn
 # The README command must pass on any machine as it does in CI: the default profile is deterministic
 # (derandomized, no example database in .hypothesis/ to replay a past failure forever). Random
 # exploration is opt-in: HYPOTHESIS_PROFILE=explore (a failure it finds is kept as an @example).
+# 100 examples a property (Hypothesis's own default) keeps the default suite under 15 minutes on 2
+# cores; the observers' properties alone took 3.5 minutes at 200.
 _common = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
-settings.register_profile("default", max_examples=200, derandomize=True, database=None, **_common)
-settings.register_profile("ci", max_examples=200, derandomize=True, database=None, **_common)
+settings.register_profile("default", max_examples=100, derandomize=True, database=None, **_common)
+settings.register_profile("ci", max_examples=100, derandomize=True, database=None, **_common)
 settings.register_profile("explore", max_examples=1000, **_common)
 settings.register_profile("quick", max_examples=20, derandomize=True, database=None, **_common)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "default"))

@@ -212,17 +212,6 @@ def test_synthesize_input_range_for_a_user_model(tmp_path):
     assert images.min() >= -0.5 and images.max() <= 0.25
 
 
-def test_plan_readme_command_measures_the_default_points(data_file, tmp_path):
-    """Issue 14: the README's `zq plan` (no --evaluate) crashed after writing plan.json, before frontier.json."""
-    out = tmp_path / "plan"
-    assert (
-        cli.main(["plan", "--model", "resnet_s", "--data", str(data_file), "--budget", "MP4", "--out", str(out)]) == 0
-    )
-    doc = json.loads((out / "frontier.json").read_text())
-    assert len(doc["measured"]) >= 2 and doc["measured"][-1]["chosen"]
-    assert (out / "frontier.png").exists()
-
-
 class NeedsArgs(torch.nn.Module):
     def __init__(self, width):
         super().__init__()

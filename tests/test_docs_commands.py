@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import json
 import os
 import re
 import runpy
@@ -203,6 +204,10 @@ def test_readme_runs_as_written(root, memo_synthesize, capsys, monkeypatch):
         if how(cmd) == "run":
             for part in cmd.split("&&"):
                 run_part(part.strip(), root, capsys)
+    # issue 14: the README's `zq plan` (no --evaluate) crashed after plan.json, before frontier.json
+    frontier = json.loads((root / "zq_out" / "plan" / "frontier.json").read_text())
+    assert len(frontier["measured"]) >= 2 and frontier["measured"][-1]["chosen"]
+    assert (root / "zq_out" / "plan" / "frontier.png").exists()
     assert not any((ROOT / name).exists() for name in ("resnet_s-zeroq.pt", "plan", "model.onnx"))
 
 

@@ -1,6 +1,6 @@
 """Hypothesis properties of every observer, in both families (torch.ao and torchao).
 
-Each property runs the default profile's 200 examples per statistic and family.
+Each property runs the default profile's 100 examples per statistic and family.
 """
 
 import inspect
