@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from zq_plugin.errors import ConfigError
 from zq_plugin.qparams import fake_quantize
 from zq_plugin.reconstruct import LearnedRoundingWeight, LSQActivation, beta_at, rounding_regularizer
-from zq_plugin.reconstruct.quantizers import inverse_rectified_sigmoid, rectified_sigmoid
+from zq_plugin.reconstruct.quantizers import inverse_rectified_sigmoid, qdrop_mask, rectified_sigmoid
 
 
 def _weight(seed, shape=(4, 3, 3, 3)):
@@ -117,3 +117,30 @@ def test_qdrop_mixes_float_and_quantized_elements_only_in_training():
     q.generator = torch.Generator().manual_seed(0)
     assert torch.equal(q(x), out)  # seeded: the same mix
     assert torch.equal(q.eval()(x), q.quantize(x))
+
+
+@given(
+    prob=st.floats(0.0, 1.0),
+    shape=st.lists(st.integers(1, 7), min_size=1, max_size=4).map(tuple),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_qdrop_mask_holds_zeros_and_ones_and_is_seeded(prob, shape, seed):
+    mask = qdrop_mask(shape, prob, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    assert mask.shape == shape and mask.dtype == torch.float64
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(mask, qdrop_mask(shape, prob, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    if prob in (0.0, 1.0):
+        assert torch.equal(mask, torch.full(shape, prob, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("prob", [0.01, 0.25, 0.5, 0.9, 0.999])
+def test_qdrop_mask_keeps_the_share_asked_and_lerp_gives_each_element_exactly(prob):
+    n = 200_000
+    mask = qdrop_mask((n,), prob, generator=torch.Generator().manual_seed(1))
+    # binomial: 5 standard deviations (the 16-bit threshold moves the share by at most 2**-17)
+    assert abs(float(mask.mean()) - prob) <= 5 * (prob * (1 - prob) / n) ** 0.5 + 2**-17
+    x, q = torch.randn(n), torch.randn(n)
+    mixed = torch.lerp(q, x, mask)
+    assert torch.equal(mixed[mask == 1], x[mask == 1]) and torch.equal(mixed[mask == 0], q[mask == 0])
+    runs = (mask[1:] != mask[:-1]).float().mean()  # neighbours independent: a change with 2 p (1 - p)
+    assert abs(float(runs) - 2 * prob * (1 - prob)) < 0.01

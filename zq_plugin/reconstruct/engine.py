@@ -46,7 +46,7 @@ from zq_plugin.errors import ConfigError
 from zq_plugin.plan import BitPlan
 from zq_plugin.reconstruct.blocks import Block, find_blocks, find_layers
 from zq_plugin.reconstruct.graph import block_module, node_values
-from zq_plugin.reconstruct.quantizers import LearnedRoundingWeight, LSQActivation, beta_at
+from zq_plugin.reconstruct.quantizers import LearnedRoundingWeight, LSQActivation, beta_at, qdrop_mask
 from zq_plugin.runs import method_code_hash, run_key
 
 logger = logging.getLogger(__name__)
@@ -320,8 +320,10 @@ def reconstruct_unit(
                 ]
                 x_in = x_q[idx]
                 if config.drop_prob > 0:
-                    keep_float = torch.rand(x_in.shape, generator=masks, device=x_in.device) < config.drop_prob
-                    x_in = torch.where(keep_float, x_fp[idx], x_in)
+                    keep_float = qdrop_mask(
+                        x_in.shape, config.drop_prob, generator=masks, device=x_in.device, dtype=x_in.dtype
+                    )
+                    x_in = torch.lerp(x_in, x_fp[idx], keep_float)
                 loss = ((unit(x_in) - y_fp[idx]) ** 2).sum(1).mean()
                 beta = beta_at(step - 1, config.iterations, warmup=config.warmup)
                 if beta is not None and config.round_weight > 0:
