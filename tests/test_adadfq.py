@@ -100,6 +100,10 @@ def test_the_generator_makes_images_of_any_shape(shape):
         ({"class_loss": "other"}, "class_loss"),
         ({"lowpass": 0.0}, "lowpass"),
         ({"hard_threshold": 1.0}, "hard_threshold"),
+        ({"oscillation": "wobble"}, "remedy"),
+        ({"freeze_threshold": 0.0}, "threshold"),
+        ({"holdout": 1.0}, "holdout"),
+        ({"checks": 0}, "checks"),
     ],
 )
 def test_bad_options_raise_named_errors(options, match):
@@ -117,7 +121,9 @@ QUICK = {"input_shape": (1, 8, 8), "batch_size": 16, "calibration_samples": 32, 
 
 
 def _game(steps, warmup=0, **options):
-    return AdaDFQConfig(steps=steps, warmup=warmup, width=16, latent_dim=16, lr_student=0.01, **options)
+    return AdaDFQConfig(
+        **{"steps": steps, "warmup": warmup, "width": 16, "latent_dim": 16, "lr_student": 0.01, **options}
+    )
 
 
 def test_generator_and_student_both_learn_on_a_tiny_model(tiny_bn_net, monkeypatch):
@@ -407,3 +413,61 @@ def test_synthesize_adadfq_trains_one_generator_per_call(monkeypatch):
     again = zq_plugin.synthesize(net, method="adadfq", num_samples=10, batch_size=4, input_shape=(1, 8, 8), **options)
     assert len(games) == 2 and torch.equal(again.images, data.images)  # seeded: the same call, the same data
     assert not torch.equal(data.images[:4], data.images[4:8])  # each batch draws its own latents
+
+
+def test_fine_tuning_never_ends_worse_than_it_began_on_the_held_out_images(tiny_bn_net):
+    """A learning rate that wrecks the student: the kept state is the starting one, bit for bit (issue 30)."""
+    from zq_plugin.finetuning import fx_student
+
+    images = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    wrecked = finetune(tiny_bn_net, images, config=_game(20, lr_student=50.0), **QUICK)
+    record = wrecked.zq_finetune
+    kls = [h["kl"] for h in record["held_out"]]
+    assert record["held_out"][0]["step"] == 0 and len(kls) == 11  # the start, then 10 checks
+    assert record["kept_step"] == 0 and min(kls) == kls[0] < max(kls)
+    start = fx_student(tiny_bn_net, images, w_bits=4, a_bits=4)
+    x = torch.randn(8, 1, 8, 8)
+    assert torch.equal(wrecked(x), start(x))
+    good = finetune(tiny_bn_net, images, config=_game(20), **QUICK).zq_finetune
+    kept = [h["kl"] for h in good["held_out"] if h["step"] == good["kept_step"]]
+    assert kept == [min(h["kl"] for h in good["held_out"])]
+
+
+def test_held_out_images_never_train_and_a_generator_checks_on_its_calibration_images(tiny_bn_net, monkeypatch):
+    from zq_plugin import finetuning as ft
+
+    seen = []
+    fixed = ft._Run._fixed_batch
+
+    def record(self):
+        x, y = fixed(self)
+        seen.append(x)
+        return x, y
+
+    monkeypatch.setattr(ft._Run, "_fixed_batch", record)
+    images = torch.arange(64 * 64, dtype=torch.float32).reshape(64, 1, 8, 8) / 4096
+    runs = []
+    init = ft._Run.__init__
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        runs.append(self)
+
+    monkeypatch.setattr(ft._Run, "__init__", keep)
+    finetune(tiny_bn_net, images, config=_game(10), **QUICK)
+    held = {float(h.flatten()[0]) for h in runs[0].held}
+    trained = {float(x.flatten()[0]) for batch in seen for x in batch}
+    assert len(held) == 8 and not held & trained  # 1/8 of 64 held out, never drawn
+    finetune(tiny_bn_net, config=_game(4, warmup=1), **QUICK)
+    assert runs[1].held is not None and runs[1].held.shape == (32, 1, 8, 8)  # calibration_samples=32
+
+
+def test_oscillating_weights_freeze_during_fine_tuning_and_stay_frozen(tiny_bn_net):
+    images = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    config = _game(40, lr_student=5.0, freeze_threshold=0.005)  # a large rate makes weights hop
+    q = finetune(tiny_bn_net, images, config=config, w_bits=2, a_bits=4, first_last_bits=None, **QUICK)
+    assert q.zq_finetune["frozen_weights"] > 0
+    off = finetune(tiny_bn_net, images, config=_game(40, lr_student=5.0, freeze_threshold=0.005, oscillation=None),
+                   w_bits=2, a_bits=4,
+                   first_last_bits=None, **QUICK).zq_finetune  # fmt: skip
+    assert off["frozen_weights"] == 0 and off["oscillating_share"] > 0

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from zq_plugin._utils import model_device_dtype, select_output
 from zq_plugin.data import CalibrationData, atomic_torch_save, iter_batches, model_fingerprint
 from zq_plugin.errors import ConfigError, ModelError
+from zq_plugin.oscillation import OscillationConfig, WeightOscillations
 from zq_plugin.plan import BitPlan
 from zq_plugin.runs import dist_info, method_code_hash, run_key
 from zq_plugin.synth.adadfq import (
@@ -139,6 +140,8 @@ class LearnedStep(nn.Module):
         self.register_buffer("zero_point", fq.zero_point.detach().clone().float())
         self.qmin, self.qmax = int(fq.quant_min), int(fq.quant_max)
         self.axis = int(fq.ch_axis) if fq.is_per_channel else None
+        # the grid as a FakeQuantize names it (zq_plugin.oscillation reads these)
+        self.quant_min, self.quant_max, self.ch_axis = self.qmin, self.qmax, self.axis or 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` fake-quantized with the learned step (same shape and dtype)."""
@@ -192,9 +195,19 @@ class _Run:
         input_range: tuple[float, float] | None,
         num_classes: int,
         seed: int,
+        check_images: torch.Tensor | None = None,
     ) -> None:
         self.teacher, self.student, self.generator, self.config = teacher, student, generator, config
         self.images, self.labels = images, labels
+        # the held-out check set: a fixed share of a fixed image set (never trained on), or the
+        # calibration images a generator made at the start
+        self.train_index: torch.Tensor | None = None
+        self.held: torch.Tensor | None = check_images
+        if images is not None:
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 2))
+            held = round(len(images) * config.holdout) if len(images) >= 16 else 0
+            self.train_index = order[: len(images) - held] if held else order
+            self.held = images[order[len(images) - held :]] if held else (images if config.holdout > 0 else None)
         self.batch_size, self.input_range, self.num_classes = batch_size, input_range, num_classes
         self.device, self.dtype = model_device_dtype(teacher)
         self.rng = torch.Generator().manual_seed(seed)
@@ -223,6 +236,46 @@ class _Run:
         )
         self.bns = require_batchnorm(teacher, "adadfq") if generator is not None else {}
         self.targets = running_moments(self.bns)
+        layers = {n: m for n, m in student.named_modules() if _quantized_weight(m)}
+        remedy = cast(Any, config.oscillation)
+        self.oscillations = WeightOscillations(
+            layers,
+            OscillationConfig(remedy=remedy, threshold=config.freeze_threshold, dampen_weight=config.dampen_weight),
+        )
+        self.held_teacher: torch.Tensor | None = None
+        self.best: tuple[float, int, dict[str, torch.Tensor] | None] = (math.inf, 0, None)
+        self.history: list[tuple[int, float]] = []
+
+    # -- the held-out check ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def held_loss(self) -> float:
+        """Mean KL of the student's from the teacher's class probabilities on the check set (nats)."""
+        held = cast(torch.Tensor, self.held)
+        if self.held_teacher is None:
+            self.held_teacher = torch.cat(
+                [select_output(self.teacher(b.to(self.device, self.dtype))).float() for b in held.split(64)]
+            ).log_softmax(1)
+        self.student.train(False)
+        student = torch.cat(
+            [select_output(self.student(b.to(self.device, self.dtype))).float() for b in held.split(64)]
+        )
+        kl = torch.nn.functional.kl_div(student.log_softmax(1), self.held_teacher, log_target=True, reduction="sum")
+        return float(kl) / len(held)
+
+    def check(self) -> None:
+        """Measure the check set; keep the student's state if it is the best so far."""
+        if self.held is None:
+            return
+        loss = self.held_loss()
+        self.history.append((self.step, loss))
+        if loss < self.best[0]:
+            state = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+            self.best = (loss, self.step, state)
+
+    def restore_best(self) -> None:
+        """Put the best checked state back into the student (the last one if nothing was checked)."""
+        if self.best[2] is not None:
+            self.student.load_state_dict(self.best[2])
 
     # -- one iteration --------------------------------------------------------------------------------
     def advance(self) -> dict[str, float]:
@@ -249,12 +302,14 @@ class _Run:
                 temperature=config.temperature,
                 hard_threshold=config.hard_threshold,
             )
+            loss = loss + self.oscillations.dampening_loss()
             if not math.isfinite(float(loss.detach())):
                 raise ModelError(f"the student loss became {float(loss)} at iteration {self.step}; lower lr_student.")
             self.opt_s.zero_grad(set_to_none=True)
             loss.backward()
             self.opt_s.step()
             self.sched_s.step()
+            self.oscillations.after_step()
             out["student"] = float(loss.detach())
         self.step += 1
         return out
@@ -284,7 +339,8 @@ class _Run:
 
     def _fixed_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         images = cast(torch.Tensor, self.images)  # a run without a generator always has images
-        index = self._mine(torch.randint(0, len(images), (self.batch_size,), generator=self.rng))
+        pool = cast(torch.Tensor, self.train_index)
+        index = self._mine(pool[torch.randint(0, len(pool), (self.batch_size,), generator=self.rng)])
         x = images[index].to(self.device, self.dtype)
         return x, None if self.labels is None else self.labels[index].to(self.device)
 
@@ -306,6 +362,13 @@ class _Run:
             "student": cpu(self.student.state_dict()),
             "opt_s": self.opt_s.state_dict(),
             "sched_s": self.sched_s.state_dict(),
+            "oscillations": self.oscillations.state_dict(),
+            "best": {
+                "loss": self.best[0],
+                "step": self.best[1],
+                "state": None if self.best[2] is None else cpu(self.best[2]),
+            },
+            "history": [list(h) for h in self.history],
         }
         if self.generator is not None and self.opt_g is not None:
             blob.update(generator=cpu(self.generator.state_dict()), opt_g=self.opt_g.state_dict())
@@ -318,9 +381,22 @@ class _Run:
         self.student.load_state_dict(blob["student"])
         self.opt_s.load_state_dict(blob["opt_s"])
         self.sched_s.load_state_dict(blob["sched_s"])
+        self.oscillations.load_state_dict(blob["oscillations"])
+        best = blob["best"]
+        self.best = (float(best["loss"]), int(best["step"]), best["state"])
+        self.history = [(int(step), float(loss)) for step, loss in blob["history"]]
         if self.generator is not None and self.opt_g is not None:
             self.generator.load_state_dict(blob["generator"])
             self.opt_g.load_state_dict(blob["opt_g"])
+
+
+def _quantized_weight(module: nn.Module) -> bool:
+    """A layer whose weight is fake-quantized and trains (an enabled weight quantizer, per channel or not)."""
+    fq = getattr(module, "weight_fake_quant", None)
+    if fq is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+        return False
+    enabled = getattr(fq, "fake_quant_enabled", None)
+    return enabled is None or bool(enabled[0])
 
 
 def _checkpoint(folder: Path) -> Path:
@@ -418,9 +494,16 @@ def _checked_config(
 def _train(run: _Run, folder: Path | None, checkpoint_every: int, progress: bool) -> dict[str, float]:
     """Advance ``run`` to its last iteration, checkpointing under ``folder``; the last losses."""
     losses: dict[str, float] = {}
+    config = run.config
+    every = max((config.steps - config.warmup) // config.checks, 1)
+    if run.step == 0:
+        run.check()  # the starting student is a candidate: fine-tuning never ends worse on the check set
     bar = tqdm(range(run.step, run.config.steps), desc="finetune", disable=None if progress else True)
     for _ in bar:
         losses = run.advance()
+        trained = run.step - config.warmup
+        if trained > 0 and (trained % every == 0 or run.step == config.steps):
+            run.check()
         if run.step % 10 == 0:
             bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()}, refresh=False)
         if folder is not None and (run.step % checkpoint_every == 0 or run.step == run.config.steps):
@@ -578,6 +661,7 @@ def finetune(
             input_range=box,
             num_classes=num_classes,
             seed=seed,
+            check_images=None if images is not None or config.holdout == 0 else calibration.detach().cpu(),
         )
         folder = None
         if cache_dir is not None:
@@ -599,6 +683,7 @@ def finetune(
             folder = Path(cache_dir) / f"finetune-{key}"
             _resume(folder, run)
         losses = _train(run, folder, checkpoint_every, progress)
+        run.restore_best()
     if config.learn_steps:
         _swap_steps(student, learn=False)
     student.eval()
@@ -621,6 +706,10 @@ def finetune(
         "init": init,
         "plan": plan,
         "last_losses": losses,
+        "held_out": [{"step": step, "kl": loss} for step, loss in run.history],
+        "kept_step": run.best[1] if run.best[2] is not None else run.step,
+        "frozen_weights": run.oscillations.frozen_count(),
+        "oscillating_share": run.oscillations.oscillating_share(),
         "seconds": time.perf_counter() - started,
     }
     return student

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,17 @@ class AdaDFQConfig:
             ICLR 2020: gradient scaled by ``1 / sqrt(numel * qmax)``); off: the steps stay fixed.
         w_bits: the student's weight bits when the game runs inside ``synthesize`` (2-8).
         a_bits: the student's activation bits there (2-8).
+        oscillation: the remedy for weights oscillating across a rounding boundary (Nagel et
+            al., ICML 2022; :mod:`zq_plugin.oscillation`): ``"freeze"`` (iterative freezing),
+            ``"dampen"`` (the dampening loss) or ``None``.
+        freeze_threshold: the oscillation frequency above which a weight freezes (the paper's
+            ``f_th``; its moving averages use momentum 0.01).
+        dampen_weight: the dampening loss's factor.
+        holdout: the share of a fixed image set held out to check the student (with a
+            generator: the calibration images are the check set); 0: no check.
+        checks: how many times the held-out distillation loss (KL of the student's from the
+            teacher's probabilities) is measured; the student ends in the state that measured
+            lowest, the starting one included, so fine-tuning never ends worse than it began on it.
     """
 
     steps: int = 400
@@ -111,9 +122,20 @@ class AdaDFQConfig:
     learn_steps: bool = False
     w_bits: int = 4
     a_bits: int = 4
+    oscillation: str | None = "freeze"
+    freeze_threshold: float = 0.02
+    dampen_weight: float = 1e-2
+    holdout: float = 0.125
+    checks: int = 10
 
     def __post_init__(self) -> None:
+        from zq_plugin.oscillation import OscillationConfig
         from zq_plugin.qparams import check_bits
+
+        remedy = cast(Any, self.oscillation)
+        OscillationConfig(remedy=remedy, threshold=self.freeze_threshold, dampen_weight=self.dampen_weight)
+        if not 0.0 <= self.holdout < 1.0 or isinstance(self.checks, bool) or self.checks < 1:
+            raise ConfigError(f"holdout={self.holdout} must lie in [0, 1) and checks={self.checks} be >= 1.")
 
         if self.margin is not None:
             margin: tuple[object, ...] = tuple(self.margin)
