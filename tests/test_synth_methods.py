@@ -232,3 +232,24 @@ def test_every_bn_method_runs_with_an_inplace_activation_after_bn(method, act):
     m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), act, nn.Flatten(), nn.Linear(144, 3)).eval()
     data = zq_plugin.synthesize(m, method, num_samples=4, input_shape=(1, 8, 8), steps=5, progress=False)
     assert data.images.shape == (4, 1, 8, 8) and torch.isfinite(data.images).all()
+
+
+def test_zeroq_jitter_and_flip_are_seeded_change_the_images_and_off_draws_nothing(tiny_bn_net):
+    """DeepInversion's augmentation as a ZeroQ option (issue 30): off gives the images of a run without it."""
+    import zq_plugin
+    from zq_plugin.synth.optimize import jitter_and_flip
+
+    kw = {"num_samples": 8, "input_shape": (1, 8, 8), "input_range": (-1.0, 2.0), "seed": 1, "steps": 20, "progress": False}
+    plain = zq_plugin.synthesize(tiny_bn_net, "zeroq", **kw).images
+    off = zq_plugin.synthesize(tiny_bn_net, "zeroq", jitter=0, flip=False, **kw).images
+    assert torch.equal(plain, off)
+    jittered = zq_plugin.synthesize(tiny_bn_net, "zeroq", jitter=2, flip=True, **kw).images
+    again = zq_plugin.synthesize(tiny_bn_net, "zeroq", jitter=2, flip=True, **kw).images
+    assert torch.equal(jittered, again) and not torch.equal(jittered, plain)
+    assert float(jittered.min()) >= -1.0 and float(jittered.max()) <= 2.0
+    aug = jitter_and_flip(1, False, torch.Generator().manual_seed(0))
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    shifted = aug(x)
+    assert sorted(shifted.flatten().tolist()) == sorted(x.flatten().tolist())  # a roll: the same pixels
+    with pytest.raises(ConfigError, match="jitter"):
+        zq_plugin.synthesize(tiny_bn_net, "zeroq", jitter=-1, **kw)

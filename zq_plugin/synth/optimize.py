@@ -71,12 +71,47 @@ def check_loop_config(config: LoopConfig, method: str) -> None:
         raise ConfigError(f"init={config.init!r}: use 'uniform' (ZeroQ's tiny grid) or 'gaussian' (N(0, 1)).")
 
 
+def jitter_and_flip(jitter: int, flip: bool, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """DeepInversion's augmentation of the pixels at each step (Yin et al., CVPR 2020), or ``None`` when off.
+
+    Each call rolls the whole batch ``[N, C, H, W]`` by a random ``(dy, dx)`` in
+    ``[-jitter, jitter]`` pixels (wrapping around) and, with ``flip``, mirrors it horizontally
+    with probability 1/2; the draws come from ``gen``. The loss sees the augmented images, the
+    optimizer moves the originals: the images must match the statistics under small shifts and
+    mirroring, as the training images did. Off (``jitter=0, flip=False``) draws nothing, so the
+    images are those of a run without it.
+
+    Example:
+        >>> aug = jitter_and_flip(2, True, torch.Generator().manual_seed(0))
+        >>> aug(torch.arange(16.0).reshape(1, 1, 4, 4)).shape
+        torch.Size([1, 1, 4, 4])
+        >>> jitter_and_flip(0, False, torch.Generator()) is None
+        True
+    """
+    if jitter < 0:
+        raise ConfigError(f"jitter={jitter} must be >= 0 pixels.")
+    if jitter == 0 and not flip:
+        return None
+
+    def augment(x: torch.Tensor) -> torch.Tensor:
+        draws = torch.randint(-jitter, jitter + 1, (2,), generator=gen).tolist()
+        if jitter:
+            x = torch.roll(x, shifts=(int(draws[0]), int(draws[1])), dims=(-2, -1))
+        if flip and bool(torch.rand((), generator=gen) < 0.5):
+            x = torch.flip(x, dims=(-1,))
+        return x
+
+    return augment
+
+
 def optimize_pixels(
     x0: torch.Tensor,
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
     ctx: BatchContext,
     config: LoopConfig,
     name: str,
+    *,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Minimise ``loss_fn(x)`` over the pixels ``x`` ``[N, *input_shape]``, starting from ``x0`` (clamped).
 
@@ -87,6 +122,7 @@ def optimize_pixels(
         config: ``steps`` (Adam steps), ``lr`` (Adam), ``patience``, ``factor``, ``min_lr``
             (ReduceLROnPlateau).
         name: the method's name, for messages.
+        augment: applied to the pixels before ``loss_fn`` at each step (:func:`jitter_and_flip`).
 
     Returns:
         The optimized pixels, detached.
@@ -104,7 +140,7 @@ def optimize_pixels(
     bar = tqdm(range(config.steps), desc=ctx.desc, disable=None if ctx.progress else True, leave=False)
     for step in bar:
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(x)
+        loss = loss_fn(x if augment is None else augment(x))
         value = float(loss.detach())
         if not math.isfinite(value):
             raise ModelError(

@@ -18,9 +18,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from zq_plugin.errors import ConfigError
 from zq_plugin.synth.hooks import batchnorm_layers, bn_sums, bn_targets
 from zq_plugin.synth.losses import MomentTargets, Statistics, moment_distance
-from zq_plugin.synth.optimize import check_loop_config, optimize_pixels
+from zq_plugin.synth.optimize import check_loop_config, jitter_and_flip, optimize_pixels
 from zq_plugin.synth.registry import BatchContext, register
 
 
@@ -43,6 +44,9 @@ class ZeroQConfig:
         factor: ReduceLROnPlateau factor. torch default (ZeroQ's code keeps it): 0.1.
         min_lr: ReduceLROnPlateau floor. ZeroQ's code: 1e-4.
         input_weight: weight of the input-image term (layer 0). ZeroQ: 1.
+        jitter: DeepInversion's random shift of the images at each step, up to this many
+            pixels (:func:`~zq_plugin.synth.optimize.jitter_and_flip`); ZeroQ: 0.
+        flip: DeepInversion's random horizontal mirror at each step; ZeroQ: off.
     """
 
     steps: int = 500
@@ -53,9 +57,13 @@ class ZeroQConfig:
     factor: float = 0.1
     min_lr: float = 1e-4
     input_weight: float = 1.0
+    jitter: int = 0
+    flip: bool = False
 
     def __post_init__(self) -> None:
         check_loop_config(self, "ZeroQ")
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int) or self.jitter < 0:
+            raise ConfigError(f"jitter={self.jitter!r} must be an int >= 0 (pixels).")
 
 
 def init_pixels(init: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
@@ -85,4 +93,5 @@ def make_zeroq(model: nn.Module, config: ZeroQConfig, ctx: BatchContext) -> torc
             ctx,
             config,
             "ZeroQ",
+            augment=jitter_and_flip(config.jitter, config.flip, ctx.generator),
         )
