@@ -57,10 +57,11 @@ def test_brevitas_backend_gives_a_calibrated_brevitas_model():
     sim, _ = simulate(_net(), x, request, progress=False)
     q, _ = carry(_net(), sim, x, request)
     with torch.no_grad():
-        assert torch.equal(
-            q.get_submodule("3").quant_weight().value,
-            sim.get_submodule("3").weight_fake_quant(sim.get_submodule("3").weight),
-        )
+        carried, layer = q.get_submodule("3").quant_weight(), sim.get_submodule("3")
+        ints = torch.round(layer.weight / layer.weight_fake_quant.scale.reshape(-1, 1, 1, 1))
+        assert torch.equal(carried.int().float(), ints)  # the integers bit for bit
+        # the values to one float ulp: Brevitas cannot hold every step exactly (carry._rescale)
+        torch.testing.assert_close(carried.value, layer.weight_fake_quant(layer.weight), rtol=2.5e-7, atol=0)
 
 
 def test_pt2e_backend_gives_a_converted_pt2e_model_holding_the_reconstruction():

@@ -24,7 +24,9 @@ def _rescale(value: torch.Tensor, current: torch.Tensor, target: torch.Tensor, r
     division, so the result can miss ``target`` by an ulp. With ``read`` (a function giving the
     quantizer's scale now) the parameter is then nudged one ulp at a time, per element, until the
     scale equals ``target`` bit for bit (a few steps at most), so a carried weight's
-    ``q * scale`` equals the simulation's.
+    ``q * scale`` equals the simulation's. Where the parameter's ulp divided by Brevitas's
+    divisor (``2^(b-1) - 1`` for weights) is wider than the target's ulp, some targets have no
+    parameter at all; the nudging then ends one ulp from the target (the integers are unaffected).
     """
     value.mul_((target.reshape(current.shape) / current).reshape(value.shape).to(value.dtype))
     if read is None:
