@@ -32,6 +32,7 @@ def quantize(
     a_bits: int = 4,
     first_last_bits: int | None = 8,
     plan: BitPlan | None = None,
+    budget: str | int | None = None,
     backend: str = "fx",
     stage: str = "reconstruct",
     observer: str = "mse",
@@ -70,6 +71,10 @@ def quantize(
         a_bits: input bits of all but the first/last layer.
         first_last_bits: bits of the first and last weight layer (``None``: like the others).
         plan: per-layer bits (:class:`~zq_plugin.mixed_precision.BitPlan`) instead of the three above.
+        budget: instead of uniform bits, spend the bit operations of a uniform plan (``"W4A4"``,
+            first and last layer at ``first_last_bits``; or BOPs per image as an int) where the
+            sensitivities measured on the calibration images say they pay
+            (:func:`~zq_plugin.mixed_precision.bops_plan`: weight and input bits per layer).
         backend: ``"fx"`` (a ``prepare_qat_fx`` GraphModule), ``"pt2e"`` (a converted torchao
             PT2E model) or ``"brevitas"`` (a calibrated Brevitas model, ready for ``export_onnx``).
         stage: ``"reconstruct"`` (default), ``"finetune"`` or ``"calibrate"``.
@@ -119,6 +124,11 @@ def quantize(
             "synthesizer='retro') and the reconstruction with reconstruction=... (e.g. 'genie-m')."
         )
     _check_keywords(synth_options, synthesizer if data is None else None)
+    if budget is not None and (plan is not None or (w_bits, a_bits) != (4, 4)):
+        raise ConfigError(
+            "budget= chooses every layer's weight and input bits: drop plan=, w_bits= and a_bits= "
+            "(budget='W3A3' spends the bit operations of a uniform W3A3 plan)."
+        )
     if plan is not None and (w_bits, a_bits, first_last_bits) != (4, 4, 8):
         raise ConfigError(
             "plan= sets every layer's weight and input bits: drop w_bits/a_bits/first_last_bits, or drop plan= "
@@ -165,6 +175,11 @@ def quantize(
             input_shape=None if input_shape is None else tuple(input_shape), seed=seed, progress=progress,
             cache_dir=cache_dir, **synth_options,
         )  # fmt: skip
+    if budget is not None:
+        from zq_plugin.mixed_precision.bops import bops_plan
+
+        chosen = bops_plan(model, data, budget=budget, first_last_bits=first_last_bits, progress=progress).plan
+        request = dataclasses.replace(request, plan=chosen)
     # with data=, _check_keywords has refused every synthesizer option already
     qmodel = run(model, data, request, cache_dir=cache_dir, progress=progress)
     qmodel.zq_calibration = data  # type: ignore[assignment]

@@ -183,6 +183,7 @@ def measure_sensitivity(
     granularity: Granularity = "per_channel",
     grid: Grid = "uniform",
     activations: bool = False,
+    act_range: str = "minmax",
     layers: Sequence[str] | None = None,
     batch_size: int = 64,
     max_batches: int | None = None,
@@ -198,6 +199,10 @@ def measure_sensitivity(
         granularity: ``"per_channel"`` or ``"per_tensor"`` weights.
         grid: ``"uniform"`` or ``"nonuniform"`` weights.
         activations: also measure each layer's input at each bit width.
+        act_range: the input's per-tensor affine range at each bit width: ``"minmax"`` (the
+            data's extremes) or ``"mse"`` (the range minimising the quantization MSE over the
+            data's histogram, as the MSE observers pick it: the recipe's ranges, so that a
+            low-bit input is not judged by the range no backend uses).
         layers: restrict to these layers (default: all Conv/Linear).
         batch_size: batch size for tensor/dataset data.
         max_batches: use at most this many batches.
@@ -212,6 +217,8 @@ def measure_sensitivity(
         ConfigError: empty data, bad bit widths, unknown layers.
     """
     candidates = _check_candidates(bits)
+    if act_range not in ("minmax", "mse"):
+        raise ConfigError(f"act_range={act_range!r}: use 'minmax' or 'mse'.")
     if granularity not in ("per_channel", "per_tensor") or grid not in ("uniform", "nonuniform"):
         raise ConfigError(
             f"granularity={granularity!r}, grid={grid!r}: use 'per_channel'/'per_tensor' and 'uniform'/'nonuniform'."
@@ -234,7 +241,7 @@ def measure_sensitivity(
     bar = tqdm(total=total, desc="sensitivity", disable=None if progress else True, leave=False)
     with torch.no_grad():
         refs = [_log_probs(work, x, output_fn) for x in batches]  # [N, classes] each
-        ranges = _input_ranges(work, all_layers, batches) if activations else {}
+        ranges = _input_ranges(work, all_layers, batches, candidates, act_range) if activations else {}
         for name, module in all_layers.items():
             w0 = module.weight.detach().clone()  # type: ignore[operator]
             shape = [-1] + [1] * (w0.dim() - 1)
@@ -251,7 +258,9 @@ def measure_sensitivity(
             weight_rows.append(tuple(row))
             if activations:
                 act_rows.append(
-                    tuple(_input_kl(work, module, ranges[name], k, batches, refs, bar, output_fn) for k in candidates)
+                    tuple(
+                        _input_kl(work, module, ranges[name][k], k, batches, refs, bar, output_fn) for k in candidates
+                    )
                 )
     bar.close()
     return Sensitivity(
@@ -267,18 +276,44 @@ def measure_sensitivity(
 
 
 def _input_ranges(
-    model: nn.Module, layers: dict[str, nn.Module], batches: list[torch.Tensor]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``(min, max)`` of each layer's input over all batches (inputs recorded by ``capture_inputs``)."""
-    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    batches: list[torch.Tensor],
+    candidates: tuple[int, ...],
+    act_range: str,
+) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """``layer -> bits -> (lo, hi)``: each layer's input range over all batches, per candidate width.
+
+    ``"minmax"``: the extremes (the same at every width); ``"mse"``: the per-tensor range of least
+    quantization MSE on the inputs' histogram at each width (:func:`zq_plugin.observers.stats.lp_range`).
+    """
+    from zq_plugin.observers.histogram import merge, observe
+    from zq_plugin.observers.stats import lp_range
+
+    extremes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hists: dict[str, Any] = {}
     with capture_inputs(dict(layers)) as feats:
         for x in batches:
             model(x)
             for name, f in feats.items():
-                lo, hi = f.detach().amin(), f.detach().amax()
-                if name in ranges:
-                    lo, hi = torch.minimum(lo, ranges[name][0]), torch.maximum(hi, ranges[name][1])
-                ranges[name] = (lo, hi)
+                f = f.detach().float()
+                lo, hi = f.amin(), f.amax()
+                if name in extremes:
+                    lo, hi = torch.minimum(lo, extremes[name][0]), torch.maximum(hi, extremes[name][1])
+                extremes[name] = (lo, hi)
+                if act_range == "mse":
+                    hist = observe(None, f)
+                    hists[name] = hist if name not in hists else merge(hists[name], hist)
+    ranges: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for name, (lo, hi) in extremes.items():
+        if act_range == "minmax":
+            ranges[name] = dict.fromkeys(candidates, (lo, hi))
+            continue
+        ranges[name] = {}
+        for k in candidates:
+            qmin, qmax = quant_range(k, signed=False)
+            mse_lo, mse_hi = lp_range(hists[name], qmin, qmax, symmetric=False)
+            ranges[name][k] = (mse_lo.reshape(()), mse_hi.reshape(()))
     return ranges
 
 

@@ -1,0 +1,79 @@
+"""Low bits through ``zq_plugin.quantize``: zero data against real images, per model and bit width (issue 30).
+
+For each zoo model (default: ``mobilenetv3_s``, ``mobilenetv2_s``, ``resnet_s``) and each
+``W/A`` pair (default W4A4, W3A3, W2A4; first and last layer at 8 bits), the recipe's defaults
+run twice through the one pipeline, differing only in the calibration images:
+
+* **zero data**: ``zq_plugin.quantize(model, w_bits=w, a_bits=a)``'s own images (ZeroQ, 256,
+  seed 0, the model's input box), made once per model and cached under ``--cache``;
+* **real**: 256 Fashion-MNIST training images (``zq_plugin.demo.real_subset``, seed 0),
+  ``zq_plugin.quantize(model, data=real, ...)``.
+
+Everything else is the default recipe (MSE observers, Genie-M at its default iterations, the
+FX simulation; ``--stage calibrate`` skips reconstruction). Printed: FP32 top-1, each top-1
+on the 10,000 test images, zero data minus FP32 and minus real, and the wall seconds of the
+zero-data recipe (synthesis once per model, then each bit width's calibration and
+reconstruction) on this machine.
+
+Run: ``.venv/bin/python benchmarks/low_bits.py`` (about 30 minutes per model on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+from pathlib import Path
+
+
+def _bits(text: str) -> tuple[int, int]:
+    w, a = text.upper().lstrip("W").split("A")
+    return int(w), int(a)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mobilenetv3_s", "mobilenetv2_s", "resnet_s"])
+    parser.add_argument("--bits", nargs="+", type=_bits, default=[(4, 4), (3, 3), (2, 4)], metavar="WxAy")
+    parser.add_argument("--stage", choices=["reconstruct", "calibrate"], default="reconstruct")
+    parser.add_argument("--cache", type=Path, default=Path("zq_out/cache"))
+    parser.add_argument("--no-real", action="store_true", help="skip the real-image column")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+    import zq_plugin
+    from zq_plugin import datasets, zoo
+    from zq_plugin.demo import cached_synthesize, real_subset
+    from zq_plugin.recipe import BEST_NUM_SAMPLES, BEST_SYNTHESIZER
+
+    x_test, y_test = datasets.load_fashion_mnist("test")
+    real = real_subset(256)
+    print(f"stage: {args.stage}; zero data: {BEST_SYNTHESIZER}, {BEST_NUM_SAMPLES} images, seed 0")
+    print("| model | FP32 | bits | zero data | real | zero − FP32 | zero − real | zero-data seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        model = zoo.load(name)
+        fp32 = zq_plugin.accuracy(model, x_test, y_test)
+        started = time.perf_counter()
+        data = cached_synthesize(model, BEST_SYNTHESIZER, args.cache, num_samples=BEST_NUM_SAMPLES, seed=0,
+                                 progress=False, input_range=model.input_range)  # fmt: skip
+        synth_seconds = time.perf_counter() - started
+        print(f"| {name} | {fp32:.2f} | synthesis | | | | | {synth_seconds:.0f} |", flush=True)
+        for w_bits, a_bits in args.bits:
+            started = time.perf_counter()
+            zero = zq_plugin.quantize(model, data=data, w_bits=w_bits, a_bits=a_bits, stage=args.stage, progress=False)
+            seconds = time.perf_counter() - started
+            zero_top1 = zq_plugin.accuracy(zero, x_test, y_test)
+            cells = [f"{zero_top1:.2f}", "", f"{zero_top1 - fp32:+.2f}", ""]
+            if not args.no_real:
+                qreal = zq_plugin.quantize(model, data=real, w_bits=w_bits, a_bits=a_bits, stage=args.stage,
+                                           progress=False)  # fmt: skip
+                real_top1 = zq_plugin.accuracy(qreal, x_test, y_test)
+                cells[1], cells[3] = f"{real_top1:.2f}", f"{zero_top1 - real_top1:+.2f}"
+            print(f"| {name} | {fp32:.2f} | W{w_bits}A{a_bits} | {' | '.join(cells)} | {seconds:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
