@@ -138,3 +138,22 @@ def test_quantize_with_a_budget_builds_the_plan_it_chose_and_refuses_bits_beside
     assert built == {n: (b.w_bits, b.a_bits) for n, b in plan.plan.layers.items()}
     with pytest.raises(ConfigError, match="budget="):
         zq_plugin.quantize(net, data=x, budget="W3A3", w_bits=3, progress=False)
+
+
+def test_a_functional_layers_input_is_measured_through_a_probe():
+    """Found by the conformance row `functional`: F.linear(x, self.fc.weight) never calls fc, so no hook saw its input."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.fc = nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(torch.relu(self.conv(x)).flatten(1), self.fc.weight, self.fc.bias)
+
+    net = Functional().eval()
+    x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    sens = measure_sensitivity(net, x, bits=(2, 8), activations=True, act_range="mse", progress=False)
+    assert sens.layers == ("conv", "fc") and sens.activation[1][0] > sens.activation[1][1] >= 0
+    assert not hasattr(net, "zq_probe_0")  # the probes live in a traced copy

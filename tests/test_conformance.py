@@ -288,6 +288,24 @@ def test_pareto_plan_emitted_mapping_and_hybrid_plan(name):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("name", rows())
+def test_bops_plan_through_quantize(name):
+    """Weight and input bits for a W4A4 bit-operations budget (issue 30), built as planned by the pipeline."""
+    from zq_plugin.mixed_precision import bops_plan
+
+    model, shape = model_of(name)
+    before = snapshot(model)
+    x = calib_of(shape, 4)
+    with quiet():
+        result = bops_plan(model, x, budget="W4A4", w_bits=(4, 8), a_bits=(4, 8), progress=False)
+        assert result.bops <= result.budget_bops and set(result.plan) == set(result.macs)
+        sim = zq_plugin.quantize(model, data=x, plan=result.plan, stage="calibrate", progress=False)
+    built = {row.name: (row.w_bits, row.a_bits) for row in zq_plugin.describe(sim).layers}
+    planned = {n: (b.w_bits, b.a_bits) for n, b in result.plan.layers.items()}
+    assert {n: planned[n] for n in built} == built
+    assert_unchanged(model, before)
+
+
 # --- reconstruction and preprocessing -----------------------------------------------------------------
 
 

@@ -241,7 +241,10 @@ def measure_sensitivity(
     bar = tqdm(total=total, desc="sensitivity", disable=None if progress else True, leave=False)
     with torch.no_grad():
         refs = [_log_probs(work, x, output_fn) for x in batches]  # [N, classes] each
-        ranges = _input_ranges(work, all_layers, batches, candidates, act_range) if activations else {}
+        probes: dict[str, nn.Module] = dict(all_layers)
+        if activations:
+            work, probes = _with_input_probes(work, all_layers, batches[0])
+        ranges = _input_ranges(work, probes, batches, candidates, act_range) if activations else {}
         for name, module in all_layers.items():
             w0 = module.weight.detach().clone()  # type: ignore[operator]
             shape = [-1] + [1] * (w0.dim() - 1)
@@ -259,7 +262,8 @@ def measure_sensitivity(
             if activations:
                 act_rows.append(
                     tuple(
-                        _input_kl(work, module, ranges[name][k], k, batches, refs, bar, output_fn) for k in candidates
+                        _input_kl(work, probes[name], ranges[name][k], k, batches, refs, bar, output_fn)
+                        for k in candidates
                     )
                 )
     bar.close()
@@ -273,6 +277,54 @@ def measure_sensitivity(
         activation=tuple(act_rows) if activations else None,
         samples=sum(x.shape[0] for x in batches),
     )
+
+
+class _InputProbe(nn.Identity):
+    """Stands in front of a functional conv/linear's input, so hooks see what the layer reads."""
+
+
+def _with_input_probes(
+    work: nn.Module, layers: dict[str, nn.Module], example: torch.Tensor
+) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """``work`` and ``name -> the module whose input is the layer's``, adding probes where needed.
+
+    A layer called as a module is its own probe. A layer whose weight a functional call reads
+    (``F.linear(x, self.fc.weight)``) is never called, so no hook sees its input: ``work`` is
+    then traced (sharing its modules and weights) and an :class:`_InputProbe` is put in front of
+    each such call's input.
+    """
+    seen: set[str] = set()
+    with capture_inputs(dict(layers)) as feats:
+        work(example)
+        seen = set(feats)
+    missing = [n for n in layers if n not in seen]
+    if not missing:
+        return work, dict(layers)
+    from zq_plugin._utils import _FUNCTIONAL_WEIGHT_OPS
+
+    gm = torch.fx.symbolic_trace(work)
+    probes: dict[str, nn.Module] = {n: m for n, m in layers.items() if n in seen}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _FUNCTIONAL_WEIGHT_OPS or len(node.args) < 2:
+            continue
+        weight = node.args[1]
+        owner = str(weight.target).rpartition(".")[0] if getattr(weight, "op", None) == "get_attr" else None
+        if owner not in missing or owner in probes:
+            continue
+        probe_name = f"zq_probe_{len(probes)}"
+        gm.add_submodule(probe_name, _InputProbe())
+        with gm.graph.inserting_before(node):
+            probed = gm.graph.call_module(probe_name, (node.args[0],))
+        node.args = (probed, *node.args[1:])
+        probes[owner] = gm.get_submodule(probe_name)
+    gm.recompile()
+    unprobed = [n for n in missing if n not in probes]
+    if unprobed:
+        raise ConfigError(
+            f"the inputs of {unprobed} were not seen while the model ran (a layer neither called nor read by a "
+            "functional conv/linear): measure weights only (activations=False) or pass layers=... without them."
+        )
+    return gm, probes
 
 
 def _input_ranges(
