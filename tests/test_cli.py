@@ -695,3 +695,14 @@ def test_quantize_option_reaches_synthesis_and_reconstruction(capsys):
     assert "not an option of --data noise" in capsys.readouterr().err
     assert cli.main([*argv, "--option", "iterations=2"]) == 2  # no reconstruction asked for
     assert "iterations" in capsys.readouterr().err
+
+
+def test_quantize_with_a_bops_budget_reports_the_plan_it_built(data_file, capsys):
+    """Issue 30: --budget W4A4 plans weight and input bits per layer and builds that plan."""
+    base = ["quantize", "--model", "resnet_s", "--data", str(data_file), "--budget", "W3A3"]
+    assert cli.main(base) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["budget"] == "W3A3" and report["bops"] <= report["budget_bops"]
+    assert "w_bits" not in report and sum(report["layers_by_a_bits"].values()) == 10  # resnet_s: 10 layers
+    assert cli.main([*base, "--w-bits", "4"]) == 2 and "--budget" in capsys.readouterr().err
+    assert cli.main([*base[:-1], "MP4"]) == 2 and "budget" in capsys.readouterr().err

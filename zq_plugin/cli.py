@@ -504,6 +504,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if not args.plan:  # before the model, the data and the calibration, which take a while
         for flag, bits in (("--w-bits", args.w_bits), ("--a-bits", args.a_bits)):
             check_bits(bits, flag)
+    if args.budget:
+        from zq_plugin.mixed_precision.bops import parse_bops_budget
+
+        parse_bops_budget(args.budget)
     if args.first_last_bits is not None:
         check_bits(args.first_last_bits, "--first-last-bits")
     method = args.reconstruct or ("genie-m" if args.recipe == "best" else None)
@@ -515,9 +519,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"data": args.data}
     if args.option:
         report["options"] = {**synth_options, **args.reconstruct_options}
-    if not args.plan:
+    if not args.plan and not args.budget:
         report.update(w_bits=args.w_bits, a_bits=args.a_bits)
     plan = None
+    if args.budget:
+        from zq_plugin.mixed_precision.bops import bops_plan
+
+        if args.plan or (args.w_bits, args.a_bits) != (8, 8):  # the parser's defaults
+            raise ConfigError("--budget chooses every layer's bits: drop --plan, --w-bits and --a-bits.")
+        chosen = bops_plan(model, data, budget=args.budget, first_last_bits=args.first_last_bits, progress=False)
+        plan = chosen.plan
+        report.update(budget=args.budget, budget_bops=chosen.budget_bops, bops=chosen.bops)
     if args.plan:
         from zq_plugin.mixed_precision import BitPlan
 
@@ -539,8 +551,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         report["fp32_top1"] = accuracy(model, x_test, y_test)
         report["quantized_top1"] = accuracy(sim, x_test, y_test)
     if args.int8_out:
-        if args.plan or args.backend != "fx":
-            raise ConfigError("--int8-out is the FX int8 model of uniform W8A8: drop --plan and --backend.")
+        if args.plan or args.budget or args.backend != "fx":
+            raise ConfigError("--int8-out is the FX int8 model of uniform W8A8: drop --plan, --budget and --backend.")
         if (args.w_bits, args.a_bits) != (8, 8):
             raise ConfigError(
                 "--int8-out needs --w-bits 8 --a-bits 8: torch's int8 kernels do not clamp to fewer bits."
@@ -973,6 +985,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qua.add_argument("--int8-out", type=Path, help="also write a TorchScript int8 model (W8A8 only)")
     qua.add_argument("--plan", type=Path, help="a BitPlan JSON (e.g. from 'zq plan') instead of uniform bits")
+    qua.add_argument(
+        "--budget",
+        help="instead of uniform bits: spend the bit operations of a uniform plan (e.g. W4A4) on each layer's "
+        "weight and input bits where the sensitivities say they pay (zq_plugin.mixed_precision.bops_plan)",
+    )
     qua.add_argument(
         "--backend",
         choices=["fx", "pt2e", "brevitas"],
