@@ -5,7 +5,7 @@ from zq_plugin import datasets, zoo
 from zq_plugin.errors import ConfigError
 from zq_plugin.evaluation import accuracy
 
-THRESHOLDS = {"resnet_s": 92.0, "mobilenetv2_s": 91.0, "plain_cnn": 89.0}
+THRESHOLDS = {"resnet_s": 92.0, "mobilenetv2_s": 91.0, "mobilenetv3_s": 91.0, "plain_cnn": 89.0}
 
 
 def test_names_and_unknown_name():
@@ -35,6 +35,15 @@ def test_architecture_features():
     assert any(c.groups == c.in_channels > 1 for c in convs), "depthwise convs"
     assert any(isinstance(m, torch.nn.ReLU6) for m in mb.modules())
     assert any(getattr(m, "use_residual", False) for m in mb.modules())
+
+
+def test_mobilenetv3_s_has_the_parts_that_make_low_bits_hard():
+    net = zoo.load("mobilenetv3_s")
+    kinds = {type(m) for m in net.modules()}
+    assert {torch.nn.Hardswish, torch.nn.SiLU, torch.nn.Hardsigmoid, torch.nn.Sigmoid} <= kinds
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert any(c.groups == c.in_channels > 1 and c.kernel_size == (5, 5) for c in convs), "5x5 depthwise"
+    assert zoo.has_batchnorm("mobilenetv3_s")
 
 
 def test_checkpoints_are_small_and_recorded():

@@ -28,7 +28,7 @@ from zq_plugin import datasets, zoo
 from zq_plugin._utils import model_device_dtype, select_output
 from zq_plugin.backends.fx import convert_int8_fx, export_sim, quantize_fx
 from zq_plugin.data import SyntheticDataset, atomic_write, iter_batches
-from zq_plugin.demo import DEMO_STEPS, demo_markdown, real_subset, run_demo
+from zq_plugin.demo import DEMO_MODELS, DEMO_STEPS, demo_markdown, real_subset, run_demo
 from zq_plugin.errors import ConfigError, DataMismatchError, ZQError
 from zq_plugin.evaluation import accuracy
 from zq_plugin.mixed_precision.report import chosen_index, plot_frontier, points_to_measure
@@ -442,7 +442,7 @@ def torchrun_group() -> Iterator[int]:
 # --------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
     """``zq demo``."""
-    models = args.models or [n for n in zoo.available() if zoo.has_batchnorm(n)]
+    models = args.models or list(DEMO_MODELS)
     if args.test_images is not None and args.test_images < 1:
         raise ConfigError(f"--test-images {args.test_images}: give at least 1 (or leave it out for all 10,000).")
     if args.iterations is not None and args.iterations < 1:
@@ -879,7 +879,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="zero-shot vs real-data calibration on the zoo models with BatchNorm")
     demo.add_argument("--out", type=Path, default=Path("zq_out"), help="output folder (tables, cache)")
-    demo.add_argument("--models", nargs="*", help=f"zoo models (default: those with BN among {zoo.available()})")
+    demo.add_argument(
+        "--models", nargs="*", help=f"zoo models (default: {' '.join(DEMO_MODELS)}; any of {zoo.available()})"
+    )
     demo.add_argument("--num-samples", type=int, default=256)
     demo.add_argument("--steps", type=int, default=DEMO_STEPS, help="ZeroQ Adam steps per batch")
     demo.add_argument("--seed", type=int, default=0)

@@ -4,6 +4,7 @@
 |-----------------|-----------------------------------------------------------|--------|
 | ``resnet_s``      | ResNet-style: stem + 3 basic blocks, residual adds, ReLU  | yes    |
 | ``mobilenetv2_s`` | MobileNetV2-style: inverted residuals, depthwise, ReLU6   | yes    |
+| ``mobilenetv3_s`` | MobileNetV3/EfficientNet-style: Hardswish, SiLU, SE gates | yes    |
 | ``plain_cnn``     | VGG-style conv/ReLU/max-pool, no normalization at all     | no     |
 
 Test accuracies are in ``checkpoints/metrics.json`` and docs/zoo.md; the seeded script that
@@ -27,12 +28,13 @@ import torch
 from torch import nn
 
 from zq_plugin.errors import ConfigError, ZQError
-from zq_plugin.zoo.models import INPUT_RANGE, MEAN, STD, MobileNetV2S, PlainCNN, ResNetS
+from zq_plugin.zoo.models import INPUT_RANGE, MEAN, STD, MobileNetV2S, MobileNetV3S, PlainCNN, ResNetS
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "resnet_s": ResNetS,
     "mobilenetv2_s": MobileNetV2S,
+    "mobilenetv3_s": MobileNetV3S,
     "plain_cnn": PlainCNN,
 }
 INPUT_SHAPE = (1, 28, 28)

@@ -119,6 +119,103 @@ class MobileNetV2S(_ZooNet):
         return self.classifier(torch.flatten(self.pool(x), 1))
 
 
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: ``x * gate(expand(relu(reduce(avgpool(x)))))``, the gate a module.
+
+    Hu et al., CVPR 2018; MobileNetV3 (Howard et al., ICCV 2019) gates with ``Hardsigmoid``,
+    EfficientNet (Tan and Le, ICML 2019) with ``Sigmoid``. The reduction keeps a quarter of the
+    channels (at least 8).
+    """
+
+    def __init__(self, channels: int, gate: type[nn.Module]) -> None:
+        super().__init__()
+        hidden = max(8, channels // 4)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.reduce = nn.Conv2d(channels, hidden, 1)
+        self.relu = nn.ReLU()
+        self.expand = nn.Conv2d(hidden, channels, 1)
+        self.gate = gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` -> ``[N, C, H, W]``, each channel scaled by its gate in ``[0, 1]``."""
+        return x * self.gate(self.expand(self.relu(self.reduce(self.pool(x)))))
+
+
+class MBConv(nn.Module):
+    """MobileNetV3 / EfficientNet block: 1x1 expand, kxk depthwise, optional SE, 1x1 linear project.
+
+    The activation follows the expand and the depthwise conv; the residual is added when the
+    shapes match. The expand is skipped when ``hidden == cin``.
+    """
+
+    def __init__(
+        self,
+        cin: int,
+        hidden: int,
+        cout: int,
+        *,
+        kernel: int,
+        stride: int,
+        act: type[nn.Module],
+        gate: type[nn.Module] | None,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        if hidden != cin:
+            layers += [*_conv_bn(cin, hidden, 1), act()]
+        layers += [*_conv_bn(hidden, hidden, kernel, stride, groups=hidden), act()]
+        if gate is not None:
+            layers.append(SqueezeExcite(hidden, gate))
+        layers += _conv_bn(hidden, cout, 1)
+        self.block = nn.Sequential(*layers)
+        self.use_residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, cin, H, W]`` -> ``[N, cout, H / stride, W / stride]``."""
+        out = self.block(x)
+        return x + out if self.use_residual else out
+
+
+class MobileNetV3S(_ZooNet):
+    """MobileNetV3/EfficientNet-style net: Hardswish and SiLU, SE gates (Hardsigmoid, Sigmoid), 5x5 depthwise.
+
+    The first blocks follow MobileNetV3-Small (ReLU, then Hardswish with Hardsigmoid-gated SE),
+    the last two EfficientNet's MBConv (SiLU, Sigmoid-gated SE); the head is MobileNetV3's 1x1
+    conv + Hardswish, pool, linear + Hardswish, linear. The activations with a negative lobe
+    (Hardswish, SiLU) and the gates are what makes low-bit quantization of this family hard.
+    """
+
+    # (hidden, out channels, kernel, stride, activation, SE gate)
+    SETTINGS: tuple[tuple[int, int, int, int, type[nn.Module], type[nn.Module] | None], ...] = (
+        (16, 16, 3, 2, nn.ReLU, nn.Hardsigmoid),  # 28 -> 14 px
+        (64, 24, 3, 2, nn.ReLU, None),  # 14 -> 7 px
+        (72, 24, 3, 1, nn.ReLU, None),
+        (96, 40, 5, 1, nn.Hardswish, nn.Hardsigmoid),
+        (120, 40, 5, 1, nn.Hardswish, nn.Hardsigmoid),
+        (120, 48, 5, 1, nn.SiLU, nn.Sigmoid),
+        (144, 48, 5, 1, nn.SiLU, nn.Sigmoid),
+    )
+
+    def __init__(self, num_classes: int = 10, last_channels: int = 192, hidden: int = 128) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [*_conv_bn(1, 16, 3), nn.Hardswish()]
+        cin = 16
+        for width, cout, kernel, stride, act, gate in self.SETTINGS:
+            layers.append(MBConv(cin, width, cout, kernel=kernel, stride=stride, act=act, gate=gate))
+            cin = cout
+        layers += [*_conv_bn(cin, last_channels, 1), nn.Hardswish()]
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(
+            nn.Linear(last_channels, hidden), nn.Hardswish(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized images ``[N, 1, 28, 28]`` -> logits ``[N, num_classes]``."""
+        x = self.features(x)  # [N, last_channels, 7, 7]
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
 class PlainCNN(_ZooNet):
     """A VGG-style net with no normalization layer at all (for BN-free synthesis)."""
 

@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m zq_plugin.zoo.train                 # all three models
+    python -m zq_plugin.zoo.train                 # all four models
     python -m zq_plugin.zoo.train resnet_s        # one model
 
 Each run writes ``zq_plugin/zoo/checkpoints/<name>.pt`` (a float32 ``state_dict``) and
@@ -29,7 +29,7 @@ from torch import nn
 
 from zq_plugin import datasets
 from zq_plugin.evaluation import accuracy
-from zq_plugin.zoo.models import MobileNetV2S, PlainCNN, ResNetS
+from zq_plugin.zoo.models import MobileNetV2S, MobileNetV3S, PlainCNN, ResNetS
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
@@ -50,6 +50,7 @@ class Recipe:
 RECIPES: dict[str, tuple[type[nn.Module], Recipe]] = {
     "resnet_s": (ResNetS, Recipe(epochs=15, optimizer="sgd", lr=0.1, weight_decay=5e-4)),
     "mobilenetv2_s": (MobileNetV2S, Recipe(epochs=20, optimizer="sgd", lr=0.1, weight_decay=4e-5)),
+    "mobilenetv3_s": (MobileNetV3S, Recipe(epochs=12, optimizer="sgd", lr=0.1, weight_decay=4e-5)),
     "plain_cnn": (PlainCNN, Recipe(epochs=12, optimizer="adamw", lr=2e-3, weight_decay=5e-4)),
 }
 
