@@ -9,6 +9,9 @@ run twice through the one pipeline, differing only in the calibration images:
 * **real**: 256 Fashion-MNIST training images (``zq_plugin.demo.real_subset``, seed 0),
   ``zq_plugin.quantize(model, data=real, ...)``.
 
+``--budget`` replaces the uniform bits by ``budget="WxAy"`` (:func:`zq_plugin.mixed_precision.bops_plan`:
+the same bit operations, spent per layer where the sensitivities say they pay).
+
 Everything else is the default recipe (MSE observers, Genie-M at its default iterations, the
 FX simulation; ``--stage calibrate`` skips reconstruction). Printed: FP32 top-1, each top-1
 on the 10,000 test images, zero data minus FP32 and minus real, and the wall seconds of the
@@ -39,6 +42,9 @@ def main() -> None:
     parser.add_argument("--stage", choices=["reconstruct", "calibrate"], default="reconstruct")
     parser.add_argument("--cache", type=Path, default=Path("zq_out/cache"))
     parser.add_argument("--no-real", action="store_true", help="skip the real-image column")
+    parser.add_argument(
+        "--budget", action="store_true", help="spend each W/A pair's bit operations with bops_plan (budget=) instead"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -50,7 +56,8 @@ def main() -> None:
 
     x_test, y_test = datasets.load_fashion_mnist("test")
     real = real_subset(256)
-    print(f"stage: {args.stage}; zero data: {BEST_SYNTHESIZER}, {BEST_NUM_SAMPLES} images, seed 0")
+    plan = "bops_plan at each pair's bit operations" if args.budget else "uniform bits"
+    print(f"stage: {args.stage}; {plan}; zero data: {BEST_SYNTHESIZER}, {BEST_NUM_SAMPLES} images, seed 0")
     print("| model | FP32 | bits | zero data | real | zero − FP32 | zero − real | zero-data seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
@@ -63,13 +70,13 @@ def main() -> None:
         print(f"| {name} | {fp32:.2f} | synthesis | | | | | {synth_seconds:.0f} |", flush=True)
         for w_bits, a_bits in args.bits:
             started = time.perf_counter()
-            zero = zq_plugin.quantize(model, data=data, w_bits=w_bits, a_bits=a_bits, stage=args.stage, progress=False)
+            bits = {"budget": f"W{w_bits}A{a_bits}"} if args.budget else {"w_bits": w_bits, "a_bits": a_bits}
+            zero = zq_plugin.quantize(model, data=data, stage=args.stage, progress=False, **bits)
             seconds = time.perf_counter() - started
             zero_top1 = zq_plugin.accuracy(zero, x_test, y_test)
             cells = [f"{zero_top1:.2f}", "", f"{zero_top1 - fp32:+.2f}", ""]
             if not args.no_real:
-                qreal = zq_plugin.quantize(model, data=real, w_bits=w_bits, a_bits=a_bits, stage=args.stage,
-                                           progress=False)  # fmt: skip
+                qreal = zq_plugin.quantize(model, data=real, stage=args.stage, progress=False, **bits)
                 real_top1 = zq_plugin.accuracy(qreal, x_test, y_test)
                 cells[1], cells[3] = f"{real_top1:.2f}", f"{zero_top1 - real_top1:+.2f}"
             print(f"| {name} | {fp32:.2f} | W{w_bits}A{a_bits} | {' | '.join(cells)} | {seconds:.0f} |", flush=True)
