@@ -28,6 +28,7 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> layer = nn.Linear(4, 2)
+    >>> _ = nn.init.zeros_(layer.weight)
     >>> class Grid(nn.Module):  # a per-tensor 4-bit grid, as a FakeQuantize would hold it
     ...     scale, zero_point, quant_min, quant_max, ch_axis = torch.tensor([0.1]), torch.tensor([0]), -7, 7, 0
     >>> layer.weight_fake_quant = Grid()
@@ -36,7 +37,7 @@ Example:
     ...     for step in range(6):  # the first weight hops 0.14 <-> 0.16 across the boundary 0.15
     ...         layer.weight[0, 0] = 0.14 if step % 2 else 0.16
     ...         tracker.after_step()
-    >>> tracker.frozen_count(), round(float(layer.weight[0, 0]), 4)
+    >>> tracker.frozen_count(), round(float(layer.weight.detach()[0, 0]), 4)
     (1, 0.1)
 """
 
