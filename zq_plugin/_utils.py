@@ -115,13 +115,21 @@ def weight_layer_names(model: nn.Module) -> list[str]:
     for node in graph.nodes:
         if node.op == "call_module" and str(node.target) in layers:
             names.append(str(node.target))
-        elif node.op == "call_function" and node.target in _FUNCTIONAL_WEIGHT_OPS and len(node.args) > 1:
-            weight = node.args[1]
-            if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
-                owner = str(weight.target).rpartition(".")[0]
-                if owner in layers or _owns_parameter(model, str(weight.target)):
-                    names.append(owner)  # a traced copy keeps a layer as a plain Module holding its weight
+        elif (target := functional_weight(node)) is not None and (
+            (owner := target.rpartition(".")[0]) in layers or _owns_parameter(model, target)
+        ):
+            names.append(owner)  # a traced copy keeps a layer as a plain Module holding its weight
     return list(dict.fromkeys(names)) or list(layers)
+
+
+def functional_weight(node: torch.fx.Node) -> str | None:
+    """The weight a functional conv/linear node reads (``F.linear(x, self.fc.weight)``: ``"fc.weight"``), else None."""
+    if node.op != "call_function" or node.target not in _FUNCTIONAL_WEIGHT_OPS or len(node.args) < 2:
+        return None
+    weight = node.args[1]
+    if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+        return str(weight.target)
+    return None
 
 
 def _owns_parameter(model: nn.Module, target: str) -> bool:

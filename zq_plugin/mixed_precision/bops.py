@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,10 +69,10 @@ def layer_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
         def count(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             x = args[0]
             if isinstance(module, nn.modules.conv._ConvTransposeNd):
-                kernel = int(torch.tensor(module.kernel_size).prod())
+                kernel = math.prod(module.kernel_size)
                 macs[name] = macs.get(name, 0) + x.numel() * module.out_channels // module.groups * kernel
             elif isinstance(module, nn.modules.conv._ConvNd):
-                kernel = int(torch.tensor(module.kernel_size).prod())
+                kernel = math.prod(module.kernel_size)
                 macs[name] = macs.get(name, 0) + out.numel() * module.in_channels // module.groups * kernel
             elif isinstance(module, nn.Linear):
                 macs[name] = macs.get(name, 0) + out.numel() * module.in_features

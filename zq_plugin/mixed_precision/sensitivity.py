@@ -300,15 +300,13 @@ def _with_input_probes(
     missing = [n for n in layers if n not in seen]
     if not missing:
         return work, dict(layers)
-    from zq_plugin._utils import _FUNCTIONAL_WEIGHT_OPS
+    from zq_plugin._utils import functional_weight
 
     gm = torch.fx.symbolic_trace(work)
     probes: dict[str, nn.Module] = {n: m for n, m in layers.items() if n in seen}
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _FUNCTIONAL_WEIGHT_OPS or len(node.args) < 2:
-            continue
-        weight = node.args[1]
-        owner = str(weight.target).rpartition(".")[0] if getattr(weight, "op", None) == "get_attr" else None
+        target = functional_weight(node)
+        owner = None if target is None else target.rpartition(".")[0]
         if owner not in missing or owner in probes:
             continue
         probe_name = f"zq_probe_{len(probes)}"
