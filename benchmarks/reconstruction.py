@@ -31,8 +31,10 @@ import logging
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from _models import load
 from torch.fx.experimental.optimization import fuse
 
 from zq_plugin import datasets, zoo
@@ -125,19 +127,25 @@ def accuracy_table(args: argparse.Namespace) -> None:
 
 
 def step_ratio(args: argparse.Namespace) -> None:
-    """One reconstruction step vs a bare float forward+backward of the same unit, per unit."""
+    """One reconstruction step vs a bare float forward+backward of the same unit, per unit, in paired rounds.
+
+    Per unit and round: ``--steps`` bare float steps (median), then the unit reconstructed with
+    ``--steps`` iterations and with 1 (the difference over ``steps - 1`` is one step without the
+    fixed cost of caching the unit's inputs). The round's ratio is step / bare; the unit's is the
+    median over ``--rounds`` rounds (this VM's speed drifts within seconds).
+    """
     torch.manual_seed(0)
     config = dataclasses.replace(engine.METHODS[args.methods[0]], checks=1, holdout=0.0)
     for name in args.models:
-        model = zoo.load(name)
-        data = real_subset(256)
+        model, shape = load(name, args.size)
+        data = real_subset(256) if not name.startswith("tv:") else torch.randn(256, *shape)
         folded = fuse(copy.deepcopy(model).eval())
         sim = quantize_fx(
             folded, data, w_bits=4, a_bits=4, fold=False,
             act_observer=ao.MSEObserver, weight_observer=ao.PerChannelMSEObserver,
         )  # fmt: skip
         teacher = engine.float_teacher(sim)
-        ratios, unit_seconds = [], []
+        ratios, unit_seconds, float_seconds, steps_total = [], [], [], []
         for block in find_blocks(sim):
             bare = block_module(teacher, block)
             for p in bare.parameters():
@@ -145,23 +153,32 @@ def step_ratio(args: argparse.Namespace) -> None:
             x = node_values(teacher, block.input, [data[: config.batch_size]])[0]
             steps = args.steps
 
-            def float_step(bare: torch.nn.Module = bare, x: torch.Tensor = x) -> None:
+            def float_step(bare: torch.nn.Module = bare, x: torch.Tensor = x) -> float:
+                t = time.perf_counter()
                 bare.zero_grad(set_to_none=True)
                 bare(x).pow(2).sum().backward()
+                return time.perf_counter() - t
+
+            def unit_seconds_at(
+                iterations: int, block: Any = block, sim: Any = sim, data: Any = data, teacher: Any = teacher
+            ) -> float:
+                timed = dataclasses.replace(config, iterations=iterations)
+                return engine.reconstruct_unit(copy.deepcopy(sim), block, data, timed, teacher=teacher)["seconds"]
 
             for _ in range(3):
                 float_step()
-            t = time.perf_counter()
-            for _ in range(steps):
-                float_step()
-            bare_seconds = (time.perf_counter() - t) / steps
-            timed = dataclasses.replace(config, iterations=steps)
-            report = engine.reconstruct_unit(copy.deepcopy(sim), block, data, timed, teacher=teacher)
-            short = dataclasses.replace(config, iterations=1)
-            overhead = engine.reconstruct_unit(copy.deepcopy(sim), block, data, short, teacher=teacher)["seconds"]
-            step_seconds = (report["seconds"] - overhead) / (steps - 1)
-            ratios.append(step_seconds / bare_seconds)
+            rounds = []
+            for _ in range(args.rounds):
+                bare_step = statistics.median(float_step() for _ in range(steps))
+                step = (unit_seconds_at(steps) - unit_seconds_at(1)) / (steps - 1)
+                rounds.append((step, bare_step))
+            step_seconds = statistics.median(r[0] for r in rounds)
+            bare_seconds = statistics.median(r[1] for r in rounds)
+            ratios.append(statistics.median(r[0] / r[1] for r in rounds))
+            overhead = unit_seconds_at(1)
             unit_seconds.append(overhead + step_seconds * config.iterations)
+            float_seconds.append(bare_seconds * config.iterations)
+            steps_total.append(step_seconds * config.iterations)
             print(
                 f"{name} {block.name or '(residual)':24s} step {1e3 * step_seconds:6.2f} ms, "
                 f"float fwd+bwd {1e3 * bare_seconds:6.2f} ms, ratio {ratios[-1]:5.2f}, "
@@ -169,8 +186,10 @@ def step_ratio(args: argparse.Namespace) -> None:
                 flush=True,
             )
         print(
-            f"{name}: median ratio {statistics.median(ratios):.2f}, {len(ratios)} units, "
-            f"{sum(unit_seconds):.0f} s per model at {config.iterations} iterations"
+            f"{name}: median ratio {statistics.median(ratios):.2f}, all steps against all float steps "
+            f"{sum(steps_total) / max(sum(float_seconds), 1e-12):.2f}, {len(ratios)} units, "
+            f"{sum(unit_seconds):.0f} s per model at {config.iterations} iterations",
+            flush=True,
         )
 
 
@@ -190,7 +209,9 @@ def main() -> None:
         "--brevitas", action="store_true", help="also carry the last method's result into Brevitas and ONNX"
     )
     parser.add_argument("--step-ratio", action="store_true", help="time one step against a bare fwd+bwd")
-    parser.add_argument("--steps", type=int, default=50, help="steps timed per unit with --step-ratio")
+    parser.add_argument("--steps", type=int, default=30, help="steps timed per unit and round with --step-ratio")
+    parser.add_argument("--rounds", type=int, default=3, help="paired rounds per unit with --step-ratio")
+    parser.add_argument("--size", type=int, default=32, help="input size of tv:NAME models with --step-ratio")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.step_ratio:

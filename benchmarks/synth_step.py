@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from _models import load
 
 from zq_plugin import zoo
 from zq_plugin.synth.api import resolve_input_range
@@ -51,17 +50,6 @@ class StampedLog(list):  # type: ignore[type-arg]
 
     def durations(self) -> list[float]:
         return [b - a for a, b in zip(self.stamps[:-1], self.stamps[1:], strict=True)]
-
-
-def load(name: str, size: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
-    """A zoo model, or ``tv:NAME`` from the conformance matrix's torchvision rows, and its input shape."""
-    if not name.startswith("tv:"):
-        return zoo.load(name), zoo.INPUT_SHAPE
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    import conformance
-
-    conformance.TORCHVISION[name[3:]] = (conformance.TORCHVISION[name[3:]][0], (3, size, size))
-    return conformance.torchvision_model(name[3:])
 
 
 def bench(name: str, method: str, batch: int, steps: int, rounds: int, size: int) -> tuple[float, float, list[float]]:

@@ -144,3 +144,58 @@ def test_qdrop_mask_keeps_the_share_asked_and_lerp_gives_each_element_exactly(pr
     assert torch.equal(mixed[mask == 1], x[mask == 1]) and torch.equal(mixed[mask == 0], q[mask == 0])
     runs = (mask[1:] != mask[:-1]).float().mean()  # neighbours independent: a change with 2 p (1 - p)
     assert abs(float(runs) - 2 * prob * (1 - prob)) < 0.01
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def _lsq_composed(x, scale, zp, qmin, qmax, keep_float):
+    """LSQ + QDrop from autograd's own ops (the reference the fused node must equal)."""
+    import math
+
+    factor = 1.0 / math.sqrt(x.numel() * max(abs(qmax), 1))
+    scaled = scale * factor
+    s = scale.detach() + (scaled - scaled.detach())
+    q = (torch.clamp(_RoundSTE.apply(x * (1.0 / s)) + zp, qmin, qmax) - zp) * s
+    return q if keep_float is None else torch.lerp(q, x, keep_float)
+
+
+@given(seed=st.integers(0, 2**16), zp=st.integers(0, 8), drop=st.sampled_from([0.0, 0.5]), x_grad=st.booleans())
+def test_lsq_node_equals_the_composed_ops_forward_and_backward(seed, zp, drop, x_grad):
+    """The fused LSQ/QDrop node: the same values and the same gradients for the input and the step."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(4, 3, 5, 5, generator=g) * 3).requires_grad_(x_grad)
+    grad = torch.randn(4, 3, 5, 5, generator=g)
+    q = LSQActivation(torch.tensor(0.3), zp, 0, 15, drop_prob=drop)
+    q.generator = torch.Generator().manual_seed(seed)
+    out = q(x)
+    out.backward(grad)
+    x2 = x.detach().clone().requires_grad_(x_grad)
+    s2 = torch.tensor(0.3, requires_grad=True)
+    mask = qdrop_mask(x.shape, drop, generator=torch.Generator().manual_seed(seed)) if drop else None
+    ref = _lsq_composed(x2, s2, zp, 0, 15, mask)
+    ref.backward(grad)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(q.scale.grad, s2.grad, rtol=1e-5, atol=1e-6)
+    if x_grad:  # the composed ops pass s * (1 / s), one ulp from 1
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_regularizer_after_a_forward_reuses_its_rounding_and_equals_a_fresh_one():
+    w, scale = _weight(3)
+    q = LearnedRoundingWeight(w, scale, -7, 7)
+    with torch.no_grad():
+        q.v.add_(torch.randn(q.v.shape, generator=torch.Generator().manual_seed(4)))
+    fresh = rounding_regularizer(q.v, 7.0)
+    q()
+    assert q.last_rounding is not None
+    assert torch.equal(q.regularizer(7.0), fresh)
+    assert q.last_rounding is None  # used once
+    assert torch.equal(q.regularizer(7.0), fresh)  # without a forward since: computed anew

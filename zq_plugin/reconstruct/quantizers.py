@@ -27,6 +27,7 @@ training mode QDrop keeps each element's float value with probability ``drop_pro
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -66,7 +67,11 @@ def rounding_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
         >>> float(rounding_regularizer(torch.tensor([-100.0, 100.0]), 20.0))
         0.0
     """
-    return (1.0 - (2.0 * rectified_sigmoid(v) - 1.0).abs().pow(beta)).sum()
+    return _regularizer_of(rectified_sigmoid(v), beta)
+
+
+def _regularizer_of(h: torch.Tensor, beta: float) -> torch.Tensor:
+    return (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
 
 
 def beta_at(step: int, total: int, *, warmup: float = 0.2, start: float = 20.0, end: float = 2.0) -> float | None:
@@ -151,6 +156,7 @@ class LearnedRoundingWeight(nn.Module):
         self.v = nn.Parameter(inverse_rectified_sigmoid((ratio - base).clamp(0.0, 1.0 - 1e-6)))
         self.scale_factor = nn.Parameter(torch.ones_like(s0), requires_grad=learn_scale)
         self.hard = False
+        self.last_rounding: torch.Tensor | None = None
 
     @property
     def scale(self) -> torch.Tensor:
@@ -163,10 +169,16 @@ class LearnedRoundingWeight(nn.Module):
         return self.scale0 * self.scale_factor
 
     def rounding(self) -> torch.Tensor:
-        """``h(V)``, or its hard 0/1 value once :attr:`hard` is set."""
+        """``h(V)``, or its hard 0/1 value once :attr:`hard` is set.
+
+        The soft value is kept (:attr:`last_rounding`) so that :meth:`regularizer` after a
+        forward reuses it instead of computing ``h(V)`` a second time in the step.
+        """
         if self.hard:
             return (self.v >= 0).to(self.v.dtype)
-        return rectified_sigmoid(self.v)
+        h = rectified_sigmoid(self.v)
+        self.last_rounding = h if torch.is_grad_enabled() else None
+        return h
 
     def integer(self) -> torch.Tensor:
         """``clamp(B + h(V), qmin, qmax)``: integers once hard."""
@@ -177,30 +189,73 @@ class LearnedRoundingWeight(nn.Module):
         return self.scale.reshape(_channel_shape(self.base, self.ch_axis)) * self.integer()
 
     def regularizer(self, beta: float) -> torch.Tensor:
-        """:func:`rounding_regularizer` of this layer's ``V``."""
-        return rounding_regularizer(self.v, beta)
+        """:func:`rounding_regularizer` of this layer's ``V`` (from the soft ``h(V)`` of the last forward, if any).
+
+        The kept ``h(V)`` is used once: a second call, or one without a forward since, computes it anew.
+        """
+        h, self.last_rounding = self.last_rounding, None
+        if h is None:
+            return rounding_regularizer(self.v, beta)
+        return _regularizer_of(h, beta)
 
 
-class _RoundSTE(torch.autograd.Function):
-    """``round`` forward, identity backward (a new tensor, never the input: in-place ops stay legal)."""
+class _LSQFunction(torch.autograd.Function):
+    """LSQ's fake-quantizer with QDrop's float elements in one autograd node (forward and gradients in few passes).
 
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-        return grad
-
-
-def _grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """``x`` forward (bit-exact: ``y - y.detach()`` is exactly 0), gradient times ``factor`` backward (LSQ's scale).
-
-    ``(x - x * f).detach() + x * f`` is ``x`` only up to rounding: a step one ulp off rounds some
-    elements differently from the fake-quantizer the step is written back into.
+    Forward, as torch's ``fake_quantize_per_tensor_affine`` computes it (the same elements round
+    the same way): ``t = x * (1 / s)``, ``c = clamp(round(t) + z, qmin, qmax)``,
+    ``q = (c - z) * s``, then ``lerp(q, x, m)`` where a QDrop mask ``m`` is given. Gradients (LSQ,
+    straight-through inside the range): ``dq/dx = 1[qmin <= round(t) + z <= qmax]``,
+    ``dq/ds = (c - z) - 1[inside] * t``, times ``grad_factor``; an element that keeps its float
+    value passes ``x``'s gradient and none to ``s``. The products the backward needs are made in
+    the forward, so the backward is one multiply and one dot product; ``x``'s gradient is skipped
+    where ``x`` needs none (a unit's input).
     """
-    scaled = x * factor
-    return x.detach() + (scaled - scaled.detach())
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        keep_float: torch.Tensor | None,
+        zero_point: int,
+        quant_min: int,
+        quant_max: int,
+        grad_factor: float,
+    ) -> torch.Tensor:
+        t = x * (1.0 / scale)
+        rounded = torch.round(t)
+        if zero_point:
+            rounded = rounded + zero_point
+        c = torch.clamp(rounded, quant_min, quant_max)
+        inside = c == rounded
+        if zero_point:
+            c = c - zero_point
+        out = c * scale
+        need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        pass_x = ds = None
+        if need_s:
+            ds = torch.addcmul(c, t, inside.to(t.dtype), value=-1.0)  # (c - z) - 1[inside] * t
+        if keep_float is not None:
+            out = torch.lerp(out, x, keep_float)
+            if need_s:
+                ds = torch.addcmul(ds, ds, keep_float, value=-1.0)
+            if need_x:
+                pass_x = torch.maximum(inside.to(x.dtype), keep_float)
+        elif need_x:
+            pass_x = inside.to(x.dtype)
+        ctx.save_for_backward(pass_x, ds)
+        ctx.grad_factor, ctx.scale_shape = grad_factor, scale.shape
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        pass_x, ds = ctx.saved_tensors
+        grad_x = grad * pass_x if pass_x is not None else None
+        grad_s = None
+        if ds is not None:
+            grad_s = (torch.dot(grad.reshape(-1), ds.reshape(-1)) * ctx.grad_factor).reshape(ctx.scale_shape)
+        return grad_x, grad_s, None, None, None, None, None
 
 
 def qdrop_mask(
@@ -272,16 +327,17 @@ class LSQActivation(nn.Module):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Every element fake-quantized, with LSQ's gradients for ``x`` (STE inside the range) and the step."""
+        return self._apply(x, None)
+
+    def _apply(self, x: torch.Tensor, keep_float: torch.Tensor | None) -> torch.Tensor:
         factor = 1.0 / math.sqrt(max(x.numel(), 1) * max(abs(self.quant_max), 1))
-        s = _grad_scale(self.scale, factor).to(x.dtype)
-        # x * (1 / s) as torch's fake_quantize computes it, so the same elements round the same way
-        q = torch.clamp(_RoundSTE.apply(x * (1.0 / s)) + self.zero_point, self.quant_min, self.quant_max)
-        return (q - self.zero_point) * s
+        s = self.scale.to(x.dtype)
+        out = _LSQFunction.apply(x, s, keep_float, self.zero_point, self.quant_min, self.quant_max, factor)
+        return cast(torch.Tensor, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` fake-quantized; in training mode with ``drop_prob > 0``, QDrop's mix of quantized and float."""
-        q = self.quantize(x)
         if not self.training or self.drop_prob == 0.0:
-            return q
+            return self._apply(x, None)
         keep_float = qdrop_mask(x.shape, self.drop_prob, generator=self.generator, device=x.device, dtype=x.dtype)
-        return torch.lerp(q, x, keep_float)
+        return self._apply(x, keep_float)
