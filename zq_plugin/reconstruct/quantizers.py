@@ -213,7 +213,7 @@ class _LSQFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         scale: torch.Tensor,
@@ -233,13 +233,14 @@ class _LSQFunction(torch.autograd.Function):
             c = c - zero_point
         out = c * scale
         need_x, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        pass_x = ds = None
+        pass_x: torch.Tensor | None = None
+        ds: torch.Tensor | None = None
         if need_s:
             ds = torch.addcmul(c, t, inside.to(t.dtype), value=-1.0)  # (c - z) - 1[inside] * t
+            if keep_float is not None:
+                ds = torch.addcmul(ds, ds, keep_float, value=-1.0)  # float elements: no gradient to s
         if keep_float is not None:
             out = torch.lerp(out, x, keep_float)
-            if need_s:
-                ds = torch.addcmul(ds, ds, keep_float, value=-1.0)
             if need_x:
                 pass_x = torch.maximum(inside.to(x.dtype), keep_float)
         elif need_x:
@@ -249,7 +250,7 @@ class _LSQFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         pass_x, ds = ctx.saved_tensors
         grad_x = grad * pass_x if pass_x is not None else None
         grad_s = None
@@ -327,9 +328,9 @@ class LSQActivation(nn.Module):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Every element fake-quantized, with LSQ's gradients for ``x`` (STE inside the range) and the step."""
-        return self._apply(x, None)
+        return self._fake_quantize(x, None)
 
-    def _apply(self, x: torch.Tensor, keep_float: torch.Tensor | None) -> torch.Tensor:
+    def _fake_quantize(self, x: torch.Tensor, keep_float: torch.Tensor | None) -> torch.Tensor:
         factor = 1.0 / math.sqrt(max(x.numel(), 1) * max(abs(self.quant_max), 1))
         s = self.scale.to(x.dtype)
         out = _LSQFunction.apply(x, s, keep_float, self.zero_point, self.quant_min, self.quant_max, factor)
@@ -338,6 +339,6 @@ class LSQActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` fake-quantized; in training mode with ``drop_prob > 0``, QDrop's mix of quantized and float."""
         if not self.training or self.drop_prob == 0.0:
-            return self._apply(x, None)
+            return self._fake_quantize(x, None)
         keep_float = qdrop_mask(x.shape, self.drop_prob, generator=self.generator, device=x.device, dtype=x.dtype)
-        return self._apply(x, keep_float)
+        return self._fake_quantize(x, keep_float)
