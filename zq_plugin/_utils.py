@@ -6,6 +6,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
@@ -357,3 +358,156 @@ def call_model(model: nn.Module, inputs: Sequence[Any], index: int, entry: str) 
         if error is exc:
             raise
         raise error from exc
+
+
+# -- the ops a built model computes in float (describe()'s float_ops) --------------------------
+
+#: Op kinds that move no values or compute nothing: views and reshapes, shape queries, copies and
+#: casts, dropout (identity in eval), asserts and graph bookkeeping. Never reported as float ops.
+SHAPE_KINDS = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "_unsafe_view", "flatten", "unflatten", "squeeze",
+    "unsqueeze", "permute", "transpose", "t", "contiguous", "expand", "expand_as", "slice", "select",
+    "narrow", "split", "split_with_sizes", "chunk", "unbind", "size", "dim", "numel", "getitem", "getattr",
+    "identity", "clone", "detach", "alias", "lift_fresh_copy", "to", "_to_copy", "type_as", "float", "half",
+    "double",
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+    "feature_dropout", "sym_size", "sym_numel", "sym_stride", "sym_constrain_range_for_size", "_assert",
+    "_assert_tensor_metadata", "_assert_scalar", "_assert_async",
+})  # fmt: skip
+
+#: Op kinds of weight layers (modules, functional and aten calls): quantized, so never float ops.
+WEIGHT_KINDS = frozenset({
+    "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "convolution", "_convolution",
+})  # fmt: skip
+
+# short names that a class or function name does not give by the snake-case rule
+_KIND_ALIASES = {
+    "re_lu": "relu", "re_lu6": "relu6", "re_lu_then_clamp": "relu6", "si_lu": "silu", "p_re_lu": "prelu",
+    "rre_lu": "rrelu", "leaky_re_lu": "leaky_relu", "iadd": "add", "imul": "mul", "isub": "sub",
+    "truediv": "div", "itruediv": "div", "floordiv": "floor_divide", "max_pool2d_with_indices": "max_pool2d",
+    "batch_norm1d": "batch_norm", "batch_norm2d": "batch_norm", "batch_norm3d": "batch_norm",
+    "native_batch_norm": "batch_norm", "_native_batch_norm_legit": "batch_norm",
+    "_native_batch_norm_legit_no_training": "batch_norm", "_softmax": "softmax", "_log_softmax": "log_softmax",
+    "_adaptive_avg_pool2d": "adaptive_avg_pool2d",
+}  # fmt: skip
+
+
+def op_kind(target: Any) -> str:
+    """The short name of what a graph node or module computes.
+
+    ``target`` is a module (its class name in snake case), a function or aten operator (its
+    name, without the overload), or a method name; an in-place variant is named as its
+    out-of-place op.
+
+    Example:
+        >>> import operator
+        >>> [op_kind(t) for t in (nn.Hardsigmoid(), nn.AdaptiveAvgPool2d(1), nn.SiLU(), operator.iadd, "mul_")]
+        ['hardsigmoid', 'adaptive_avg_pool2d', 'silu', 'add', 'mul']
+        >>> op_kind(torch.ops.aten.hardswish.default)
+        'hardswish'
+    """
+    if isinstance(target, nn.Module):  # ReLUThenClamp: re_lu_then_clamp; AdaptiveAvgPool2d: adaptive_avg_pool2d
+        name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", type(target).__name__)
+        name = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+    elif isinstance(target, str):
+        name = target
+    else:
+        name = getattr(target, "_opname", None) or getattr(target, "__name__", None) or str(target)
+    if name.endswith("_") and not name.endswith("__") and len(name) > 1:
+        name = name[:-1]  # relu_, add_: in place
+    return _KIND_ALIASES.get(name, name)
+
+
+def float_kind(target: Any) -> str | None:
+    """:func:`op_kind` of a compute op, ``None`` for a weight layer or an op that computes nothing.
+
+    Example:
+        >>> [float_kind(t) for t in (nn.Hardswish(), nn.Conv2d(1, 1, 1), torch.flatten, "view")]
+        ['hardswish', None, None, None]
+    """
+    from zq_plugin import _compat
+
+    if isinstance(target, (*WEIGHT_LAYERS, _compat.FakeQuantizeBase, _compat.ObserverBase)):
+        return None  # a quantized layer, or a quantizer
+    kind = op_kind(target)
+    return None if kind in SHAPE_KINDS or kind in WEIGHT_KINDS else kind
+
+
+def _module_kinds(module: nn.Module) -> list[str]:
+    """The float ops a module called as one graph node computes.
+
+    A weight layer fused by torch.ao computes its activation after it (``ConvReLU2d``:
+    ``["relu"]``; folded, it is a ``Sequential(conv, ReLU)``); a weight layer alone, a quantizer
+    or a shape op computes none.
+    """
+    if isinstance(module, WEIGHT_LAYERS):
+        fused = type(module).__module__.startswith("torch.ao.nn.intrinsic") and "ReLU" in type(module).__name__
+        return ["relu"] if fused else []
+    if isinstance(module, nn.Sequential):
+        kinds = [float_kind(child) for child in module.children()]
+    else:
+        kinds = [float_kind(module)]
+    return [k for k in kinds if k is not None]
+
+
+def graph_float_ops(gm: nn.Module, skip: Callable[[Any], bool]) -> dict[str, list[str]]:
+    """``kind -> node names`` of the compute ops of a traced model's graph, in graph order.
+
+    Every ``call_function`` / ``call_method`` / ``call_module`` node but those ``skip`` names
+    (a backend's quantizers), weight layers and ops that compute nothing (:data:`SHAPE_KINDS`).
+    A weight layer called with a fused activation (torch.ao's ``ConvReLU2d``, or the
+    ``Sequential(conv, ReLU)`` it folds to) lists that activation under the layer's name: it is
+    computed in float on the layer's output.
+
+    Args:
+        gm: a ``torch.fx.GraphModule`` (or Brevitas's own graph module: only its nodes'
+            ``op``, ``target`` and ``name`` are read).
+        skip: nodes to leave out.
+
+    Example:
+        >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(1, 2, 1), nn.SiLU(), nn.Flatten()))
+        >>> graph_float_ops(gm, skip=lambda node: False)
+        {'silu': ['1']}
+    """
+    modules = dict(gm.named_modules())
+    found: dict[str, list[str]] = {}
+    for node in gm.graph.nodes:  # type: ignore[union-attr]
+        if node.op not in ("call_function", "call_method", "call_module") or skip(node):
+            continue
+        if node.op == "call_module":
+            module = modules.get(str(node.target))
+            kinds = [] if module is None else _module_kinds(module)
+            name = str(node.target)
+        else:
+            kind = float_kind(node.target)
+            kinds, name = ([] if kind is None else [kind]), str(node.name)
+        for kind in kinds:
+            found.setdefault(kind, []).append(name)
+    return found
+
+
+def module_float_ops(model: nn.Module, skip: Callable[[nn.Module], bool]) -> dict[str, list[str]]:
+    """``kind -> module names`` of the leaf compute modules of ``model`` (no graph), in module order.
+
+    Leaf modules but those ``skip`` names (and everything inside them), weight layers and modules
+    that compute nothing; functional calls in ``forward`` are not seen.
+
+    Example:
+        >>> module_float_ops(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Dropout()), skip=lambda m: False)
+        {'relu': ['1']}
+    """
+    found: dict[str, list[str]] = {}
+    skipped: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in skipped):
+            continue
+        if skip(module):
+            skipped.append(name)
+            continue
+        if not name or any(True for _ in module.children()):
+            continue
+        kind = float_kind(module)
+        if kind is not None:
+            found.setdefault(kind, []).append(name)
+    return found

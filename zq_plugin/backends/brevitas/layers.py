@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zq_plugin._utils import WEIGHT_LAYERS, input_placement, report_float_layers
+from zq_plugin._utils import WEIGHT_LAYERS, graph_float_ops, input_placement, module_float_ops, report_float_layers
 from zq_plugin.backends.brevitas.functional import functional_layers_as_modules
 from zq_plugin.errors import ConfigError, MissingDependencyError, ModelError, NotCalibratedError
 from zq_plugin.plan import BitPlan
@@ -410,3 +410,28 @@ def describe_layers(qmodel: nn.Module) -> dict[str, tuple[int | None, int | None
                 granularity = "per_channel" if layer.quant_weight().scale.numel() > 1 else "per_tensor"
             rows[name] = (w_bits, a_bits, granularity)
     return rows
+
+
+def float_ops_layers(qmodel: nn.Module) -> dict[str, list[str]]:
+    """``kind -> node or module names`` of the ops a Brevitas model computes in float, in graph order.
+
+    Every op but Brevitas's own modules (its quant layers and quantizers), weight layers and the
+    ops that move no values (``_utils.SHAPE_KINDS``). A traced model (what :func:`to_brevitas`
+    and ``from_sim`` build, a graph of Brevitas's tracer) is read from its graph, functional
+    calls (``x * gate``, ``a + b``) included; a model without a graph only from its leaf modules:
+    its functional calls are not seen.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Hardswish(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ...                     nn.Linear(4, 2))
+        >>> float_ops_layers(to_brevitas(net.eval()))
+        {'hardswish': ['1'], 'adaptive_avg_pool2d': ['2']}
+    """
+
+    def brevitas_module(module: nn.Module | None) -> bool:
+        return module is not None and type(module).__module__.startswith("brevitas.")
+
+    if getattr(qmodel, "graph", None) is None:
+        return module_float_ops(qmodel, brevitas_module)
+    modules = dict(qmodel.named_modules())
+    return graph_float_ops(qmodel, lambda n: n.op == "call_module" and brevitas_module(modules.get(str(n.target))))

@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from zq_plugin import _compat
-from zq_plugin._utils import _FUNCTIONAL_WEIGHT_OPS
+from zq_plugin._utils import _FUNCTIONAL_WEIGHT_OPS, graph_float_ops
 from zq_plugin.backends.fx.passes import _is_negative_lobe, relu6_as_relu_then_clamp
 from zq_plugin.backends.fx.qconfig import qconfig
-from zq_plugin.backends.fx.quantize import _swap_conv_transpose, fold_weights, freeze
+from zq_plugin.backends.fx.quantize import FakeQuantConvTranspose, _swap_conv_transpose, fold_weights, freeze
 from zq_plugin.calibration import _example_inputs, _to_model, calibrate
 from zq_plugin.errors import ConfigError
 from zq_plugin.plan import BitPlan, LayerBits
@@ -487,3 +487,27 @@ def describe_sim(sim: torch.fx.GraphModule) -> dict[str, tuple[int | None, int |
         a_bits = None if grid is None else grid.bits
         rows.setdefault(name, (w_bits, a_bits, granularity))
     return rows
+
+
+def float_ops_sim(sim: torch.fx.GraphModule) -> dict[str, list[str]]:
+    """``kind -> node names`` of the ops a simulation computes in float (folded or not), in graph order.
+
+    Every compute node but the FakeQuantize modules, the weight layers whose weights and inputs
+    they quantize, and the ops that move no values (``_utils.SHAPE_KINDS``): activations, gates,
+    products, sums, pooling, all computed in float on dequantized values. A Conv+ReLU torch.ao
+    fused lists its ReLU under the layer's name.
+
+    Example:
+        >>> import zq_plugin
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Hardswish(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ...                     nn.Linear(4, 2))
+        >>> float_ops_sim(zq_plugin.quantize_fx(net.eval(), torch.randn(8, 1, 6, 6)))
+        {'hardswish': ['1'], 'adaptive_avg_pool2d': ['2']}
+    """
+    modules = dict(sim.named_modules())
+
+    def skip(node: torch.fx.Node) -> bool:
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        return _is_fake_quant_node(node, sim) or isinstance(module, FakeQuantConvTranspose)
+
+    return graph_float_ops(sim, skip)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from zq_plugin import _compat
+from zq_plugin._utils import graph_float_ops
 from zq_plugin.backends import carried_counts
 from zq_plugin.backends.pt2e.quantize import _prepared, convert
 from zq_plugin.backends.pt2e.quantizer import TARGETS, _weight_owner
@@ -201,3 +202,25 @@ def describe_converted(converted: torch.fx.GraphModule) -> dict[str, tuple[int |
         a_bits, _ = _grid_bits(node.args[0], 3)
         rows.setdefault(node.meta.get("zq_layer") or _weight_owner(node), (w_bits, a_bits, granularity))
     return rows
+
+
+def float_ops_converted(converted: torch.fx.GraphModule) -> dict[str, list[str]]:
+    """``kind -> node names`` of the aten ops a converted PT2E model computes in float, in graph order.
+
+    Every aten call but the quantize/dequantize nodes, the weight ops (conv, linear) and the ops
+    that move no values (``_utils.SHAPE_KINDS``): activations, gates, products, sums, pooling,
+    computed in float on dequantized values. Module calls (torch.export's guard) compute nothing.
+
+    Example:
+        >>> from zq_plugin.backends.pt2e import quantize_pt2e
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Hardswish(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        ...                     nn.Linear(4, 2))
+        >>> float_ops_converted(quantize_pt2e(net.eval(), torch.randn(8, 1, 6, 6)))
+        {'hardswish': ['hardswish'], 'adaptive_avg_pool2d': ['adaptive_avg_pool2d']}
+    """
+
+    def skip(node: torch.fx.Node) -> bool:
+        namespace = getattr(node.target, "namespace", None)
+        return node.op == "call_module" or node.target in TARGETS or namespace in ("quantized_decomposed", "torchao")
+
+    return graph_float_ops(converted, skip)
