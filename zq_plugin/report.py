@@ -1,11 +1,12 @@
 """What a quantized model really applies, read from the built model: :func:`describe`.
 
 Every model the plugin builds (the FX simulation, a converted PT2E model, a Brevitas model)
-answers one call. The bits, granularity and the layers left in float are read from the model
-itself (its FakeQuantize modules, its quantize/dequantize nodes, its Brevitas quantizers), not
-from the request; where each step came from (carried from the simulation, calibrated by the
-backend, learned by reconstruction or fine-tuning) and the calibration data's provenance come
-from the build record the pipeline attaches (:class:`Build`).
+answers one call. The bits, granularity, the layers left in float and the other ops computed
+in float (:class:`FloatOp`) are read from the model itself (its FakeQuantize modules, its
+quantize/dequantize nodes, its Brevitas quantizers, its graph), not from the request; where
+each step came from (carried from the simulation, calibrated by the backend, learned by
+reconstruction or fine-tuning) and the calibration data's provenance come from the build
+record the pipeline attaches (:class:`Build`).
 
 Example:
     >>> import torch, zq_plugin
@@ -14,6 +15,8 @@ Example:
     >>> sim = zq_plugin.quantize_fx(net, torch.randn(16, 1, 8, 8), w_bits=4, a_bits=3, first_last_bits=None)
     >>> [(row.name, row.w_bits, row.a_bits) for row in describe(sim).layers]
     [('0', 4, 3), ('3', 4, 3)]
+    >>> [(op.kind, op.nodes) for op in describe(sim).float_ops]  # the ReLU fused with conv 0 runs in float
+    [('relu', ('0',))]
 """
 
 from __future__ import annotations
@@ -73,6 +76,25 @@ class LayerReport:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FloatOp:
+    """One kind of op the built model computes in float, between the quantized inputs of its weight layers.
+
+    Attributes:
+        kind: the op's short name (``"hardsigmoid"``, ``"mul"``, ``"add"``, ``"adaptive_avg_pool2d"``).
+        nodes: the graph nodes (or modules) computing it, in graph order.
+        count: ``len(nodes)``.
+
+    Example:
+        >>> FloatOp(kind="mul", nodes=("mul", "mul_1"), count=2).count
+        2
+    """
+
+    kind: str
+    nodes: tuple[str, ...]
+    count: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class Build:
     """The pipeline's record of how a model was built (attached as ``qmodel.zq_build``).
 
@@ -104,12 +126,16 @@ class Report:
         layers: one :class:`LayerReport` per weight layer, in graph order.
         float_layers: weight layers the model computes in float.
         build: the pipeline's record (``None`` for a model built outside it).
+        float_ops: the other ops the model computes in float, one :class:`FloatOp` per kind in
+            order of first use (activations, gates, products, sums, pooling: every compute op
+            but the weight layers, the quantizers and the ops that only move or reshape values).
     """
 
     backend: str
     layers: tuple[LayerReport, ...]
     float_layers: tuple[str, ...]
     build: Build | None
+    float_ops: tuple[FloatOp, ...] = ()
 
     def layers_by_bits(self) -> dict[str, dict[str, int]]:
         """``{"w_bits": {bits: count}, "a_bits": {bits: count}}`` of the layers as built (``"float"`` for none)."""
@@ -121,11 +147,16 @@ class Report:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (what ``zq quantize`` prints and writes)."""
+        """A JSON-ready dict (what ``zq quantize`` prints and writes).
+
+        ``"float_ops"`` is ``{kind: count}``, ``"float_op_nodes"`` ``{kind: [node, ...]}``.
+        """
         return {
             "backend": self.backend,
             "layers": [dataclasses.asdict(row) for row in self.layers],
             "float_layers": list(self.float_layers),
+            "float_ops": {op.kind: op.count for op in self.float_ops},
+            "float_op_nodes": {op.kind: list(op.nodes) for op in self.float_ops},
             "layers_by_bits": self.layers_by_bits(),
             "build": None if self.build is None else _jsonable(self.build),
         }
@@ -135,7 +166,7 @@ class Report:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
     def table(self) -> str:
-        """A plain-text table: layer, weight bits, input bits, granularity, step sources."""
+        """A plain-text table: layer, weight bits, input bits, granularity, step sources; then the float ops."""
         rows = [("layer", "W", "A", "granularity", "weight step", "input step")]
         for r in self.layers:
             rows.append(
@@ -147,6 +178,8 @@ class Report:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
         if self.float_layers:
             lines.append(f"float: {', '.join(self.float_layers)}")
+        if self.float_ops:
+            lines.append(f"float ops: {', '.join(f'{op.kind} ×{op.count}' for op in self.float_ops)}")
         return "\n".join(lines)
 
 
@@ -217,11 +250,19 @@ def describe(qmodel: nn.Module) -> Report:
     integer range of each FakeQuantize, quantize/dequantize node or Brevitas quantizer); the
     step sources and the data's provenance from ``qmodel.zq_build`` when the pipeline built it.
 
+    ``float_ops`` lists what is not quantized as deployed: only each weight layer's input and
+    weight are quantized (on every backend), so every other compute op of the graph (gates
+    such as sigmoid/hardsigmoid, their products, Hardswish/SiLU/ReLU, residual sums, pooling,
+    concatenations) computes in float on dequantized values. Weight layers, quantizers and ops
+    that only move or reshape values (views, flatten, getitem, dropout in eval) are left out.
+    Read from the FX graph, the converted PT2E aten graph, or the traced Brevitas graph (a
+    Brevitas model without a graph: its leaf modules only, functional calls unseen).
+
     Args:
         qmodel: a quantized model.
 
     Returns:
-        A :class:`Report` (``.table()``, ``.to_json()``, ``.layers_by_bits()``).
+        A :class:`Report` (``.table()``, ``.to_json()``, ``.layers_by_bits()``, ``.float_ops``).
 
     Raises:
         ConfigError: ``qmodel`` holds no quantizer the plugin knows (a float model).
@@ -233,19 +274,22 @@ def describe(qmodel: nn.Module) -> Report:
     build = build if isinstance(build, Build) else None
     steps = build.steps if build is not None else {}
     if backend == "fx":
-        from zq_plugin.backends.fx.sim import describe_sim
+        from zq_plugin.backends.fx.sim import describe_sim, float_ops_sim
 
         rows = describe_sim(cast(torch.fx.GraphModule, qmodel))
+        ops = float_ops_sim(cast(torch.fx.GraphModule, qmodel))
         default = _stage_source(build)
     elif backend == "pt2e":
-        from zq_plugin.backends.pt2e import describe_converted
+        from zq_plugin.backends.pt2e.carry import describe_converted, float_ops_converted
 
         rows = describe_converted(cast(torch.fx.GraphModule, qmodel))
+        ops = float_ops_converted(cast(torch.fx.GraphModule, qmodel))
         default = "backend-calibrated"
     elif backend == "brevitas":
-        from zq_plugin.backends.brevitas import describe_layers
+        from zq_plugin.backends.brevitas.layers import describe_layers, float_ops_layers
 
         rows = describe_layers(qmodel)
+        ops = float_ops_layers(qmodel)
         default = "backend-calibrated"
     else:
         raise ConfigError(
@@ -268,7 +312,8 @@ def describe(qmodel: nn.Module) -> Report:
             )
         )  # fmt: skip
     floats = tuple(getattr(qmodel, "zq_float_layers", None) or ())
-    return Report(backend=backend, layers=tuple(layers), float_layers=floats, build=build)
+    float_ops = tuple(FloatOp(kind=kind, nodes=tuple(nodes), count=len(nodes)) for kind, nodes in ops.items())
+    return Report(backend=backend, layers=tuple(layers), float_layers=floats, build=build, float_ops=float_ops)
 
 
 def _stage_source(build: Build | None) -> str:
