@@ -128,7 +128,9 @@ def test_qdrop_mask_holds_zeros_and_ones_and_is_seeded(prob, shape, seed):
     mask = qdrop_mask(shape, prob, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     assert mask.shape == shape and mask.dtype == torch.float64
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
-    assert torch.equal(mask, qdrop_mask(shape, prob, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    assert torch.equal(
+        mask, qdrop_mask(shape, prob, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    )
     if prob in (0.0, 1.0):
         assert torch.equal(mask, torch.full(shape, prob, dtype=torch.float64))
 
