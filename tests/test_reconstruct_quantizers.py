@@ -190,14 +190,51 @@ def test_lsq_node_equals_the_composed_ops_forward_and_backward(seed, zp, drop, x
         torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-6)
 
 
-def test_regularizer_after_a_forward_reuses_its_rounding_and_equals_a_fresh_one():
+def _soft_composed(q, beta):
+    """The soft weight and the regularizer from autograd's own ops (the reference for the fused node)."""
+    shape = [-1] + [1] * (q.base.dim() - 1)
+    h = rectified_sigmoid(q.v)
+    weight = (q.scale0 * q.scale_factor).reshape(shape) * torch.clamp(q.base + h, q.quant_min, q.quant_max)
+    return weight, rounding_regularizer(q.v, beta)
+
+
+@given(seed=st.integers(0, 2**16), beta=st.floats(2.0, 20.0), bits=st.integers(2, 4), push=st.floats(0.0, 6.0))
+def test_soft_rounding_node_equals_the_composed_ops_forward_and_backward(seed, beta, bits, push):
+    """One node for the weight and the regularizer: the same values and gradients for V and the step factor."""
+    w, scale = _weight(seed)
+    qmax = 2 ** (bits - 1) - 1
+    q = LearnedRoundingWeight(w, scale * 7 / qmax, -qmax, qmax)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        q.v.add_(push * torch.randn(q.v.shape, generator=g))  # some h at 0 or 1, some integers clamped
+        q.scale_factor.mul_(1 + 0.1 * torch.randn(q.scale_factor.shape, generator=g))
+    grad = torch.randn(w.shape, generator=g)
+    q.beta = beta
+    weight = q()
+    (weight * grad).sum().add(0.3 * q.regularizer(beta)).backward()
+    fused = q.v.grad.clone(), q.scale_factor.grad.clone()
+    q.zero_grad()
+    ref_weight, ref_reg = _soft_composed(q, beta)
+    (ref_weight * grad).sum().add(0.3 * ref_reg).backward()
+    torch.testing.assert_close(weight, ref_weight, rtol=0, atol=0)
+    torch.testing.assert_close(fused[0], q.v.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused[1], q.scale_factor.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_regularizer_after_a_forward_is_that_forwards_and_equals_a_fresh_one():
     w, scale = _weight(3)
     q = LearnedRoundingWeight(w, scale, -7, 7)
     with torch.no_grad():
         q.v.add_(torch.randn(q.v.shape, generator=torch.Generator().manual_seed(4)))
     fresh = rounding_regularizer(q.v, 7.0)
+    q.beta = 7.0
     q()
-    assert q.last_rounding is not None
-    assert torch.equal(q.regularizer(7.0), fresh)
-    assert q.last_rounding is None  # used once
+    assert q.last_regularizer is not None
+    torch.testing.assert_close(q.regularizer(7.0), fresh)
+    assert q.last_regularizer is None  # used once
     assert torch.equal(q.regularizer(7.0), fresh)  # without a forward since: computed anew
+    q()
+    assert torch.equal(q.regularizer(3.0), rounding_regularizer(q.v, 3.0))  # another beta: computed anew
+    q.beta = None
+    q()
+    assert q.last_regularizer is None
