@@ -130,9 +130,10 @@ def step_ratio(args: argparse.Namespace) -> None:
     """One reconstruction step vs a bare float forward+backward of the same unit, per unit, in paired rounds.
 
     Per unit and round: ``--steps`` bare float steps (median), then the unit reconstructed with
-    ``--steps`` iterations and with 1 (the difference over ``steps - 1`` is one step without the
-    fixed cost of caching the unit's inputs). The round's ratio is step / bare; the unit's is the
-    median over ``--rounds`` rounds (this VM's speed drifts within seconds).
+    ``--steps`` iterations, whose mean step the engine times itself (``step_seconds``: batch,
+    masks, forward, backward, Adam; the caching of the unit's inputs and the checks excluded).
+    The unit's ratio is the median over ``--rounds`` rounds of step / bare (this VM's speed
+    drifts within seconds); "all steps against all float steps" weighs the units by their time.
     """
     torch.manual_seed(0)
     config = dataclasses.replace(engine.METHODS[args.methods[0]], checks=1, holdout=0.0)
@@ -159,23 +160,23 @@ def step_ratio(args: argparse.Namespace) -> None:
                 bare(x).pow(2).sum().backward()
                 return time.perf_counter() - t
 
-            def unit_seconds_at(
+            def unit_run(
                 iterations: int, block: Any = block, sim: Any = sim, data: Any = data, teacher: Any = teacher
-            ) -> float:
+            ) -> dict[str, float]:
                 timed = dataclasses.replace(config, iterations=iterations)
-                return engine.reconstruct_unit(copy.deepcopy(sim), block, data, timed, teacher=teacher)["seconds"]
+                return engine.reconstruct_unit(copy.deepcopy(sim), block, data, timed, teacher=teacher)
 
             for _ in range(3):
                 float_step()
             rounds = []
             for _ in range(args.rounds):
                 bare_step = statistics.median(float_step() for _ in range(steps))
-                step = (unit_seconds_at(steps) - unit_seconds_at(1)) / (steps - 1)
-                rounds.append((step, bare_step))
+                rounds.append((unit_run(steps)["step_seconds"], bare_step))
             step_seconds = statistics.median(r[0] for r in rounds)
             bare_seconds = statistics.median(r[1] for r in rounds)
             ratios.append(statistics.median(r[0] / r[1] for r in rounds))
-            overhead = unit_seconds_at(1)
+            once = unit_run(1)
+            overhead = once["seconds"] - once["step_seconds"]  # caching the unit's inputs and the checks
             unit_seconds.append(overhead + step_seconds * config.iterations)
             float_seconds.append(bare_seconds * config.iterations)
             steps_total.append(step_seconds * config.iterations)
