@@ -270,6 +270,7 @@ def test_script_commands_parse(cmd, monkeypatch):
         script = ROOT / words[1]
         assert script.is_file(), f"{cmd}: no {words[1]}"
         module, argv, source = str(script), words[2:], script.read_text()
+        monkeypatch.syspath_prepend(str(script.parent))  # as `python script.py` puts its folder first
     takes_arguments = "parse_args" in source
     if not takes_arguments:  # import only: running it would be the benchmark itself
         assert not argv, f"{cmd}: the script takes no arguments"
