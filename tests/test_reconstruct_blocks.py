@@ -26,12 +26,27 @@ def test_torchvision_resnet18_units_are_its_basic_blocks():
         assert after.input == before.output  # units chain through their cut points
 
 
-def test_mobilenet_v2_units_split_at_skips_and_chains():
+def test_mobilenet_v2_inverted_residuals_are_one_unit_with_or_without_a_skip():
     model, _ = torchvision_model("mobilenet_v2")
-    blocks = find_blocks(torch.fx.symbolic_trace(model.eval()))
+    gm = torch.fx.symbolic_trace(model.eval())
+    blocks = find_blocks(gm)
     names = [b.name for b in blocks]
-    assert "features.3.conv" in names and "features.2.conv.1.0" in names  # with a skip: one unit; without: each layer
+    assert names[:4] == ["features.0.0", "features.1.conv", "features.2.conv", "features.3.conv"]
+    assert [len(b.layers) for b in blocks[2:18]] == [3] * 16  # features.2 has no skip, features.3 has one
     assert _layers(blocks) == list(weight_layers(model))
+    split = [b.name for b in find_blocks(gm, max_module_layers=1)]  # every cut point ends a unit
+    assert "features.3.conv" in split and "features.2.conv.1.0" in split
+
+
+def test_a_chain_with_a_gate_inside_is_one_unit_and_residual_blocks_stay_apart():
+    model, _ = torchvision_model("mobilenet_v3_small")
+    blocks = find_blocks(torch.fx.symbolic_trace(model.eval()))
+    sizes = {b.name: len(b.layers) for b in blocks}
+    assert sizes["features.1.block"] == 4  # depthwise, two squeeze-excite layers, project: no skip
+    assert sizes["features.4.block"] == 5  # expand, depthwise, squeeze-excite, project
+    assert _layers(blocks) == list(weight_layers(model))
+    resnet, _ = torchvision_model("resnet18")
+    assert "layer1" not in [b.name for b in find_blocks(torch.fx.symbolic_trace(resnet.eval()))]  # no stage units
 
 
 @pytest.mark.parametrize("name", ["resnet_s", "mobilenetv2_s", "plain_cnn"])
