@@ -51,7 +51,6 @@ from torch import fx
 from zq_plugin._utils import WEIGHT_LAYERS
 from zq_plugin.errors import ModelError
 
-
 #: A module's chain of units is joined into one unit up to this many weight layers (an
 #: inverted residual with squeeze-excitation has five: expand, two gate layers, depthwise, project).
 MAX_MODULE_LAYERS = 5
