@@ -1,10 +1,13 @@
 """The reconstruction engine on a tiny model: losses fall, rounding stays on the grid, runs are deterministic."""
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
 from conftest import assert_unchanged, snapshot
+from hypothesis import given
+from hypothesis import strategies as st
 
 import zq_plugin
 from zq_plugin import observers as zo
@@ -179,3 +182,42 @@ def test_a_plan_naming_a_linear_read_functionally_reconstructs():
     sim = reconstruct_fx(net, torch.randn(16, 1, 8, 8), plan=plan, config=quick, progress=False)
     assert [layer for r in sim.zq_reconstruction for layer in r["layers"]] == ["conv"]
     assert sim(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+@given(
+    errors=st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1, max_size=30),
+    mean=st.integers(1, 2000),
+)
+def test_spread_iterations_keeps_the_total_and_the_bounds_and_follows_the_error(errors, mean):
+    from zq_plugin.reconstruct.engine import spread_iterations
+
+    counts = spread_iterations(errors, mean)
+    n = len(errors)
+    assert len(counts) == n and all(c >= 1 for c in counts)
+    assert all(mean / 4 - 1 <= c <= mean * 4 + 1 for c in counts)
+    if mean >= 4:
+        assert abs(sum(counts) - mean * n) <= n  # the uniform schedule's total, up to rounding
+    for (e1, c1), (e2, c2) in itertools.combinations(zip(errors, counts, strict=True), 2):
+        if e1 < e2:
+            assert c1 <= c2 + 1  # more error, not fewer steps
+
+
+def test_error_schedule_spends_the_uniform_total_where_the_error_is(monkeypatch):
+    import dataclasses
+
+    from zq_plugin.reconstruct import METHODS
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(64, 3),
+    ).eval()  # fmt: skip
+    config = dataclasses.replace(METHODS["genie-m"], iterations=12, checks=2, schedule="error")
+    sim = zq_plugin.reconstruct_fx(net, torch.randn(32, 1, 8, 8), w_bits=2, a_bits=2, config=config, progress=False)
+    counts = [r["iterations"] for r in sim.zq_reconstruction]
+    assert abs(sum(counts) - 12 * len(counts)) <= len(counts) and len(set(counts)) > 1
+    uniform = zq_plugin.reconstruct_fx(
+        net, torch.randn(32, 1, 8, 8), config=dataclasses.replace(config, schedule="uniform"), progress=False
+    )
+    assert [r["iterations"] for r in uniform.zq_reconstruction] == [12] * len(counts)
+    with pytest.raises(zq_plugin.ConfigError, match="schedule"):
+        dataclasses.replace(config, schedule="longest")

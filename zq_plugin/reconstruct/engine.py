@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -50,6 +51,10 @@ from zq_plugin.reconstruct.quantizers import LearnedRoundingWeight, LSQActivatio
 from zq_plugin.runs import method_code_hash, run_key
 
 logger = logging.getLogger(__name__)
+
+
+#: How the iterations are spread over the units (:attr:`ReconstructConfig.schedule`).
+SCHEDULES = ("uniform", "error")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,6 +79,9 @@ class ReconstructConfig:
         holdout: the share of calibration images held out to check each unit (none of the papers
             does; see :func:`reconstruct_unit`); 0 checks on the training images.
         checks: how many times per unit the held-out error is measured (the best state is kept).
+        schedule: ``"uniform"`` (every unit ``iterations`` steps, as the papers) or ``"error"``
+            (the same total, spread by each unit's own quantization error:
+            :func:`iteration_schedule`).
     """
 
     units: str = "block"
@@ -89,8 +97,11 @@ class ReconstructConfig:
     lr_act_scale: float = 4e-5
     holdout: float = 0.125
     checks: int = 10
+    schedule: str = "uniform"
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
         if self.units not in ("block", "layer"):
             raise ConfigError(f"units must be 'block' or 'layer', got {self.units!r}.")
         if self.iterations < 1 or self.batch_size < 1:
@@ -371,6 +382,79 @@ def reconstruct_unit(
     return report
 
 
+def spread_iterations(errors: list[float], mean: int, *, power: float = 0.5, spread: float = 4.0) -> list[int]:
+    """Iterations per unit: ``mean`` on average, more where a unit's error is larger.
+
+    Unit ``i`` gets a share proportional to ``e_i ** power`` of the total ``mean * n``, clipped
+    to ``[mean / spread, mean * spread]``; what clipping frees or takes is spread over the
+    unclipped units in the same proportions, so the total stays ``mean * n`` (up to rounding,
+    at most ``n`` steps). Units with no error (or all errors equal) get ``mean`` each.
+
+    Args:
+        errors: each unit's relative output error (>= 0), in unit order.
+        mean: the mean iterations per unit (>= 1).
+        power: how strongly the error counts (0: uniform; 1: proportional).
+        spread: the largest ratio of a unit's iterations to ``mean`` either way (>= 1).
+
+    Returns:
+        One count (>= 1) per unit.
+
+    Example:
+        >>> spread_iterations([1.0, 4.0, 0.0], 100)
+        [92, 183, 25]
+    """
+    n = len(errors)
+    if n == 0:
+        return []
+    weights = [max(e, 0.0) ** power for e in errors]
+    if not math.isfinite(sum(weights)) or sum(weights) <= 0:
+        return [mean] * n
+    low, high = mean / spread, mean * spread
+    total = float(mean * n)
+    fixed: dict[int, float] = {}
+    for _ in range(n):  # each round fixes at least one more unit at a bound, or ends
+        free = [i for i in range(n) if i not in fixed]
+        left = total - sum(fixed.values())
+        mass = sum(weights[i] for i in free)
+        share = {i: left * weights[i] / mass if mass > 0 else left / len(free) for i in free}
+        clipped = {i: min(max(v, low), high) for i, v in share.items() if not low <= v <= high}
+        if not clipped:
+            fixed.update(share)
+            break
+        fixed.update(clipped)
+        if len(fixed) == n:
+            break
+    return [max(1, round(fixed[i])) for i in range(n)]
+
+
+def iteration_schedule(
+    sim: fx.GraphModule, teacher: fx.GraphModule, units: list[Block], images: torch.Tensor, config: ReconstructConfig
+) -> list[int]:
+    """Each unit's iterations under ``config.schedule``, from the calibrated simulation ``sim``.
+
+    ``"error"``: a unit's own error is its relative output error with the float input,
+    ``||unit_q(x) - y||^2 / ||y||^2`` (``x``, ``y``: the teacher's input and output of the unit on
+    the first 64 images), so that an earlier unit's error does not count again downstream. It grows
+    as the unit's bits fall and where its layers are fragile (depthwise, gated). The iterations
+    follow :func:`spread_iterations` (``e ** 0.5``, between a quarter and four times
+    ``config.iterations``): the total, and so the time, stay those of the uniform schedule.
+
+    Returns:
+        Iterations per unit, in unit order.
+    """
+    if config.schedule == "uniform":
+        return [config.iterations] * len(units)
+    sample = [images[:64]]
+    errors = []
+    with torch.no_grad():
+        for block in units:
+            x = node_values(teacher, block.input, sample)[0]
+            y = node_values(teacher, block.output, sample)[0]
+            unit = block_module(sim, block).eval()
+            errors.append(float(((unit(x) - y) ** 2).sum() / (y**2).sum().clamp_min(1e-12)))
+    return spread_iterations(errors, config.iterations)
+
+
 def _checkpoints(folder: Path) -> list[Path]:
     return sorted(folder.glob("unit-*.pt")) if folder.is_dir() else []
 
@@ -509,10 +593,16 @@ def reconstruct_fx(
             observers=(observer, weight_observer), meaning="layer-inputs",
         )  # fmt: skip
         folder = Path(cache_dir) / f"reconstruct-{key}"
+    schedule = iteration_schedule(sim, teacher, units, images, config)  # before resuming: the calibrated sim
+    if folder is not None:
         done, report = _resume(folder, sim, units)
     for i, block in enumerate(units[done:], start=done):
-        errors = reconstruct_unit(sim, block, images, config, teacher=teacher, seed=seed + i, progress=progress)
-        report.append({"unit": block.name, "layers": [_model_layer(n, names) for n in block.layers], **errors})
+        unit_config = dataclasses.replace(config, iterations=schedule[i])
+        errors = reconstruct_unit(sim, block, images, unit_config, teacher=teacher, seed=seed + i, progress=progress)
+        report.append(
+            {"unit": block.name, "layers": [_model_layer(n, names) for n in block.layers], "iterations": schedule[i]}
+            | errors
+        )
         logger.info(
             "reconstructed %s: held-out output MSE %.4g -> %.4g (step %d)",
             block.name, errors["held_before"], errors["held_after"], errors["best_step"],
