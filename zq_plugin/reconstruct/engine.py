@@ -80,7 +80,7 @@ class ReconstructConfig:
             does; see :func:`reconstruct_unit`); 0 checks on the training images.
         checks: how many times per unit the held-out error is measured (the best state is kept).
         schedule: ``"uniform"`` (every unit ``iterations`` steps, as the papers) or ``"error"``
-            (the same total, spread by each unit's own quantization error:
+            (the same total, spread by each unit's output error with its quantized input:
             :func:`iteration_schedule`).
     """
 
