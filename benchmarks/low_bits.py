@@ -18,12 +18,18 @@ on the 10,000 test images, zero data minus FP32 and minus real, and the wall sec
 zero-data recipe (synthesis once per model, then each bit width's calibration and
 reconstruction) on this machine.
 
+``--seed`` sets the synthesis seed, the real images' draw and the reconstruction seed together;
+``--num-samples`` the number of images of both columns; ``--iterations`` and ``--schedule``
+replace the reconstruction's :class:`zq_plugin.ReconstructConfig` fields (defaults: the
+config's own).
+
 Run: ``.venv/bin/python benchmarks/low_bits.py`` (about 30 minutes per model on 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 import warnings
@@ -45,6 +51,10 @@ def main() -> None:
     parser.add_argument(
         "--budget", action="store_true", help="spend each W/A pair's bit operations with bops_plan (budget=) instead"
     )
+    parser.add_argument("--seed", type=int, default=0, help="synthesis, real-image draw and reconstruction seed")
+    parser.add_argument("--num-samples", type=int, default=None, help="calibration images (default: the recipe's)")
+    parser.add_argument("--iterations", type=int, default=None, help="reconstruction iterations per unit")
+    parser.add_argument("--schedule", choices=["uniform", "error"], default=None, help="reconstruction schedule")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -54,23 +64,31 @@ def main() -> None:
     from zq_plugin.demo import cached_synthesize, real_subset
     from zq_plugin.recipe import BEST_NUM_SAMPLES, BEST_SYNTHESIZER
 
+    num_samples = args.num_samples or BEST_NUM_SAMPLES
+    config = zq_plugin.ReconstructConfig()
+    changes = {k: v for k, v in (("iterations", args.iterations), ("schedule", args.schedule)) if v is not None}
+    config = dataclasses.replace(config, **changes)
     x_test, y_test = datasets.load_fashion_mnist("test")
-    real = real_subset(256)
+    real = real_subset(num_samples, seed=args.seed)
     plan = "bops_plan at each pair's bit operations" if args.budget else "uniform bits"
-    print(f"stage: {args.stage}; {plan}; zero data: {BEST_SYNTHESIZER}, {BEST_NUM_SAMPLES} images, seed 0")
+    print(f"stage: {args.stage}; {plan}; zero data: {BEST_SYNTHESIZER}, {num_samples} images, seed {args.seed}; "
+          f"reconstruction: {config.iterations} iterations per unit, schedule {config.schedule}")  # fmt: skip
     print("| model | FP32 | bits | zero data | real | zero − FP32 | zero − real | zero-data seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         model = zoo.load(name)
         fp32 = zq_plugin.accuracy(model, x_test, y_test)
         started = time.perf_counter()
-        data = cached_synthesize(model, BEST_SYNTHESIZER, args.cache, num_samples=BEST_NUM_SAMPLES, seed=0,
+        data = cached_synthesize(model, BEST_SYNTHESIZER, args.cache, num_samples=num_samples, seed=args.seed,
                                  progress=False, input_range=model.input_range)  # fmt: skip
         synth_seconds = time.perf_counter() - started
         print(f"| {name} | {fp32:.2f} | synthesis | | | | | {synth_seconds:.0f} |", flush=True)
         for w_bits, a_bits in args.bits:
             started = time.perf_counter()
-            bits = {"budget": f"W{w_bits}A{a_bits}"} if args.budget else {"w_bits": w_bits, "a_bits": a_bits}
+            bits: dict[str, object] = (
+                {"budget": f"W{w_bits}A{a_bits}"} if args.budget else {"w_bits": w_bits, "a_bits": a_bits}
+            )
+            bits.update(config=config, seed=args.seed)
             zero = zq_plugin.quantize(model, data=data, stage=args.stage, progress=False, **bits)
             seconds = time.perf_counter() - started
             zero_top1 = zq_plugin.accuracy(zero, x_test, y_test)
