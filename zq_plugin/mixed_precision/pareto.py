@@ -12,7 +12,10 @@ cost and only those whose total sensitivity is strictly below that of every chea
 kept. An optimal assignment's prefix can always be swapped for a kept prefix of no greater
 cost and no greater sensitivity, so nothing optimal is lost; the final list is the frontier.
 Costs are integers (weight bits), so there is no binning error. The list holds at most one
-entry per distinct cost, and in practice a few hundred to a few thousand entries for CNNs.
+entry per distinct cost: a few hundred to a few thousand entries for CNNs under a weight-size
+budget, up to about a million under a bit-operations budget with 49 (weight, input) options per
+layer, so each layer's candidates are built, sorted and pruned as arrays (numpy), not Python
+tuples (275 s to about 5 s for mobilenetv3_s's 34 layers).
 
 Example:
     >>> front = pareto_frontier([[2, 4], [2, 4]], [[1.0, 0.0], [5.0, 0.5]])
@@ -28,6 +31,8 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from zq_plugin.errors import ConfigError
 
@@ -70,30 +75,53 @@ def pareto_frontier(costs: Sequence[Sequence[int]], sensitivities: Sequence[Sequ
             raise ConfigError(f"layer {i}: {len(c)} costs but {len(s)} sensitivities; give one of each per option.")
         if any(int(v) != v or v < 0 for v in c) or not all(math.isfinite(v) for v in s):
             raise ConfigError(f"layer {i}: costs {list(c)} must be non-negative integers and sensitivities finite.")
-    # nodes of layer i: (cost, sensitivity, parent index in layer i-1's list, option)
-    levels: list[list[tuple[int, float, int, int]]] = []
-    frontier: list[tuple[int, float]] = [(0, 0.0)]
+    # each layer's kept nodes: cost, sensitivity, parent index in the previous layer's list, option
+    levels: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    front_cost = np.zeros(1, dtype=np.int64)
+    front_sens = np.zeros(1, dtype=np.float64)
     for c, s in zip(costs, sensitivities, strict=True):
-        candidates = [
-            (cost + int(c[k]), sens + float(s[k]), parent, k)
-            for parent, (cost, sens) in enumerate(frontier)
-            for k in range(len(c))
-        ]
-        candidates.sort(key=lambda t: (t[0], t[1]))
-        kept: list[tuple[int, float, int, int]] = []
-        for node in candidates:  # sorted: a node of equal cost comes after its better twin and is dropped
-            if not kept or node[1] < kept[-1][1]:  # strictly better than every cheaper kept node
-                kept.append(node)
-        levels.append(kept)
-        frontier = [(node[0], node[1]) for node in kept]
-    points: list[FrontierPoint] = []
-    for cost, sens, _, _ in levels[-1]:
-        choice, index = [], len(points)
-        for level in reversed(levels):  # follow the back-pointers
-            _, _, index, option = level[index]
-            choice.append(option)
-        points.append(FrontierPoint(cost=cost, sensitivity=sens, choice=tuple(reversed(choice))))
+        opt_cost = np.asarray([int(v) for v in c], dtype=np.int64)
+        opt_sens = np.asarray(s, dtype=np.float64)
+        # an option no cheaper and no less sensitive than another (the first of exact twins stays)
+        # never ends on the frontier: every candidate it makes is beaten by its sibling's
+        useful = np.flatnonzero(_undominated(opt_cost, opt_sens))
+        k = len(useful)
+        # candidates in parent-major, option-minor order (a stable sort keeps it among equal keys)
+        cand_cost = (front_cost[:, None] + opt_cost[useful][None, :]).reshape(-1)
+        cand_sens = (front_sens[:, None] + opt_sens[useful][None, :]).reshape(-1)
+        order = np.lexsort((cand_sens, cand_cost))  # by cost, then sensitivity; stable
+        cand_cost, cand_sens = cand_cost[order], cand_sens[order]
+        # keep a node strictly less sensitive than every cheaper kept one (equal cost: its better twin first)
+        before = np.concatenate(([np.inf], np.minimum.accumulate(cand_sens)[:-1]))
+        keep = cand_sens < before
+        chosen = order[keep]
+        front_cost, front_sens = cand_cost[keep], cand_sens[keep]
+        levels.append((front_cost, front_sens, chosen // k, useful[chosen % k]))
+    final_cost, final_sens = levels[-1][0], levels[-1][1]
+    index = np.arange(len(final_cost))
+    options = []
+    for level in reversed(levels):  # follow the back-pointers, every point at once
+        options.append(level[3][index])
+        index = level[2][index]
+    choices = np.stack(options[::-1], axis=1).tolist()  # [points, layers]
+    points = [
+        FrontierPoint(cost=cost, sensitivity=sens, choice=tuple(choice))
+        for cost, sens, choice in zip(final_cost.tolist(), final_sens.tolist(), choices, strict=True)
+    ]
     return points
+
+
+def _undominated(cost: np.ndarray, sens: np.ndarray) -> np.ndarray:
+    """``[K]`` bool: whether option ``k`` can end on the frontier.
+
+    It cannot when an earlier option matches or beats it in both cost and sensitivity, or a later
+    one beats it (matches both, strictly better in one).
+    """
+    le = (cost[:, None] <= cost[None, :]) & (sens[:, None] <= sens[None, :])  # [j, k]: j at least as good as k
+    strictly = (cost[:, None] < cost[None, :]) | (sens[:, None] < sens[None, :])
+    earlier = np.tri(len(cost), k=-1, dtype=bool)  # [j, k]: j < k
+    beaten = le & (strictly | earlier)
+    return ~beaten.any(axis=0)
 
 
 def best_under(frontier: Sequence[FrontierPoint], budget: float) -> FrontierPoint:

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
 from zq_plugin._utils import OutputFn, input_placement, place, select_output, weight_layers
@@ -163,16 +164,110 @@ def _log_probs(model: nn.Module, x: torch.Tensor, output_fn: OutputFn | None) ->
 
 
 def _kl(
-    model: nn.Module, batches: list[torch.Tensor], refs: list[torch.Tensor], output_fn: OutputFn | None = None
+    model: Callable[[int, torch.Tensor], Any],
+    batches: list[torch.Tensor],
+    refs: list[torch.Tensor],
+    output_fn: OutputFn | None = None,
 ) -> float:
-    """Mean over samples of ``KL(p_ref || p_model)``, summed over classes; clipped at 0."""
+    """Mean over samples of ``KL(p_ref || p_model)``, summed over classes; clipped at 0.
+
+    ``model(i, x)`` is the perturbed model's output on batch ``i`` (:meth:`_Suffix.runner`).
+    """
     total = 0.0
     count = 0
-    for x, ref in zip(batches, refs, strict=True):
-        logq = _log_probs(model, x, output_fn)  # [N, classes]
+    for i, (x, ref) in enumerate(zip(batches, refs, strict=True)):
+        logq = F.log_softmax(select_output(model(i, x), output_fn).flatten(1).float(), dim=1)  # [N, classes]
         total += float(F.kl_div(logq, ref, log_target=True, reduction="sum"))
         count += x.shape[0]
     return max(total / count, 0.0)
+
+
+#: at most this many bytes of float node values are kept for :class:`_Suffix` (else whole forwards)
+SUFFIX_CACHE_BYTES = 2 * 1024**3
+
+
+def _clone(value: Any) -> Any:
+    return tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
+
+
+class _Suffix(torch.fx.Interpreter):
+    """Reruns only the graph nodes a change at one layer reaches, the others read from a float cache.
+
+    Perturbing layer ``i`` (its weight, or its input through a pre-hook) leaves every node that
+    does not depend on it unchanged, so each of the ``L * |bits|`` measurements runs the part of
+    the graph from layer ``i`` on: about half the model's work on average, the same numbers
+    (the same ops on the same values). Values are cloned into the cache and again where a
+    recomputed node reads a cached one, so in-place ops (``ReLU(inplace=True)``, ``+=``) change
+    neither. ``model`` itself, not the graph, runs when it does not trace with torch.fx or its
+    node values would exceed :data:`SUFFIX_CACHE_BYTES`.
+    """
+
+    def __init__(self, model: nn.Module, batches: list[torch.Tensor]) -> None:
+        self.model = model
+        self.cache: list[dict[torch.fx.Node, Any]] | None = None
+        self._dirty: set[torch.fx.Node] = set()
+        self._frontier: set[torch.fx.Node] = set()
+        self._batch = 0
+        try:
+            gm = model if isinstance(model, torch.fx.GraphModule) else torch.fx.symbolic_trace(model)
+        except Exception:  # any trace failure: whole forwards, as before
+            logger.debug("sensitivity: %s does not trace; each measurement runs the whole model", type(model).__name__)
+            return
+        super().__init__(gm, garbage_collect_values=False)
+        self.names = {id(m): n for n, m in gm.named_modules()}
+        caches: list[dict[torch.fx.Node, Any]] = []
+        size = 0
+        for x in batches:
+            values: dict[torch.fx.Node, Any] = {}
+            self._record = values
+            self.run(x)
+            caches.append(values)
+            size += sum(v.numel() * v.element_size() for v in tree_leaves(values) if isinstance(v, torch.Tensor))
+            if size > SUFFIX_CACHE_BYTES:
+                logger.debug("sensitivity: node values exceed %d bytes; whole forwards", SUFFIX_CACHE_BYTES)
+                return
+        self.cache = caches
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if self.cache is None:  # the recording run
+            value = super().run_node(n)
+            self._record[n] = _clone(value)
+            return value
+        if n not in self._dirty:
+            kept = self.cache[self._batch][n]
+            return _clone(kept) if n in self._frontier else kept
+        return super().run_node(n)
+
+    def runner(self, layer: str, extra: nn.Module | None = None) -> Callable[[int, torch.Tensor], Any]:
+        """``(i, x) -> output``, recomputing what ``layer``'s weight or ``extra``'s input reaches.
+
+        ``extra`` is the module whose input a pre-hook perturbs; the whole model runs where no
+        node of the graph is found for either.
+        """
+        if self.cache is None:
+            return lambda _i, x: self.model(x)
+        targets = {layer} | ({self.names[id(extra)]} if extra is not None and id(extra) in self.names else set())
+        sources = [
+            n for n in self.graph.nodes
+            if (n.op == "call_module" and n.target in targets)
+            or (n.op == "get_attr" and str(n.target).startswith(f"{layer}."))
+        ]  # fmt: skip
+        if not sources:
+            return lambda _i, x: self.model(x)
+        dirty: set[torch.fx.Node] = set()
+        stack = list(sources)
+        while stack:
+            node = stack.pop()
+            if node not in dirty:
+                dirty.add(node)
+                stack.extend(node.users)
+        frontier = {a for n in dirty for a in n.all_input_nodes if a not in dirty}
+
+        def run(i: int, x: torch.Tensor) -> Any:
+            self._dirty, self._frontier, self._batch = dirty, frontier, i
+            return self.run(x)
+
+        return run
 
 
 def measure_sensitivity(
@@ -245,9 +340,11 @@ def measure_sensitivity(
         if activations:
             work, probes = _with_input_probes(work, all_layers, batches[0])
         ranges = _input_ranges(work, probes, batches, candidates, act_range) if activations else {}
+        suffix = _Suffix(work, batches)
         for name, module in all_layers.items():
             w0 = module.weight.detach().clone()  # type: ignore[operator]
             shape = [-1] + [1] * (w0.dim() - 1)
+            rerun = suffix.runner(name)  # the nodes this layer reaches, once for every width
             factor = fold[name].reshape(shape) if name in fold else None
             row = []
             for k in candidates:
@@ -255,14 +352,24 @@ def measure_sensitivity(
                 axis = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
                 wq = quantize_weight(folded, k, granularity, grid, ch_axis=axis)
                 module.weight.copy_(wq / factor if factor is not None else wq)  # type: ignore[operator]
-                row.append(_kl(work, batches, refs, output_fn))
+                row.append(_kl(rerun, batches, refs, output_fn))
                 bar.update()
             module.weight.copy_(w0)  # type: ignore[operator]
             weight_rows.append(tuple(row))
             if activations:
+                rerun_input = suffix.runner(name, probes[name])
                 act_rows.append(
                     tuple(
-                        _input_kl(work, probes[name], ranges[name][k], k, batches, refs, bar, output_fn)
+                        _input_kl(
+                            rerun_input,
+                            probes[name],
+                            ranges[name][k],
+                            k,
+                            batches,
+                            refs,
+                            bar,
+                            output_fn,
+                        )
                         for k in candidates
                     )
                 )
@@ -368,7 +475,7 @@ def _input_ranges(
 
 
 def _input_kl(
-    model: nn.Module,
+    model: Callable[[int, torch.Tensor], Any],
     module: nn.Module,
     rng: tuple[torch.Tensor, torch.Tensor],
     bits: int,
