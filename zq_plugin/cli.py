@@ -889,7 +889,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--test-images", type=int, metavar="N", help="evaluate on the first N test images (default: all 10,000)"
     )
-    demo.add_argument("--iterations", type=int, help="the best recipe's reconstruction steps per unit (default: 500)")
+    demo.add_argument("--iterations", type=int, help="the best recipe's reconstruction steps per unit (default: 200)")
     demo.set_defaults(func=cmd_demo)
 
     def add_model_args(p: argparse.ArgumentParser) -> None:
