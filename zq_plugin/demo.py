@@ -38,7 +38,7 @@ DEMO_BITS = ((4, 4), (3, 3))
 # ZeroQ's comparison).
 DEMO_SOURCES = ("real", "noise", "zeroq")
 # The plain recipe (MinMax activations) with each source runs at W4A4 only: at W3A3 it collapses
-# from every source (27-77 %, docs/results.md), the MSE observers and the best recipe do not.
+# from every source (22-77 %, docs/results.md), the MSE observers and the best recipe do not.
 MINMAX_BITS = ((4, 4),)
 DEMO_STEPS = 200
 # The demo's default models: the zoo's three BN classifiers, a MobileNetV3-style one among them
