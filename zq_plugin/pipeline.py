@@ -371,5 +371,8 @@ def run(
     if request.backend != "fx" and getattr(sim, "zq_generator", None) is not None:
         qmodel.zq_generator = sim.zq_generator  # the fine-tuning game's generator, on every backend
     _deprecated_views(qmodel, request.backend)
-    logger.info("built %s/%s: %s", request.stage, request.backend, build.request)
+    shown = dict(build.request)
+    if request.plan is not None:  # the plan's JSON is in describe(q).build.request; the log names it
+        shown["plan"] = f"{len(request.plan.layers)} layers {dict(request.plan.meta)}"
+    logger.info("built %s/%s: %s", request.stage, request.backend, shown)
     return qmodel
