@@ -88,7 +88,9 @@ def main() -> None:
             bits: dict[str, object] = (
                 {"budget": f"W{w_bits}A{a_bits}"} if args.budget else {"w_bits": w_bits, "a_bits": a_bits}
             )
-            bits.update(config=config, seed=args.seed)
+            bits["seed"] = args.seed
+            if args.stage == "reconstruct":  # quantize refuses config= with a stage that does not use it
+                bits["config"] = config
             zero = zq_plugin.quantize(model, data=data, stage=args.stage, progress=False, **bits)
             seconds = time.perf_counter() - started
             zero_top1 = zq_plugin.accuracy(zero, x_test, y_test)

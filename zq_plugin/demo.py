@@ -1,8 +1,8 @@
 """The ``zq demo`` experiment: zero-shot vs real-data calibration on the zoo, as data and a table.
 
-Each bits row holds the plain recipe (MinMax activations) with four calibration sources; at W4A4
-and W3A3 also the MSE observers with real and with ZeroQ data, and the best recipe the product
-has (:data:`BEST_RECIPE`, applied by :func:`quantize_best`: the row's bit operations spent per
+At W4A4 the plain recipe (MinMax activations) runs with three calibration sources; at W4A4 and
+W3A3 the MSE observers with real and with ZeroQ data, and the best recipe the product has
+(:data:`BEST_RECIPE`, applied by :func:`quantize_best`: the row's bit operations spent per
 layer, reconstruction) with ZeroQ data;
 :func:`demo_conclusion` reads the answer off the numbers. The command line (``zq demo``) only
 prints and writes what :func:`run_demo` and :func:`demo_markdown` return.
@@ -25,6 +25,8 @@ from zq_plugin import datasets, zoo
 from zq_plugin.backends.fx import quantize_fx
 from zq_plugin.data import SyntheticDataset, model_fingerprint
 from zq_plugin.evaluation import accuracy
+from zq_plugin.mixed_precision.bops import bops_plan
+from zq_plugin.mixed_precision.sensitivity import Sensitivity
 from zq_plugin.observers import MSEObserver, PerChannelMSEObserver
 from zq_plugin.synth import synthesize
 
@@ -88,21 +90,20 @@ def quantize_best(
     a_bits: int,
     *,
     iterations: int | None = None,
-    sensitivity: Any = None,
+    plan: Any = None,
     progress: bool = False,
 ) -> nn.Module:
     """``model`` at the bit operations of W``w_bits``A``a_bits`` with the best recipe on ``data``.
 
-    ``zq_plugin.quantize(model, budget=f"W{w_bits}A{a_bits}", data=data)``, with the plan's
-    sensitivities (:class:`~zq_plugin.mixed_precision.sensitivity.Sensitivity`) reused when given:
-    one measurement serves every budget of a model.
+    ``zq_plugin.quantize(model, budget=f"W{w_bits}A{a_bits}", data=data)``; ``plan`` (a
+    :class:`~zq_plugin.plan.BitPlan` that ``bops_plan`` made for that budget) skips the planning,
+    so that one sensitivity measurement serves every budget of a model.
     """
-    from zq_plugin.mixed_precision.bops import bops_plan
     from zq_plugin.recipe import quantize
 
     config = None if iterations is None else dataclasses.replace(best_config(), iterations=iterations)
-    budget = f"W{w_bits}A{a_bits}"
-    plan = bops_plan(model, data, budget=budget, sensitivity=sensitivity, progress=progress).plan
+    if plan is None:
+        return quantize(model, budget=f"W{w_bits}A{a_bits}", data=data, config=config, progress=progress)
     return quantize(model, plan=plan, data=data, config=config, progress=progress)
 
 
@@ -193,7 +194,7 @@ def run_demo(
             "zeroq": cached_synthesize(model, "zeroq", cache, num_samples=num_samples, seed=seed, steps=steps),
         }
         entry["synthesis_seconds"] = round(time.perf_counter() - t_synth, 1)
-        sensitivity = None  # the best recipe's, measured at its first row and reused
+        sensitivity: Sensitivity | None = None  # the best recipe's, measured at its first row and reused
         for w_bits, a_bits in DEMO_BITS:
             row = {}
             for src, data in sources.items() if (w_bits, a_bits) in MINMAX_BITS else ():
@@ -204,14 +205,12 @@ def run_demo(
                     row[f"mse_{src}"] = accuracy(quantize_mse(model, sources[src], w_bits, a_bits), x_test, y_test)
             if (w_bits, a_bits) in BEST_BITS:
                 t_best = time.perf_counter()
-                if sensitivity is None:
-                    from zq_plugin.mixed_precision.bops import bops_plan
-
-                    sensitivity = bops_plan(
-                        model, sources["zeroq"], budget=f"W{w_bits}A{a_bits}", progress=False
-                    ).sensitivity
+                planned = bops_plan(
+                    model, sources["zeroq"], budget=f"W{w_bits}A{a_bits}", sensitivity=sensitivity, progress=False
+                )
+                sensitivity = planned.sensitivity
                 best = quantize_best(
-                    model, sources["zeroq"], w_bits, a_bits, sensitivity=sensitivity,
+                    model, sources["zeroq"], w_bits, a_bits, plan=planned.plan,
                     iterations=DEMO_ITERATIONS if iterations is None else iterations,
                 )  # fmt: skip
                 row["best_zeroq"] = accuracy(best, x_test, y_test)
